@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plm_core.config import ConfigError, ModelConfig, VisionConfig
-from plm_core.model.llama import KVCache, LlamaModel
+from plm_core.model.llama import KVCache, LlamaModel, rope_inv_freq
 
 
 class VisionTower(nn.Module):
@@ -66,10 +67,10 @@ class Projector(nn.Module):
 class PerceptionLM(nn.Module):
     """The whole model; `encode_media` turns tiles into LM-space tokens, `forward` runs the decoder."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vision_tower: VisionTower | None = None):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = VisionTower(cfg.vision)
+        self.vision_tower = vision_tower if vision_tower is not None else VisionTower(cfg.vision)
         self.multi_modal_projector = Projector(cfg.vision.width, cfg.text.hidden_size, cfg.vision.pooling_ratio)
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
@@ -136,7 +137,7 @@ def load_weights(model: PerceptionLM, path: Path, *, device: torch.device, dtype
                     raise ConfigError(f"weight {key} has shape {tuple(tensor.shape)}, the config implies "
                                       f"{tuple(target.shape)}")
                 with torch.no_grad():
-                    target.copy_(tensor.to(dtype=target.dtype))
+                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
                 seen.add(name)
     missing = expected - seen
     if model.cfg.text.tie_word_embeddings and "lm_head.weight" in missing:
@@ -150,10 +151,30 @@ def load_weights(model: PerceptionLM, path: Path, *, device: torch.device, dtype
                           f"e.g. {', '.join(unexpected[:5])}")
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> PerceptionLM:
-    """Builds the model on the CPU (timm's PE cannot be built on the meta device), loads it, moves it."""
-    with torch.device("cpu"):
-        model = PerceptionLM(cfg)
-    model = model.to(dtype)
+    """Builds the model straight in `dtype` and loads the checkpoint into it.
+
+    The decoder and projector are created on the meta device and materialised on `device` (no
+    fp32 copy of an 8B decoder in host memory); timm's PE tower cannot be built on the meta device,
+    so it is built on the CPU and moved.
+    """
+    with _default_dtype(dtype):
+        vision = VisionTower(cfg.vision)
+        with torch.device("meta"):
+            model = PerceptionLM(cfg, vision_tower=nn.Identity())
+    model.vision_tower = vision.to(device)
+    for name in ("multi_modal_projector", "language_model", "lm_head"):
+        getattr(model, name).to_empty(device=device)
+    model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     load_weights(model, cfg.path, device=device, dtype=dtype)
-    return model.to(device).eval()
+    return model.eval()

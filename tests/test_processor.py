@@ -1,0 +1,160 @@
+"""Processor: message validation, placeholder expansion, token counts, hashes, sources and clear errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plm_core.config import load_model_config
+from plm_core.media.errors import MediaError
+from plm_core.processor import MediaLimits, MediaOptions, PLMProcessor, PromptError
+from plm_core.tokenizer import PLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    cfg = load_model_config(tiny_checkpoint)
+    tok = PLMTokenizer(tiny_checkpoint, cfg.chat_template, bos_token_id=cfg.bos_token_id,
+                       eos_token_ids=cfg.eos_token_ids)
+    return PLMProcessor(cfg, tok)
+
+
+def _png_bytes(size=(120, 80), color=(200, 30, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def test_one_bos_and_generation_prompt(processor):
+    p = processor.process([{"role": "user", "content": "hello"}])
+    ids = p.prompt_token_ids
+    assert ids[0] == 128000 and ids.count(128000) == 1
+    tail = [128006] + processor.tokenizer.encode("assistant") + [128007] + processor.tokenizer.encode("\n\n")
+    assert ids[-len(tail):] == tail
+    assert p.prompt_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert p.media == []
+
+
+def test_image_tokens_expand_per_tile(processor):
+    url = _data_url(_png_bytes((120, 80)))
+    p = processor.process(_user({"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}))
+    (item,) = p.media
+    assert item.kind == "image" and item.num_tokens == item.num_tiles * 4
+    assert p.prompt_token_ids[item.offset:item.offset + item.num_tokens] == [128002] * item.num_tokens
+    assert p.prompt_token_ids.count(128002) == item.num_tokens
+    assert item.pixel_values.shape == (item.num_tiles, 3, 56, 56)
+
+
+def test_detail_low_and_tile_budget(processor):
+    url = _data_url(_png_bytes((400, 300)))
+    full = processor.process(_user({"type": "image_url", "image_url": {"url": url}}))
+    low = processor.process(_user({"type": "image_url", "image_url": {"url": url, "detail": "low"}}))
+    four = processor.process(_user({"type": "image_url", "image_url": {"url": url}}), MediaOptions(max_num_tiles=4))
+    assert low.media[0].num_tiles == 1
+    assert four.media[0].num_tiles <= 5 < full.media[0].num_tiles
+    # the cache key changes with the settings but the content hash does not
+    assert len({m.media[0].cache_key for m in (full, low, four)}) == 3
+    assert len({m.media[0].content_hash for m in (full, low, four)}) == 1
+
+
+def test_content_hash_tracks_bytes(processor):
+    a = processor.process(_user({"type": "image_url", "image_url": {"url": _data_url(_png_bytes(color=(1, 2, 3)))}}))
+    b = processor.process(_user({"type": "image_url", "image_url": {"url": _data_url(_png_bytes(color=(1, 2, 4)))}}))
+    c = processor.process(_user({"type": "image_url", "image_url": {"url": _data_url(_png_bytes(color=(1, 2, 3)))}}))
+    assert a.prompt_token_ids == b.prompt_token_ids  # same token ids ...
+    assert a.media[0].content_hash != b.media[0].content_hash  # ... different content
+    assert a.media[0].content_hash == c.media[0].content_hash
+
+
+def test_images_before_videos_within_a_message(processor, tmp_path):
+    from media_sets import write_synthetic_video
+
+    video = write_synthetic_video(tmp_path / "v.mp4", frames=12, size=(64, 48))
+    url = _data_url(_png_bytes())
+    p = processor.process(_user({"type": "video_url", "video_url": {"url": str(video), "num_frames": 4}},
+                                {"type": "text", "text": "compare"},
+                                {"type": "image_url", "image_url": {"url": url}}))
+    kinds = [m.kind for m in p.media]
+    assert kinds == ["image", "video"]
+    assert p.media[0].offset < p.media[1].offset
+    assert p.media[1].num_tiles == 4 and p.media[1].num_tokens == 16
+
+
+def test_file_url_and_allowed_root(tiny_checkpoint, tmp_path):
+    cfg = load_model_config(tiny_checkpoint)
+    tok = PLMTokenizer(tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009))
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(_png_bytes())
+    (tmp_path / "secret.png").write_bytes(_png_bytes())
+    proc = PLMProcessor(cfg, tok, limits=MediaLimits(allowed_local_root=allowed))
+    ok = proc.process(_user({"type": "image_url", "image_url": {"url": f"file://{allowed / 'a.png'}"}}))
+    assert len(ok.media) == 1
+    with pytest.raises(MediaError, match="outside the allowed directory"):
+        proc.process(_user({"type": "image_url", "image_url": {"url": f"file://{tmp_path / 'secret.png'}"}}))
+    with pytest.raises(MediaError, match="outside the allowed directory"):
+        proc.process(_user({"type": "image_url", "image_url": {"url": f"file://{allowed}/../secret.png"}}))
+
+
+def test_in_memory_pil_and_frames(processor):
+    img = Image.new("RGBA", (90, 60), (10, 20, 30, 128))
+    frames = np.random.default_rng(0).integers(0, 255, (10, 40, 50, 3), dtype=np.uint8)
+    p = processor.process(_user({"type": "image", "image": img}, {"type": "video", "video": frames, "num_frames": 5}))
+    assert [m.kind for m in p.media] == ["image", "video"]
+    assert p.media[1].num_tiles == 5
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"),
+    ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
+    ([{"role": "user"}], "content is missing"),
+    ([{"role": "user", "content": 5}], "string or a list"),
+    ([{"role": "user", "content": [{"type": "audio_url", "audio_url": {}}]}], "'audio_url' is not supported"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "image_url.url is required"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "ultra"}}]}], "detail"),
+    ([{"role": "system", "content": "only a system prompt"}], "no user message"),
+    ([{"role": "user", "content": "look: <|image|>"}], "reserved media tokens"),
+])
+def test_bad_messages(processor, messages, match):
+    with pytest.raises(PromptError, match=match):
+        processor.process(messages)
+
+
+def test_unreadable_image_bytes(processor):
+    with pytest.raises(MediaError, match="image"):
+        processor.process(_user({"type": "image_url", "image_url": {"url": _data_url(b"definitely not a picture")}}))
+
+
+def test_bad_base64_is_not_echoed(processor):
+    secret = "QUJD" * 10 + "!!!"
+    with pytest.raises(MediaError) as e:
+        processor.process(_user({"type": "image_url", "image_url": {"url": "data:image/png;base64," + secret}}))
+    assert secret not in str(e.value)
+
+
+def test_http_urls_are_left_to_the_server(processor):
+    with pytest.raises(MediaError, match="fetched by the HTTP server"):
+        processor.process(_user({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}))
+
+
+def test_unsupported_video(processor):
+    with pytest.raises(MediaError):
+        processor.process(_user({"type": "video_url", "video_url": {"url": _data_url(b"\x00" * 4096, "video/mp4")}}))
+
+
+def test_context_overflow_names_both_numbers(processor):
+    url = _data_url(_png_bytes((2000, 2000)))
+    with pytest.raises(PromptError, match=r"needs \d+ tokens \(\d+ of them for 1 media item\(s\)\) but the context allows 100"):
+        processor.process(_user({"type": "image_url", "image_url": {"url": url}}), max_prompt_len=100)
