@@ -61,6 +61,7 @@ class _MediaRef:
     thumbnail_only: bool
     num_frames: int | None
     fps: float | None
+    video_fps: float | None = None  # frame rate of in-memory frames (needed to sample them by fps)
 
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -172,11 +173,12 @@ class PLMProcessor:
             if source is None:
                 raise PromptError(f"{where}: a video part needs 'video', 'url' or 'path'")
             num_frames, fps = part.get("num_frames"), part.get("fps")
+        video_fps = part.get("video_fps") if part["type"] == "video" else None
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise PromptError(f"{where}: num_frames must be a positive integer")
         if fps is not None and (not isinstance(fps, (int, float)) or fps <= 0):
             raise PromptError(f"{where}: fps must be a positive number")
-        return _MediaRef("video", source, None, False, num_frames, fps)
+        return _MediaRef("video", source, None, False, num_frames, fps, video_fps)
 
     # -- media --------------------------------------------------------------------------------------
     def _source_bytes(self, source) -> bytes:
@@ -233,7 +235,7 @@ class PLMProcessor:
                                                             and not isinstance(src, str)):
             frames_all = _frames_to_tensor(src)
             indices = video_ops.sample_frame_indices(len(frames_all), num_frames=num_frames, fps=fps,
-                                                     video_fps=24.0 if fps else None)
+                                                     video_fps=ref.video_fps)
             if len(indices) > cap:
                 raise MediaError(f"video would sample {len(indices)} frames, over the limit of {cap}")
             frames = frames_all[torch.as_tensor(indices, dtype=torch.long)]

@@ -1,0 +1,324 @@
+"""plm_core.media.video against HF: frame sampling, sparse decoding vs a full decode, frame pixels."""
+
+from __future__ import annotations
+
+import functools
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from plm_core.media import video as V
+from plm_core.media.errors import MediaError
+
+SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+NO_SHARED = f"shared test media not found at {SHARED_MEDIA} (only present in the project workspace)"
+SHARED_VIDEOS = ["bikes.mp4", "bigbuckbunny.mp4"]
+TOL = 1e-5
+
+
+def shared_video(name: str) -> Path:
+    path = SHARED_MEDIA / name
+    if not path.is_file():
+        pytest.skip(NO_SHARED)
+    return path
+
+
+def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec: str = "libx264",
+                fmt: str | None = None, gop: int = 10, bframes: int = 2, pts_ms: list[int] | None = None) -> Path:
+    """A small synthetic video whose frames all differ (moving gradients)."""
+    container = av.open(str(path), mode="w", format=fmt)
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size = gop
+    stream.codec_context.max_b_frames = bframes
+    if codec == "libx264":
+        stream.options = {"preset": "veryfast", "bf": str(bframes), "g": str(gop), "keyint_min": str(gop),
+                          "sc_threshold": "0"}
+    if pts_ms is not None:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
+        frame = av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+        if pts_ms is not None:
+            frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def full_decode(path: str) -> torch.Tensor:
+    """Every frame, in order, the plain PyAV way HF's reader uses: uint8 [T, 3, H, W]."""
+    container = av.open(path)
+    frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    container.close()
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+
+
+def check_decode(path: Path, indices: list[int], **kw) -> V._DecodeStats:
+    frames, got, stats = V._decode_indices(V._Source(path), indices, **kw)
+    assert got == list(indices)
+    ref = full_decode(str(path))[indices]
+    assert frames.dtype == torch.uint8 and frames.shape == ref.shape
+    assert torch.equal(frames, ref), f"frames differ from a full decode ({stats})"
+    return stats
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("videos")
+    rng = random.Random(0)
+    vfr = [0]
+    for _ in range(89):
+        vfr.append(vfr[-1] + rng.choice([30, 40, 50, 80]))
+    return {
+        "h264_mp4": write_video(d / "a.mp4"),
+        "h264_mp4_long": write_video(d / "long.mp4", n=300, gop=25),
+        "h264_mkv": write_video(d / "a.mkv"),
+        "mpeg4_avi": write_video(d / "a.avi", codec="mpeg4"),
+        "mpeg4_mp4": write_video(d / "b.mp4", codec="mpeg4"),
+        "h264_ts": write_video(d / "a.ts", fmt="mpegts"),
+        "vfr_mp4": write_video(d / "vfr.mp4", pts_ms=vfr),
+        "no_bframes": write_video(d / "nob.mp4", bframes=0, gop=30),
+    }
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+def test_sample_indices_equal_hf():
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    for total in (1, 2, 5, 31, 32, 33, 100, 132, 250, 1001, 7919):
+        for n in (1, 2, 3, 8, 16, 32, 64):
+            if n > total:  # HF raises; we take every frame once
+                assert V.sample_frame_indices(total, num_frames=n) == list(range(total))
+                continue
+            ref = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=25.0), num_frames=n)
+            assert V.sample_frame_indices(total, num_frames=n) == ref.tolist()
+        for fps, video_fps in ((1.0, 25.0), (2.0, 29.97), (0.5, 30.0), (4.0, 24.0)):
+            meta = VideoMetadata(total_num_frames=total, fps=video_fps)
+            try:
+                ref = default_sample_indices_fn(meta, fps=fps).tolist()
+            except ValueError:  # HF raises when fps asks for more frames than exist; we take them all
+                assert V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == list(range(total))
+                continue
+            assert V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == ref
+
+
+def test_sample_indices_edge_cases():
+    assert V.sample_frame_indices(250, num_frames=32)[:4] == [0, 7, 15, 23]
+    assert V.sample_frame_indices(5, num_frames=None) == [0, 1, 2, 3, 4]
+    with pytest.raises(MediaError, match="mutually exclusive"):
+        V.sample_frame_indices(100, num_frames=8, fps=1.0, video_fps=25.0)
+    with pytest.raises(MediaError):
+        V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=None)
+    with pytest.raises(MediaError):
+        V.sample_frame_indices(0, num_frames=1)
+
+
+# -- decoding the shared files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_shared_video_frames_equal_full_decode(name):
+    path = shared_video(name)
+    info = V.probe_video(path)
+    frames, info2, indices = V.decode_video_frames(path.read_bytes(), num_frames=32)
+    assert info2 == info
+    assert indices == V.sample_frame_indices(info.num_frames, num_frames=32)
+    assert torch.equal(frames, full_decode(str(path))[indices])
+    for n in (8, 3, 1):
+        check_decode(path, V.sample_frame_indices(info.num_frames, num_frames=n))
+    check_decode(path, V.sample_frame_indices(info.num_frames, num_frames=None, fps=2.0, video_fps=info.fps))
+
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_shared_video_equals_hf_reader(name):
+    from transformers.video_utils import read_video_pyav
+
+    path = shared_video(name)
+    frames, info, indices = V.decode_video_frames(str(path), num_frames=32)
+    ref, meta = read_video_pyav(str(path), sample_indices_fn=lambda metadata, **kw: np.arange(
+        32) * metadata.total_num_frames // 32)
+    assert meta.total_num_frames == info.num_frames and meta.fps == info.fps
+    assert list(meta.frames_indices) == indices
+    assert torch.equal(frames, torch.from_numpy(ref).permute(0, 3, 1, 2))
+
+
+def test_bikes_is_decoded_sparsely():
+    path = shared_video("bikes.mp4")
+    stats = check_decode(path, V.sample_frame_indices(250, num_frames=32))
+    assert stats.mode == "seek" and stats.seeks > 0 and stats.decoded < 200
+
+
+def test_shared_probe():
+    path = shared_video("bikes.mp4")
+    info = V.probe_video(path)
+    assert info == V.VideoInfo(num_frames=250, fps=25.0, duration_s=10.0, width=640, height=272, codec="h264")
+
+
+# -- decoding synthetic videos ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["h264_mp4", "h264_mkv", "mpeg4_avi", "mpeg4_mp4", "h264_ts", "vfr_mp4",
+                                  "no_bframes"])
+def test_synthetic_frames_equal_full_decode(videos, kind):
+    path = videos[kind]
+    total = len(full_decode(str(path)))
+    for n in (32, 7, 2, 1):
+        check_decode(path, V.sample_frame_indices(total, num_frames=n))
+    check_decode(path, [5, 5, 60, 3, 89, 0])  # any order, repeats
+
+
+def test_vfr_falls_back_to_counting_frames(videos):
+    stats = check_decode(videos["vfr_mp4"], V.sample_frame_indices(90, num_frames=8))
+    assert stats.mode == "sequential"
+
+
+def test_long_video_is_not_fully_decoded(videos):
+    path = videos["h264_mp4_long"]
+    indices = V.sample_frame_indices(300, num_frames=7)  # 0, 42, 85, ...: none on a keyframe but 0
+    stats = check_decode(path, indices)
+    assert stats.mode == "seek" and stats.seeks >= 1
+    assert stats.decoded < 150, stats  # at most one keyframe interval (25) per wanted frame
+    seq = check_decode(path, indices, allow_seek=False)
+    assert seq.decoded == indices[-1] + 1  # the sequential path stops after the last wanted frame
+
+
+def test_one_thread_and_many_threads_agree(videos):
+    path = videos["h264_mp4_long"]
+    indices = V.sample_frame_indices(300, num_frames=16)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert check_decode(path, indices).mode == "seek"  # skip_frame works with FFmpeg threads too
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bytes_and_path_agree(videos):
+    path = videos["h264_mkv"]
+    a, info_a, idx_a = V.decode_video_frames(str(path), num_frames=8)
+    b, info_b, idx_b = V.decode_video_frames(path.read_bytes(), num_frames=8)
+    assert torch.equal(a, b) and info_a == info_b and idx_a == idx_b
+
+
+def test_probe_synthetic(videos):
+    info = V.probe_video(videos["h264_mp4"])
+    assert (info.num_frames, info.fps, info.width, info.height, info.codec) == (90, 25.0, 64, 48, "h264")
+    assert info.duration_s == pytest.approx(3.6)
+    mkv = V.probe_video(videos["h264_mkv"])  # no frame count in the header: estimated
+    assert mkv.num_frames == 90 and mkv.fps == 25.0
+
+
+def test_fps_sampling(videos):
+    frames, info, indices = V.decode_video_frames(videos["h264_mp4"], num_frames=None, fps=2.0)
+    assert indices == V.sample_frame_indices(90, num_frames=None, fps=2.0, video_fps=25.0)
+    assert len(indices) == 7 and torch.equal(frames, full_decode(str(videos["h264_mp4"]))[indices])
+
+
+# -- limits and errors -----------------------------------------------------------------------------
+
+def test_limits_checked_before_decoding(videos, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded despite a limit")
+
+    monkeypatch.setattr(V, "_decode_indices", no_decoding)
+    path = videos["h264_mp4"]
+    with pytest.raises(MediaError, match="over the limit of 2 s"):
+        V.decode_video_frames(path, max_duration_s=2)
+    with pytest.raises(MediaError, match="64x48, over the limit of 3000"):
+        V.decode_video_frames(path, max_pixels_per_frame=3000)
+    with pytest.raises(MediaError, match="sample 32 frames, over the limit of 16"):
+        V.decode_video_frames(path, num_frames=32, max_frames=16)
+    with pytest.raises(MediaError, match="mutually exclusive"):
+        V.decode_video_frames(path, num_frames=8, fps=1.0)
+
+
+def test_short_video_gives_every_frame_once():
+    assert V.sample_frame_indices(5, num_frames=32) == [0, 1, 2, 3, 4]
+    assert V.sample_frame_indices(40, fps=100.0, video_fps=25.0, num_frames=None) == list(range(40))
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00garbage\xff" * 100, b"\x89PNG\r\n\x1a\n" + bytes(100),
+                                  b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(64)])
+def test_non_video_bytes_rejected(data):
+    with pytest.raises(MediaError) as exc:
+        V.decode_video_frames(data)
+    assert "\\x" not in str(exc.value) and "garbage" not in str(exc.value)
+    with pytest.raises(MediaError):
+        V.probe_video(data)
+
+
+def test_truncated_and_corrupt_videos_rejected(videos):
+    data = videos["h264_mp4"].read_bytes()  # the index (moov) is at the end: a cut file has none
+    with pytest.raises(MediaError, match="unsupported or corrupt video"):
+        V.decode_video_frames(data[: len(data) // 2])
+    mkv = videos["h264_mkv"].read_bytes()
+    with pytest.raises(MediaError, match="unsupported or corrupt video"):
+        V.decode_video_frames(mkv[:600], num_frames=4)
+    with pytest.raises(MediaError):
+        V.decode_video_frames(str(videos["h264_mp4"]) + ".missing")
+
+
+# -- pixels ----------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def hf_video_processor():
+    from transformers import PerceptionLMVideoProcessor
+
+    return PerceptionLMVideoProcessor()
+
+
+def hf_video_pixels(frames: torch.Tensor) -> torch.Tensor:
+    out = hf_video_processor()(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    return out["pixel_values_videos"][0]  # [F, 3, 448, 448]
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_shared_video_pixels_equal_hf(name):
+    path = shared_video(name)
+    frames, _, _ = V.decode_video_frames(path, num_frames=8)
+    ours = V.preprocess_video_frames(frames)
+    assert ours.shape == (8, 3, 448, 448)
+    assert_close(ours, hf_video_pixels(frames))
+
+
+def test_synthetic_video_pixels_equal_hf(videos):
+    frames, _, _ = V.decode_video_frames(videos["h264_mp4"], num_frames=11)
+    assert_close(V.preprocess_video_frames(frames), hf_video_pixels(frames))
+    # a channels-last view (frames given as [F, H, W, 3] and permuted), 1 frame, and odd sizes
+    rng = np.random.default_rng(0)
+    hwc = torch.from_numpy(rng.integers(0, 256, (3, 37, 901, 3), dtype=np.uint8))
+    view = hwc.permute(0, 3, 1, 2)
+    assert_close(V.preprocess_video_frames(view), hf_video_pixels(view))
+    assert_close(V.preprocess_video_frames(view[:1]), hf_video_pixels(view[:1]))
+    big = torch.from_numpy(rng.integers(0, 256, (10, 3, 500, 300), dtype=np.uint8))
+    assert_close(V.preprocess_video_frames(big), hf_video_pixels(big))
+
+
+def test_preprocess_video_rejects_bad_frames():
+    with pytest.raises(MediaError):
+        V.preprocess_video_frames(torch.zeros((2, 4, 8, 8), dtype=torch.uint8))
+    with pytest.raises(MediaError):
+        V.preprocess_video_frames(torch.zeros((2, 3, 8, 8), dtype=torch.float32))
+
+
+def test_video_content_hash():
+    assert V.video_content_hash(b"abc") == V.video_content_hash(bytearray(b"abc"))
+    assert V.video_content_hash(b"abc") != V.video_content_hash(b"abd")
