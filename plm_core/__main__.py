@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from plm_core import LLM, MediaOptions, SamplingParams
 
+    try:
+        return _chat(args, LLM, MediaOptions, SamplingParams)
+    except ValueError as e:  # ConfigError, CheckpointError, PromptError, MediaError: the user's to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _chat(args, LLM, MediaOptions, SamplingParams) -> int:
     model = str(demo_checkpoint(args.demo)) if args.demo else args.model
     llm = LLM(model, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
               max_num_tiles=args.max_num_tiles)
