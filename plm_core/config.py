@@ -9,7 +9,7 @@ configs), accepting both the transformers 4.x layout the hub repos were written 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -235,6 +235,12 @@ class EngineConfig:
     max_num_tiles: int | None = None  # default: the checkpoint's preprocessor value (36)
     default_num_frames: int = 32  # frames sampled from a video when the request names none
     max_num_frames: int = 64  # ceiling for a request's num_frames (and fps-derived counts)
-    seed: int = 0
     download_dir: str | None = None  # hub cache directory (default: huggingface_hub's)
-    extra: dict = field(default_factory=dict)
+    # scheduling and caches
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU, 85% of free memory on GPU
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 2048  # tokens per step: prefill chunks + decode tokens
+    enable_prefix_caching: bool = True
+    encoder_cache_tokens: int | None = None  # vision-encoder cache budget in LM tokens (default 65536)
+    max_encoder_tiles_per_step: int = 64  # tiles/frames encoded per step (raised to fit the largest item)

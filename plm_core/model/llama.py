@@ -1,4 +1,4 @@
-"""The Llama decoder of PerceptionLM: RMSNorm, llama3-scaled RoPE, GQA attention over a KV cache, SwiGLU.
+"""The Llama decoder of PerceptionLM: RMSNorm, llama3-scaled RoPE, GQA attention over the paged KV cache, SwiGLU.
 
 Operations follow HF's `LlamaModel` step by step (fp32 RMSNorm, cos/sin from fp32 frequencies,
 rotate-half RoPE, SDPA attention), so greedy tokens match HF generate.
@@ -7,13 +7,12 @@ rotate-half RoPE, SDPA attention), so greedy tokens match HF generate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from plm_core.config import TextConfig
+from plm_core.model.attention import AttentionMetadata, paged_attention
 
 
 def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
@@ -53,26 +52,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, S, D]; cos, sin: [B, 1, S, D]
+    # x: [T, heads, D]; cos, sin: [T, 1, D]
     return (x * cos) + (_rotate_half(x) * sin)
-
-
-@dataclass
-class KVCache:
-    """A contiguous per-sequence KV cache: k, v [layers, B, kv_heads, capacity, head_dim]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0  # tokens already written
-
-    @classmethod
-    def allocate(cls, cfg: TextConfig, capacity: int, *, batch: int = 1, dtype, device) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
 
 
 class Attention(nn.Module):
@@ -85,30 +66,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
-        # x: [B, S, H]
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, D]
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # [B, nkv, S, D]
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start, end = cache.length, cache.length + s
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
-        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # [B, nkv, T, D]
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            keys = keys[:, :, None].expand(b, self.n_kv, rep, end, self.head_dim).reshape(b, self.n_heads, end, self.head_dim)
-            values = values[:, :, None].expand(b, self.n_kv, rep, end, self.head_dim).reshape(b, self.n_heads, end, self.head_dim)
-        if s == 1:
-            out = F.scaled_dot_product_attention(q, keys, values)
-        elif start == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        else:  # a chunk after cached tokens: query i sees keys up to start + i
-            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, H] (all sequences' new tokens, flattened); cos, sin: [T, 1, D]
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, nh, D]
+        k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)  # [T, nkv, D]
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, nh, D]
+        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -131,8 +97,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -148,16 +114,16 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [B, S] -> cos, sin: [B, 1, S, D]
-        freqs = positions[..., None].float() * self.inv_freq.float()
+        # positions: [T] -> cos, sin: [T, 1, D]
+        freqs = positions[:, None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        # embeds: [B, S, H]; positions: [B, S] -> hidden [B, S, H]
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        # embeds: [T, H]; positions: [T]; kv_caches: per layer (k, v) [slots, kv_heads, D] -> hidden [T, H]
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
-        cache.length += embeds.shape[1]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plm_core.config import ConfigError, ModelConfig, VisionConfig
-from plm_core.model.llama import KVCache, LlamaModel, rope_inv_freq
+from plm_core.model.llama import LlamaModel, rope_inv_freq
 
 
 class VisionTower(nn.Module):
@@ -84,10 +84,11 @@ class PerceptionLM(nn.Module):
         return self.language_model.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        # embeds: [B, S, H] -> logits of the last position [B, V] (fp32)
-        hidden = self.language_model(embeds, positions, cache)
-        return self.lm_head(hidden[:, -1]).float()
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_caches, meta, logit_rows: torch.Tensor
+                ) -> torch.Tensor:
+        # embeds: [T, H] flattened batch; logit_rows: [B] rows whose next-token logits are needed -> [B, V] fp32
+        hidden = self.language_model(embeds, positions, kv_caches, meta)
+        return self.lm_head(hidden.index_select(0, logit_rows)).float()
 
 
 def _map_key(key: str) -> str:

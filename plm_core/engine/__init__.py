@@ -1,0 +1,1 @@
+"""The continuous-batching engine: requests, scheduler, KV block manager, encoder cache, model runner, async front."""

@@ -1,0 +1,212 @@
+"""Paged KV-cache bookkeeping: block tables, reference counts and the prefix cache (no tensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plm_core.engine.request import Request
+
+_NO_PARENT = b"\0" * 32
+
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
+    """Chained content hash of one block: the parent block's hash, its token ids and media keys.
+
+    Deterministic across processes and machines (blake2b over little-endian int32 tokens and the
+    repr of `extra_keys`, which holds only strings and ints).
+    """
+    h = hashlib.blake2b(digest_size=32)
+    h.update(parent if parent is not None else _NO_PARENT)
+    h.update(struct.pack(f"<I{len(token_ids)}i", len(token_ids), *token_ids))
+    h.update(repr(extra_keys).encode())
+    return h.digest()
+
+
+def block_extra_keys(request: Request, start: int, end: int) -> tuple:
+    """Media keys of the block covering token positions [start, end).
+
+    One `(cache_key, index of the block's first placeholder within the item)` per overlapping
+    item, so placeholder tokens hash by the media's content and preprocessing, not their ids.
+    """
+    return tuple((m.cache_key, max(start, m.offset) - m.offset) for m in request.media_in_range(start, end))
+
+
+class BlockManager:
+    """Owns the KV cache's `num_blocks` blocks of `block_size` tokens and every request's block table.
+
+    A block is in use while its reference count is above zero; blocks at zero wait in an LRU free
+    queue, and if they hold a full hashed block they stay findable in the prefix cache until a new
+    allocation takes (evicts) them. Requests that share a prompt prefix share its full blocks.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks  # content hash of a full, computed block
+        self.hash_to_block: dict[bytes, int] = {}  # the prefix cache
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self._num_hashed: dict[str, int] = {}  # request id -> leading blocks of its table already hashed
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with no references, including cached blocks that may still be reused by hash."""
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def stats(self) -> dict:
+        q, h = self.prefix_cache_queries, self.prefix_cache_hits
+        return {"queries": q, "hits": h, "hit_rate": h / q if q else 0.0}
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ----------------------------------------------------------------------------
+
+    def compute_block_hashes(self, request: Request) -> list[bytes]:
+        """Extends `request.block_hashes` to cover every full block of prompt + outputs; returns it."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        num_full = request.num_tokens // bs
+        if len(hashes) < num_full:
+            tokens = request.all_token_ids
+            for i in range(len(hashes), num_full):
+                start, end = i * bs, (i + 1) * bs
+                parent = hashes[-1] if hashes else None
+                hashes.append(hash_block(parent, tokens[start:end], block_extra_keys(request, start, end)))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of the request's full blocks: (block ids, tokens they cover).
+
+        Never covers the last token, which the model must compute to produce logits. Takes no
+        references; pass the blocks to `allocate_slots` to claim them.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        hashes = self.compute_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks = []
+        for h in hashes[:max_blocks]:
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        num_tokens = len(blocks) * self.block_size
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_tokens
+        return blocks, num_tokens
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Registers the request's full blocks within [0, num_computed_tokens) in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        n = min(num_computed_tokens // self.block_size, len(request.block_ids))
+        first = self._num_hashed.get(request.request_id, 0)
+        if n <= first:
+            return
+        hashes = self.compute_block_hashes(request)
+        for i in range(first, n):
+            block_id = request.block_ids[i]
+            if self.block_hash[block_id] is None:
+                self.block_hash[block_id] = hashes[i]
+                self.hash_to_block.setdefault(hashes[i], block_id)  # a duplicate keeps the first block
+        self._num_hashed[request.request_id] = n
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block; refused (False) while any block is in use."""
+        if any(self.ref_counts):
+            return False
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self._num_hashed.clear()
+        return True
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def _num_new_blocks(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int]) -> int:
+        if computed_blocks and request.block_ids:
+            raise ValueError(f"request {request.request_id} already has blocks; computed blocks only go first")
+        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        return max(0, self.num_blocks_for(total) - len(request.block_ids) - len(computed_blocks))
+
+    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+        """Whether `allocate_slots` with the same arguments would succeed."""
+        num_new = self._num_new_blocks(request, num_new_tokens, computed_blocks)
+        reclaimed = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)  # free, but not for new data
+        return num_new <= self.num_free_blocks - reclaimed
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+        """Grows `request.block_ids` to hold num_computed_tokens + computed blocks + num_new_tokens.
+
+        `computed_blocks` (from `get_computed_blocks`, only for a request without blocks) become the
+        head of the table. New blocks come from the front of the free queue; a hashed one is evicted
+        from the prefix cache. Returns False, changing nothing, if there are too few free blocks.
+        """
+        if not self.can_allocate(request, num_new_tokens, computed_blocks):
+            return False
+        num_new = self._num_new_blocks(request, num_new_tokens, computed_blocks)
+        for block_id in computed_blocks:
+            if self.ref_counts[block_id] == 0:
+                del self.free_queue[block_id]
+            self.ref_counts[block_id] += 1
+            request.block_ids.append(block_id)
+        if computed_blocks:
+            self._num_hashed[request.request_id] = len(computed_blocks)
+        for _ in range(num_new):
+            block_id, _ = self.free_queue.popitem(last=False)
+            self._evict(block_id)
+            self.ref_counts[block_id] = 1
+            request.block_ids.append(block_id)
+        return True
+
+    def _evict(self, block_id: int) -> None:
+        h = self.block_hash[block_id]
+        if h is not None:
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+            self.block_hash[block_id] = None
+
+    def free(self, request: Request) -> None:
+        """Drops the request's references, tail first, so its tail is evicted before its head.
+
+        Freed blocks join the end (most recently used) of the free queue and stay in the prefix
+        cache; blocks with no hash go to the front, since nobody can find them again.
+        """
+        for block_id in reversed(request.block_ids):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+                if self.block_hash[block_id] is None:
+                    self.free_queue.move_to_end(block_id, last=False)
+        request.block_ids = []
+        self._num_hashed.pop(request.request_id, None)
+
+    # -- tests -----------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        assert all(r >= 0 for r in self.ref_counts), "negative reference count"
+        assert set(self.free_queue) == {b for b, r in enumerate(self.ref_counts) if r == 0}, "free queue != ref-0 blocks"
+        for h, block_id in self.hash_to_block.items():
+            assert self.block_hash[block_id] == h, f"block {block_id} mapped by a hash it does not hold"
+        if not self.enable_prefix_caching:
+            assert not self.hash_to_block, "prefix cache filled while disabled"

@@ -1,0 +1,136 @@
+"""The model runner: the only engine part that touches tensors.
+
+It owns the weights, the paged KV cache, the vision-encoder outputs and the per-request samplers.
+Each step it drops evicted encoder outputs, encodes the scheduled media in one batched vision
+forward, builds the flattened batch (token embeddings with media features written over the
+placeholder rows), runs the decoder over the paged cache and samples where a request is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from plm_core.config import ModelConfig
+from plm_core.engine.request import Request
+from plm_core.engine.sampler import BatchSampler, Logprobs, SamplingState
+from plm_core.engine.scheduler import SchedulerOutput
+from plm_core.inputs import MediaItem
+from plm_core.model.attention import build_metadata
+from plm_core.model.perception_lm import PerceptionLM, build_model
+
+log = logging.getLogger("plm_core.runner")
+
+
+@dataclass
+class RunnerOutput:
+    """Sampled tokens of one step, keyed by request id."""
+
+    token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs | None] = field(default_factory=dict)
+    num_encoded_tiles: int = 0
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    t = cfg.text
+    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    """Runs steps of the model for the scheduler's outputs."""
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, num_blocks: int,
+                 block_size: int, max_encoder_tiles_per_forward: int = 64, batch_decodes: bool = True,
+                 model: PerceptionLM | None = None):
+        self.cfg = cfg
+        self.device, self.dtype = device, dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_tiles_per_forward = max_encoder_tiles_per_forward
+        self.batch_decodes = batch_decodes
+        self.model = model if model is not None else build_model(cfg, device=device, dtype=dtype)
+        t = cfg.text
+        shape = (num_blocks * block_size, t.num_kv_heads, t.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(t.num_layers)]
+        self.encoder_outputs: dict[str, torch.Tensor] = {}  # cache key -> [num_tokens, H]
+        self.samplers: dict[str, SamplingState] = {}
+        self.sampler = BatchSampler()
+
+    # -- one step -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_request_ids:
+            self.samplers.pop(rid, None)
+        for key in sched.free_encoder_keys:
+            self.encoder_outputs.pop(key, None)
+        out = RunnerOutput()
+        if sched.encoder_inputs:
+            out.num_encoded_tiles = self._encode(sched.encoder_inputs)
+        if sched.is_empty:
+            return out
+
+        embeds, positions, logit_rows = self._inputs(sched)
+        meta = build_metadata([r.block_ids for r in sched.requests], sched.start_positions,
+                              sched.num_scheduled_tokens, self.block_size, self.device,
+                              batch_decodes=self.batch_decodes)
+        sampled = [r for r, s in zip(sched.requests, sched.sample) if s]
+        if not sampled:
+            self.model.language_model(embeds, positions, self.kv_caches, meta)
+            return out
+        logits = self.model(embeds, positions, self.kv_caches, meta, logit_rows)  # [B, V] fp32
+        states = [self._sampling_state(r) for r in sampled]
+        tokens, logprobs = self.sampler(logits, states)
+        for request, token, lp in zip(sampled, tokens, logprobs):
+            out.token_ids[request.request_id] = token
+            out.logprobs[request.request_id] = lp
+        return out
+
+    def _sampling_state(self, request: Request) -> SamplingState:
+        state = self.samplers.get(request.request_id)
+        if state is None:
+            state = SamplingState.create(request.sampling_params, request.prompt_token_ids, request.output_token_ids,
+                                         request.eos_token_ids, self.device)
+            self.samplers[request.request_id] = state
+        return state
+
+    def _encode(self, items: list[MediaItem]) -> int:
+        """Encodes the items' tiles/frames in batched forwards and stores [num_tokens, H] per item."""
+        pixels = torch.cat([m.pixel_values for m in items]).to(self.device, self.dtype)  # [N, 3, T, T]
+        feats = torch.cat([self.model.encode_media(chunk) for chunk in pixels.split(self.max_tiles_per_forward)])
+        hidden = feats.shape[-1]
+        for item, part in zip(items, feats.split([m.num_tiles for m in items])):
+            self.encoder_outputs[item.cache_key] = part.reshape(-1, hidden)  # [num_tokens, H]
+        return pixels.shape[0]
+
+    def _inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened token embeddings with media rows filled, positions, and the rows to sample from."""
+        ids: list[int] = []
+        pos: list[int] = []
+        logit_rows: list[int] = []
+        fills: list[tuple[int, torch.Tensor]] = []  # (row in batch, features [k, H])
+        for request, start, n, sample in zip(sched.requests, sched.start_positions, sched.num_scheduled_tokens,
+                                             sched.sample):
+            row0 = len(ids)
+            tokens = request.all_token_ids[start:start + n]
+            ids.extend(tokens)
+            pos.extend(range(start, start + n))
+            if sample:
+                logit_rows.append(len(ids) - 1)
+            for item in request.media_in_range(start, start + n):
+                feats = self.encoder_outputs.get(item.cache_key)
+                if feats is None:
+                    raise RuntimeError(f"encoder output for {item.kind} {item.cache_key[:32]} is not resident")
+                lo, hi = max(start, item.offset), min(start + n, item.offset + item.num_tokens)
+                fills.append((row0 + lo - start, feats[lo - item.offset:hi - item.offset]))
+        token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        embeds = self.model.embed(token_ids)  # [T, H]
+        if fills:
+            embeds = embeds.clone()
+            for row, feats in fills:
+                embeds[row:row + feats.shape[0]] = feats.to(embeds.dtype)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return embeds, positions, rows

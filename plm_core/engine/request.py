@@ -1,0 +1,78 @@
+"""A request inside the engine: its tokens, media, sampling settings, progress and KV blocks."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from plm_core.inputs import MediaItem
+from plm_core.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed; waits to be recomputed from scratch
+    FINISHED_STOPPED = "stop"  # eos, stop token or stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context is full
+    FINISHED_ABORTED = "abort"  # the client went away or the engine was told to drop it
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    """One sequence being generated. `n > 1` choices are separate Requests sharing a prompt.
+
+    Tokens [0, num_computed_tokens) have their KV in the cache; the scheduler moves
+    num_computed_tokens towards num_tokens in chunks; when it reaches num_tokens the model runner
+    samples the next token, which is appended to output_token_ids.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    media: list[MediaItem] = field(default_factory=list)
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)  # the block table, owned by the BlockManager
+    block_hashes: list = field(default_factory=list)  # hashes of full prompt blocks, computed once
+    num_preemptions: int = 0
+    encoder_keys: set = field(default_factory=set)  # encoder-cache entries this request holds a reference to
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while the prompt (or, after preemption, prompt + outputs) is being computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def media_in_range(self, start: int, end: int) -> list[MediaItem]:
+        """Media items whose placeholder tokens overlap token positions [start, end)."""
+        return [m for m in self.media if m.offset < end and m.offset + m.num_tokens > start]

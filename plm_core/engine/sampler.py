@@ -1,0 +1,241 @@
+"""Batched token sampling: logit processors, penalties, per-request seeded draws and raw logprobs."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from itertools import chain
+
+import torch
+
+from plm_core.sampling import SamplingParams
+
+_NEG_INF = float("-inf")
+_FIXED_ONE = 2**48  # probability 1 in the fixed-point sums of top-p
+
+
+@dataclass
+class SamplingState:
+    """What the sampler keeps for one request over its whole life (created once, at admission).
+
+    `output_token_ids` is the Request's own list: the engine appends every sampled token to it and
+    the sampler reads it for penalties and min_tokens, so both always see the same tokens.
+    """
+
+    params: SamplingParams
+    generator: torch.Generator | None  # on the logits' device; None for greedy requests
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...] = ()
+    # prompt token ids as a device tensor, built on first use by repetition_penalty
+    _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_token_ids: list[int], output_token_ids: list[int],
+               eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu") -> SamplingState:
+        """Seeds the request's own generator with params.seed, or a fresh random seed if none."""
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        return cls(params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids))
+
+    @property
+    def needs_penalties(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+    def blocked_token_ids(self) -> list[int]:
+        """Tokens min_tokens forbids right now: stop tokens (and eos unless ignore_eos) until enough output."""
+        p = self.params
+        if len(self.output_token_ids) >= p.min_tokens:
+            return []
+        ids = list(p.stop_token_ids)
+        if not p.ignore_eos:
+            ids.extend(self.eos_token_ids)
+        return ids
+
+    def prompt_ids(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        if self._prompt_ids is None or self._prompt_ids.device != device:
+            ids = torch.tensor(sorted({t for t in self.prompt_token_ids if 0 <= t < vocab_size}), dtype=torch.long)
+            self._prompt_ids = ids.to(device)
+        return self._prompt_ids
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities of one sampled position, from the raw (unprocessed) logits."""
+
+    token_id: int  # the chosen token
+    logprob: float  # its log-probability
+    rank: int  # 1 + the number of tokens with a strictly higher logprob (1 = the most likely)
+    top: list[tuple[int, float]]  # the `params.logprobs` most likely (token id, logprob), highest first
+
+
+class BatchSampler:
+    """Picks one token per row of a [B, V] logits batch, each row by its own request's settings.
+
+    Order per row (vLLM v1's): logprobs from the raw logits; logit_bias; min_tokens; repetition,
+    frequency and presence penalties; then argmax for greedy rows, and for the others temperature,
+    min_p, top-k, top-p and a draw from the row's own generator. Every operation is row-wise, and
+    which operations touch a row depends only on that row's own settings, so a seeded request samples
+    the same tokens whatever else is in the batch.
+    """
+
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[Logprobs | None]]:
+        # logits: [B, V] fp32; row i belongs to states[i]; not modified
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} sampling states")
+        lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None  # [L, V]
+
+        x = self.process(logits, states)  # [B, V]
+        tokens = x.argmax(dim=-1)  # [B]; kept for greedy rows
+        random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if random_rows:
+            tokens[random_rows] = self._sample(x[random_rows], [states[i] for i in random_rows])
+        logprobs = self._logprobs(raw_logprobs, tokens, lp_rows, states)
+        return tokens.tolist(), logprobs
+
+    def process(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """A processed fp32 copy of logits [B, V]: logit_bias, min_tokens, penalties (greedy takes its argmax)."""
+        x = logits.to(torch.float32, copy=True)
+        self._apply_logit_bias(x, states)
+        self._apply_min_tokens(x, states)
+        self._apply_penalties(x, states)
+        return x
+
+    # -- processors that can change the argmax -----------------------------------------------------
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, states: list[SamplingState]) -> None:
+        vocab = x.shape[1]
+        rows, cols, values = [], [], []
+        for i, s in enumerate(states):
+            for token, bias in (s.params.logit_bias or {}).items():
+                if token < vocab:  # ids past the model's vocabulary cannot be sampled anyway
+                    rows.append(i)
+                    cols.append(token)
+                    values.append(bias)
+        if rows:
+            index = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
+            x.index_put_(index, torch.tensor(values, dtype=x.dtype, device=x.device), accumulate=True)
+
+    @staticmethod
+    def _apply_min_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
+        vocab = x.shape[1]
+        rows, cols = [], []
+        for i, s in enumerate(states):
+            for token in s.blocked_token_ids():
+                if token < vocab:
+                    rows.append(i)
+                    cols.append(token)
+        if rows:
+            index = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
+            x.index_put_(index, torch.tensor(_NEG_INF, dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, states: list[SamplingState]) -> None:
+        rows = [i for i, s in enumerate(states) if s.needs_penalties]
+        if not rows:
+            return
+        device, vocab = x.device, x.shape[1]
+        sub = [states[i] for i in rows]
+        counts = _token_counts([s.output_token_ids for s in sub], vocab, device)  # [P, V] occurrences in output
+        logits = x[rows]  # [P, V]
+        if any(s.params.repetition_penalty != 1.0 for s in sub):
+            rep = torch.tensor([s.params.repetition_penalty for s in sub], device=device)[:, None]
+            seen = counts > 0
+            prompt = [s.prompt_ids(vocab, device) for s in sub]
+            lengths = torch.tensor([len(p) for p in prompt], device=device)
+            prompt_rows = torch.repeat_interleave(torch.arange(len(sub), device=device), lengths)
+            seen[prompt_rows, torch.cat(prompt)] = True
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        freq = torch.tensor([s.params.frequency_penalty for s in sub], device=device)[:, None]
+        presence = torch.tensor([s.params.presence_penalty for s in sub], device=device)[:, None]
+        logits = logits - freq * counts - presence * (counts > 0).float()
+        x[rows] = logits
+
+    # -- random sampling ---------------------------------------------------------------------------
+    @staticmethod
+    def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        # x: [R, V] processed logits of the random rows -> [R] token ids
+        device, vocab = x.device, x.shape[1]
+        temperature = torch.tensor([s.params.temperature for s in states], device=device)[:, None]
+        x = x / temperature
+        if any(s.params.min_p > 0 for s in states):
+            min_p = torch.tensor([s.params.min_p for s in states], device=device)[:, None]
+            probs = torch.softmax(x, dim=-1)
+            x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), _NEG_INF)  # min_p = 0: no-op
+
+        tokens = torch.empty(len(states), dtype=torch.long, device=device)
+        # Rows with top-k/top-p go through a sorted path, the rest through a plain one. Which path a
+        # row takes depends only on its own settings, never on the batch (float sums differ between them).
+        truncated = [j for j, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1.0]
+        plain = sorted(set(range(len(states))) - set(truncated))
+        if plain:
+            probs = torch.softmax(x[plain], dim=-1)
+            tokens[plain] = _draw(probs, [states[j].generator for j in plain])
+        if truncated:
+            rows = [states[j].params for j in truncated]
+            sorted_x, order = torch.sort(x[truncated], dim=-1, descending=True, stable=True)  # [T, V]
+            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in rows], device=device)
+            position = torch.arange(vocab, device=device)
+            sorted_x = sorted_x.masked_fill(position[None] >= top_k[:, None], _NEG_INF)
+            if any(p.top_p < 1.0 for p in rows):
+                # The cumulative sum runs on fixed-point integers: integer sums are exact in any order,
+                # and CUDA's float cumsum picks its kernel (and so its rounding) by the number of rows.
+                top_p = torch.tensor([round(p.top_p * _FIXED_ONE) if p.top_p < 1.0 else 2**62 for p in rows],
+                                     device=device)
+                mass = torch.round(torch.softmax(sorted_x, dim=-1) * _FIXED_ONE).long()  # [T, V]
+                before = mass.cumsum(dim=-1) - mass  # mass of the more likely tokens
+                drop = before >= top_p[:, None]  # keeps the smallest prefix reaching top_p
+                drop[:, 0] = False
+                sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
+            probs = torch.softmax(sorted_x, dim=-1)
+            picked = _draw(probs, [states[j].generator for j in truncated])  # [T] positions in sorted order
+            tokens[truncated] = order.gather(1, picked[:, None])[:, 0]
+        return tokens
+
+    # -- logprobs ----------------------------------------------------------------------------------
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, rows: list[int],
+                  states: list[SamplingState]) -> list[Logprobs | None]:
+        out: list[Logprobs | None] = [None] * len(states)
+        if raw is None:
+            return out
+        chosen = tokens[rows][:, None]  # [L, 1]
+        chosen_lp = raw.gather(1, chosen)  # [L, 1]
+        ranks = (raw > chosen_lp).sum(dim=-1) + 1  # [L]
+        k = min(max(states[i].params.logprobs for i in rows), raw.shape[1])
+        top_lp, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], chosen[:, :0])  # [L, k]
+        chosen_l, lp_l, rank_l = chosen[:, 0].tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = states[i].params.logprobs
+            top = list(zip(top_ids_l[j][:n], top_lp_l[j][:n]))
+            out[i] = Logprobs(chosen_l[j], lp_l[j], rank_l[j], top)
+        return out
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab] float counts of each token id in each list (one transfer, one scatter)."""
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    flat = list(chain.from_iterable(token_lists))
+    if flat:
+        rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists]))
+        index = (rows.to(device), torch.tensor(flat, device=device))
+        counts.index_put_(index, torch.ones(len(flat), device=device), accumulate=True)
+    return counts
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One sample per row of probs [N, V], row i drawn with generators[i] only (the exponential race).
+
+    argmax(p / q) with q ~ Exp(1) picks index i with probability p_i; it is what torch.multinomial
+    does for a single sample, with the noise of each row coming from that row's own generator.
+    """
+    noise = torch.empty_like(probs)
+    for i, generator in enumerate(generators):
+        noise[i].exponential_(generator=generator)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # never divide by 0 (0/0 = NaN would win argmax)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,110 @@
+"""Attention over the paged KV cache for a mixed batch of prefill chunks and decode tokens.
+
+The KV cache is one pair of tensors per layer, [num_blocks * block_size, kv_heads, head_dim]: a
+token's KV lives at slot `block_id * block_size + position % block_size`. Each step the model
+runner builds an `AttentionMetadata` (shared by all layers); every layer writes the step's new K/V
+into their slots and attends each sequence's queries to its gathered context. Decode-only
+sequences (one query each) are attended in one padded batch; prefill chunks one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flattened batch (tokens of all sequences concatenated)."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    query_starts: list[int]  # start of each sequence's queries in the flattened batch
+    query_lens: list[int]  # new tokens per sequence this step
+    context_lens: list[int]  # tokens each sequence attends to: cached + new
+    context_slots: list[torch.Tensor]  # per sequence, [context_len] long: slots of all its tokens
+    decode_seqs: list[int]  # indices of sequences with exactly one query (batched together)
+    prefill_seqs: list[int]  # indices of the others (attended one by one)
+    decode_slots: torch.Tensor | None = None  # [D, max_ctx] long, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_ctx] bool, True where attended
+    decode_rows: torch.Tensor | None = None  # [D] long: row in the flattened batch of each decode query
+
+
+def build_metadata(block_tables: list[list[int]], starts: list[int], query_lens: list[int], block_size: int,
+                   device: torch.device, *, batch_decodes: bool = True) -> AttentionMetadata:
+    """Metadata for sequences computing positions [start, start + query_len) with these block tables."""
+    slots_all: list[torch.Tensor] = []
+    new_slots: list[torch.Tensor] = []
+    q_starts, ctx_lens = [], []
+    offset = 0
+    for table, start, n in zip(block_tables, starts, query_lens):
+        ctx = start + n
+        blocks = torch.tensor(table[:(ctx + block_size - 1) // block_size], dtype=torch.long)
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
+        slots_all.append(slots)
+        new_slots.append(slots[start:ctx])
+        q_starts.append(offset)
+        ctx_lens.append(ctx)
+        offset += n
+    decode = [i for i, n in enumerate(query_lens) if n == 1] if batch_decodes else []
+    prefill = [i for i in range(len(query_lens)) if i not in set(decode)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(new_slots).to(device),
+        query_starts=q_starts, query_lens=list(query_lens), context_lens=ctx_lens,
+        context_slots=[s.to(device) for s in slots_all], decode_seqs=decode, prefill_seqs=prefill,
+    )
+    if decode:
+        max_ctx = max(ctx_lens[i] for i in decode)
+        padded = torch.zeros(len(decode), max_ctx, dtype=torch.long)
+        mask = torch.zeros(len(decode), 1, 1, max_ctx, dtype=torch.bool)
+        for row, i in enumerate(decode):
+            padded[row, :ctx_lens[i]] = slots_all[i]
+            mask[row, 0, 0, :ctx_lens[i]] = True
+        meta.decode_slots = padded.to(device)
+        meta.decode_mask = mask.to(device)
+        meta.decode_rows = torch.tensor([q_starts[i] for i in decode], dtype=torch.long, device=device)
+    return meta
+
+
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # x: [..., kv_heads, S, D] -> [..., n_heads, S, D] (each kv head shared by n_heads / kv_heads queries)
+    kv = x.shape[-3]
+    if kv == n_heads:
+        return x
+    rep = n_heads // kv
+    return x.unsqueeze(-3).expand(*x.shape[:-2], rep, *x.shape[-2:]).reshape(*x.shape[:-3], n_heads, *x.shape[-2:])
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """Writes the step's K/V into the cache and attends. q: [T, nh, D]; k, v: [T, nkv, D] -> [T, nh, D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    n_heads = q.shape[1]
+    out = torch.empty_like(q)
+    for i in meta.prefill_seqs:
+        s, n, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+        slots = meta.context_slots[i]
+        keys = _expand_kv(k_cache.index_select(0, slots).transpose(0, 1), n_heads)  # [nh, ctx, D]
+        values = _expand_kv(v_cache.index_select(0, slots).transpose(0, 1), n_heads)
+        query = q[s:s + n].transpose(0, 1)  # [nh, n, D]
+        if n == ctx:  # the whole sequence at once: plain causal
+            o = F.scaled_dot_product_attention(query[None], keys[None], values[None], is_causal=True)[0]
+        elif n == 1:
+            o = F.scaled_dot_product_attention(query[None], keys[None], values[None])[0]
+        else:  # a chunk after cached tokens: query j sees keys up to (ctx - n) + j
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            o = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask)[0]
+        out[s:s + n] = o.transpose(0, 1)
+    if meta.decode_seqs:
+        rows = meta.decode_rows
+        d, max_ctx = meta.decode_slots.shape
+        flat = meta.decode_slots.flatten()
+        keys = k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)  # [B, nkv, C, D]
+        values = v_cache.index_select(0, flat).view(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
+        query = q.index_select(0, rows)[:, :, None]  # [B, nh, 1, D]
+        o = F.scaled_dot_product_attention(query, _expand_kv(keys, n_heads), _expand_kv(values, n_heads),
+                                           attn_mask=meta.decode_mask)
+        out.index_copy_(0, rows, o[:, :, 0])
+    return out

@@ -1,0 +1,149 @@
+"""EncoderCacheManager: hits and misses, pinning by references, LRU eviction, budget (CPU, no model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from plm_core.engine.encoder_cache import EncoderCacheManager
+from plm_core.inputs import MediaItem
+
+
+def test_miss_then_hit():
+    cache = EncoderCacheManager(budget_tokens=100)
+    item = MediaItem("image", "hashA", ("tiles", 448, 36), num_tiles=2, num_tokens=8, offset=5)
+    assert not cache.has(item.cache_key)
+    assert cache.allocate("r1", item.cache_key, item.num_tokens) == []
+    assert cache.has(item.cache_key) and cache.used_tokens == 8
+    cache.release("r1", item.cache_key)
+    assert cache.has(item.cache_key)  # stays resident, now evictable
+    cache.acquire("r2", item.cache_key)
+    assert cache.stats() == {
+        "hits": 1, "misses": 1, "hit_rate": 0.5, "used_tokens": 8, "budget_tokens": 100, "entries": 1,
+    }
+    cache.check_invariants()
+
+
+def test_references_prevent_eviction():
+    cache = EncoderCacheManager(budget_tokens=20)
+    cache.allocate("r1", "a", 12)
+    assert not cache.can_allocate(10)
+    with pytest.raises(ValueError):
+        cache.allocate("r2", "b", 10)
+    assert cache.has("a") and cache.used_tokens == 12
+    cache.acquire("r2", "a")
+    cache.release("r1", "a")
+    assert not cache.can_allocate(10)  # r2 still holds it
+    cache.release("r2", "a")
+    assert cache.can_allocate(10)
+    assert cache.allocate("r3", "b", 10) == ["a"]
+    assert not cache.has("a") and cache.used_tokens == 10
+    cache.check_invariants()
+
+
+def test_lru_eviction_of_unreferenced_entries():
+    cache = EncoderCacheManager(budget_tokens=30)
+    for key in "abc":
+        cache.allocate("r", key, 10)
+    cache.release_all("r")
+    cache.acquire("s", "a")  # a becomes most recently used and pinned
+    cache.release("s", "a")
+    assert cache.allocate("t", "d", 10) == ["b"]
+    assert cache.allocate("t", "e", 20) == ["c", "a"]
+    assert cache.stats()["entries"] == 2 and cache.used_tokens == 30
+    cache.check_invariants()
+
+
+def test_eviction_skips_referenced_entries():
+    cache = EncoderCacheManager(budget_tokens=30)
+    cache.allocate("r1", "a", 10)
+    cache.allocate("r2", "b", 10)
+    cache.allocate("r3", "c", 10)
+    cache.release("r2", "b")
+    cache.release("r3", "c")
+    assert cache.allocate("r4", "d", 15) == ["b", "c"]  # "a" is older but pinned
+    assert cache.has("a") and cache.used_tokens == 25
+    cache.check_invariants()
+
+
+def test_release_all():
+    cache = EncoderCacheManager(budget_tokens=40)
+    cache.allocate("r1", "a", 10)
+    cache.allocate("r1", "b", 10)
+    cache.acquire("r2", "b")
+    cache.release_all("r1")
+    cache.check_invariants()
+    assert cache.can_allocate(30) and not cache.can_allocate(31)  # b is still held by r2
+    cache.release_all("r1")  # idempotent
+    cache.release_all("r2")
+    assert cache.can_allocate(40)
+    cache.check_invariants()
+
+
+def test_references_are_counted():
+    cache = EncoderCacheManager(budget_tokens=10)
+    cache.allocate("r", "a", 10)
+    cache.acquire("r", "a")  # the same image twice in one prompt
+    cache.release("r", "a")
+    assert not cache.can_allocate(1)  # the second use still pins it
+    cache.release("r", "a")
+    cache.release("r", "a")  # extra release: no-op
+    assert cache.can_allocate(10)
+    cache.check_invariants()
+
+
+def test_allocate_of_resident_key_is_a_hit():
+    cache = EncoderCacheManager(budget_tokens=10)
+    cache.allocate("r1", "a", 10)
+    assert cache.allocate("r2", "a", 10) == []
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
+    cache.release_all("r1")
+    assert not cache.can_allocate(1)
+    cache.check_invariants()
+
+
+def test_item_larger_than_budget():
+    cache = EncoderCacheManager(budget_tokens=16)
+    assert not cache.can_allocate(17)
+    with pytest.raises(ValueError):
+        cache.allocate("r", "big", 17)
+    assert cache.used_tokens == 0 and not cache.has("big")
+    with pytest.raises(KeyError):
+        cache.acquire("r", "missing")
+    cache.check_invariants()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_workload(seed):
+    rng = random.Random(seed)
+    cache = EncoderCacheManager(budget_tokens=64)
+    sizes = {f"k{i}": rng.choice([4, 8, 16, 32]) for i in range(12)}
+    held: dict[str, list[str]] = {}
+    for op in range(400):
+        action = rng.random()
+        rid = f"r{rng.randrange(8)}"
+        if action < 0.6:
+            key = rng.choice(list(sizes))
+            if cache.has(key):
+                cache.acquire(rid, key)
+                held.setdefault(rid, []).append(key)
+            elif cache.can_allocate(sizes[key]):
+                evicted = cache.allocate(rid, key, sizes[key])
+                assert key not in evicted
+                assert not any(k in keys for keys in held.values() for k in evicted)
+                held.setdefault(rid, []).append(key)
+        elif action < 0.85 and held.get(rid):
+            key = held[rid].pop(rng.randrange(len(held[rid])))
+            cache.release(rid, key)
+        else:
+            cache.release_all(rid)
+            held.pop(rid, None)
+        cache.check_invariants()
+        for keys in held.values():
+            assert all(cache.has(k) for k in keys)
+    for rid in list(held):
+        cache.release_all(rid)
+    assert cache.can_allocate(64)
+    assert cache.stats()["hits"] > 0 and cache.stats()["misses"] > 0
+    cache.check_invariants()

@@ -1,0 +1,306 @@
+"""SamplingParams validation and the engine's BatchSampler: every sampling field, logprobs, seeded reproducibility."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from plm_core.engine.sampler import BatchSampler, Logprobs, SamplingState
+from plm_core.sampling import SamplingParams
+
+EOS = 7
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def state(device="cpu", prompt=(), output=None, eos=(EOS,), **kw) -> SamplingState:
+    return SamplingState.create(SamplingParams(**kw), list(prompt), [] if output is None else output, eos, device)
+
+
+def run(logits, *states, sampler=BatchSampler()):
+    tokens, logprobs = sampler(torch.as_tensor(logits, dtype=torch.float32), list(states))
+    return tokens, logprobs
+
+
+def draws(logits_row, n=400, **kw) -> list[int]:
+    """n tokens drawn from one row (a fresh seeded state each time, so draws are independent)."""
+    row = torch.as_tensor([logits_row], dtype=torch.float32)
+    return [run(row, state(seed=seed, **kw))[0][0] for seed in range(n)]
+
+
+def probs_logits(probs) -> list[float]:
+    return [math.log(p) for p in probs]
+
+
+# -- SamplingParams ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [
+    dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.1), dict(top_k=-2), dict(max_tokens=0), dict(n=0),
+    dict(min_p=-0.1), dict(min_p=1.5), dict(presence_penalty=2.5), dict(presence_penalty=-2.1),
+    dict(frequency_penalty=2.1), dict(frequency_penalty=-3), dict(repetition_penalty=0),
+    dict(repetition_penalty=-1), dict(logprobs=-1), dict(logprobs=21), dict(min_tokens=-1),
+    dict(min_tokens=20, max_tokens=10), dict(stop=[""]), dict(stop=["ok", ""]), dict(logit_bias={"x": 1.0}),
+    dict(logit_bias={-1: 1.0}), dict(seed=1.5), dict(stop_token_ids=[-1]),
+])
+def test_params_validation_errors(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)
+
+
+def test_params_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.n, p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (1, 0.0, 0.0, 0.0, 1.0)
+    assert p.logit_bias is None and p.stop == [] and p.logprobs is None and p.min_tokens == 0
+    assert p.skip_special_tokens and not p.include_stop_str_in_output
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, p.stop_token_ids, p.ignore_eos) == \
+        (1.0, 1.0, 0, None, 16, [], False)
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(logit_bias={"5": 250, 6: -1000, 7: 3}).logit_bias == {5: 100.0, 6: -100.0, 7: 3.0}
+    assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
+    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
+    assert not SamplingParams(temperature=0.5).greedy
+
+
+def test_state_create():
+    out = []
+    s = SamplingState.create(SamplingParams(temperature=0), [1, 2], out, (EOS,), "cpu")
+    assert s.generator is None and s.output_token_ids is out and s.eos_token_ids == (EOS,)
+    a, b = state(seed=5), state(seed=5)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    c, d = state(), state()  # no seed: fresh random seeds
+    assert not torch.equal(c.generator.get_state(), d.generator.get_state())
+
+
+# -- greedy ----------------------------------------------------------------------------------------
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    tokens, _ = run(logits, *[state(temperature=0) for _ in range(3)], *[state(top_k=1, temperature=0.8)
+                                                                         for _ in range(3)])
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_greedy_is_argmax_of_processed_logits():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 30, generator=g)
+    states = [
+        state(temperature=0, output=[int(logits[0].argmax())], presence_penalty=2.0, frequency_penalty=2.0),
+        state(temperature=0, logit_bias={3: 50.0}),
+        state(temperature=0, prompt=[int(logits[2].argmax())], repetition_penalty=1.9, min_tokens=1,
+              eos=(int(logits[2].topk(2).indices[1]),)),
+        state(temperature=0, output=[5, 5, 1], frequency_penalty=1.5),
+    ]
+    sampler = BatchSampler()
+    processed = sampler.process(logits, states)
+    tokens, _ = sampler(logits, states)
+    assert tokens == processed.argmax(-1).tolist()
+    assert tokens[1] == 3
+    assert tokens[0] != int(logits[0].argmax())
+    assert torch.equal(logits, torch.randn(4, 30, generator=torch.Generator().manual_seed(1)))  # input untouched
+
+
+# -- processors on a hand-made row ------------------------------------------------------------------
+ROW = [2.0, -1.0, 0.5, -3.0, 1.0, 0.0, 4.0, 1.5]
+
+
+def processed(**kw) -> list[float]:
+    return BatchSampler().process(torch.tensor([ROW]), [state(**kw)])[0].tolist()
+
+
+def test_repetition_penalty_over_prompt_and_output():
+    out = processed(prompt=[0, 1], output=[1, 3, 5], repetition_penalty=2.0)
+    expected = list(ROW)
+    expected[0] = 2.0 / 2  # positive: divided
+    expected[1] = -1.0 * 2  # negative: multiplied (counted once although in prompt and output)
+    expected[3] = -3.0 * 2
+    expected[5] = 0.0
+    assert out == pytest.approx(expected)
+    assert processed(prompt=[0], repetition_penalty=0.5)[0] == pytest.approx(4.0)  # < 1 encourages
+
+
+def test_presence_and_frequency_penalties_over_output_only():
+    out = processed(prompt=[6], output=[0, 0, 0, 2, 4, 4], presence_penalty=0.5, frequency_penalty=0.25)
+    expected = list(ROW)
+    expected[0] -= 0.5 + 3 * 0.25
+    expected[2] -= 0.5 + 1 * 0.25
+    expected[4] -= 0.5 + 2 * 0.25
+    assert out == pytest.approx(expected)  # prompt token 6 untouched
+    neg = processed(output=[1, 1], presence_penalty=-1.0, frequency_penalty=-0.5)
+    assert neg[1] == pytest.approx(-1.0 + 1.0 + 1.0)
+
+
+def test_logit_bias_adds_and_forces_a_token():
+    out = processed(logit_bias={1: 10.0, 6: -2.0, 10_000: 5.0})  # ids past the vocabulary are ignored
+    assert out[1] == pytest.approx(9.0) and out[6] == pytest.approx(2.0)
+    assert set(draws(ROW, n=50, logit_bias={3: 100.0})) == {3}
+    assert set(draws(ROW, n=50, temperature=0.7, top_p=0.5, logit_bias={3: 100.0})) == {3}
+
+
+def test_min_tokens_masks_eos_and_stop_tokens():
+    out_ids: list[int] = []
+    s = state(temperature=0, output=out_ids, eos=(6,), min_tokens=2, stop_token_ids=[0])
+    logits = torch.tensor([ROW])
+    sampler = BatchSampler()
+    for _ in range(2):
+        x = sampler.process(logits, [s])[0]
+        assert x[6] == -math.inf and x[0] == -math.inf
+        token = sampler(logits, [s])[0][0]
+        assert token not in (6, 0)
+        out_ids.append(token)
+    assert sampler(logits, [s])[0][0] == 6  # enough output: eos allowed again
+    ignore = state(output=[], eos=(6,), min_tokens=2, stop_token_ids=[0], ignore_eos=True)
+    x = sampler.process(logits, [ignore])[0]
+    assert x[6] == 4.0 and x[0] == -math.inf  # eos does not stop this request, so it is not masked
+    assert set(draws(ROW, n=100, eos=(6,), min_tokens=1)).isdisjoint({6})
+
+
+# -- truncation ------------------------------------------------------------------------------------
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def test_temperature_sampling_follows_the_distribution():
+    got = draws(probs_logits(PROBS), n=2000)
+    for token, p in enumerate(PROBS):
+        assert abs(got.count(token) / len(got) - p) < 0.04
+    hot = draws(probs_logits(PROBS), n=2000, temperature=3.0)  # flatter
+    cold = draws(probs_logits(PROBS), n=2000, temperature=0.3)  # sharper
+    assert hot.count(0) < got.count(0) < cold.count(0)
+
+
+def test_top_k():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(3)).tolist()
+    top = set(torch.tensor(logits).topk(5).indices.tolist())
+    got = set(draws(logits, n=300, temperature=2.0, top_k=5))
+    assert got == top
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.49, {0}), (0.51, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}),
+                                            (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3}), (0.01, {0})])
+def test_top_p_keeps_smallest_set_reaching_p(top_p, allowed):
+    got = set(draws(probs_logits(PROBS), n=300, top_p=top_p))
+    assert got == allowed
+
+
+def test_top_k_then_top_p():
+    # top_k=3 renormalises [0.5, 0.3, 0.15] to [0.53, 0.32, 0.16]; top_p=0.84 then needs 0, 1 only
+    got = set(draws(probs_logits(PROBS), n=300, top_k=3, top_p=0.84))
+    assert got == {0, 1}
+
+
+@pytest.mark.parametrize("min_p, allowed", [(0.0, {0, 1, 2, 3}), (0.2, {0, 1, 2}), (0.5, {0, 1}), (0.7, {0})])
+def test_min_p(min_p, allowed):
+    assert set(draws(probs_logits(PROBS), n=300, min_p=min_p)) == allowed
+
+
+def test_min_p_applies_before_top_p():
+    # vLLM's order: min_p 0.2 drops token 3 and renormalises to [0.53, 0.32, 0.16]; top_p 0.84 then
+    # keeps 0 and 1 (top_p alone would keep 0, 1 and 2)
+    assert set(draws(probs_logits(PROBS), n=300, min_p=0.2, top_p=0.84)) == {0, 1}
+    assert set(draws(probs_logits(PROBS), n=300, top_p=0.84)) == {0, 1, 2}
+
+
+def test_min_p_applies_after_temperature():
+    # at temperature 0.5 the probabilities become ~[0.69, 0.25, 0.06, 0.006]: min_p 0.3 keeps 0 and 1
+    assert set(draws(probs_logits(PROBS), n=300, temperature=0.5, min_p=0.3)) == {0, 1}
+
+
+# -- logprobs --------------------------------------------------------------------------------------
+def test_logprobs_come_from_raw_logits():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 40, generator=g) * 3
+    states = [
+        state(temperature=0, logprobs=5, logit_bias={9: 100.0}),  # processing does not change logprobs
+        state(seed=1, logprobs=0, presence_penalty=1.0, output=[2, 3]),
+        state(seed=2),
+        state(seed=3, logprobs=20, top_k=3),
+    ]
+    tokens, logprobs = BatchSampler()(logits, states)
+    raw = torch.log_softmax(logits, -1)
+    assert tokens[0] == 9 and logprobs[2] is None
+    for i in (0, 1, 3):
+        lp = logprobs[i]
+        assert isinstance(lp, Logprobs) and lp.token_id == tokens[i]
+        assert lp.logprob == pytest.approx(raw[i, tokens[i]].item(), abs=1e-6)
+        order = raw[i].argsort(descending=True).tolist()
+        assert lp.rank == order.index(tokens[i]) + 1
+        k = states[i].params.logprobs
+        assert [t for t, _ in lp.top] == order[:k]
+        assert [v for _, v in lp.top] == pytest.approx(raw[i, order[:k]].tolist(), abs=1e-6)
+    assert logprobs[1].top == []
+    assert len(logprobs[3].top) == 20 and logprobs[3].rank <= 3
+    assert logprobs[0].rank > 1  # the biased token was not the raw favourite
+
+
+def test_greedy_logprob_rank_is_one():
+    logits = torch.randn(1, 20, generator=torch.Generator().manual_seed(5))
+    _, (lp,) = run(logits, state(temperature=0, logprobs=1))
+    assert lp.rank == 1 and lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob)
+
+
+# -- reproducibility -------------------------------------------------------------------------------
+SEEDED = dict(seed=1234, temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, presence_penalty=0.3,
+              frequency_penalty=0.2, repetition_penalty=1.1, logit_bias={3: 2.0}, min_tokens=3)
+STEPS, VOCAB = 12, 500
+
+
+def generate(order: list[str], device: str) -> dict[str, list[int]]:
+    """Runs a batch for STEPS steps; each name is a request type; returns each request's tokens."""
+    g = torch.Generator().manual_seed(42)
+    per_step = [torch.randn(8, VOCAB, generator=g) * 2 for _ in range(STEPS)]  # fixed logits per request slot
+    slot = {"target": 0, "other_random": 1, "greedy": 2, "plain": 3, "other_seeded": 4, "truncated": 5}
+    kinds = {
+        "target": SEEDED,
+        "other_random": dict(temperature=1.3),
+        "greedy": dict(temperature=0, frequency_penalty=1.0),
+        "plain": dict(seed=7),
+        "other_seeded": dict(seed=99, top_p=0.5, logprobs=3),
+        "truncated": dict(seed=5, top_k=10, min_p=0.1),
+    }
+    states = {name: state(device, prompt=[1, 2, 3], output=[], **kinds[name]) for name in order}
+    sampler = BatchSampler()
+    for step in range(STEPS):
+        logits = torch.stack([per_step[step][slot[name]] for name in order]).to(device)
+        tokens, _ = sampler(logits, [states[name] for name in order])
+        for name, token in zip(order, tokens):
+            states[name].output_token_ids.append(token)
+    return {name: s.output_token_ids for name, s in states.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_reproducible_whatever_the_batch(device):
+    alone = generate(["target"], device)["target"]
+    assert len(set(alone)) > 1
+    for order in (["target", "other_random", "greedy"], ["greedy", "plain", "target", "other_seeded"],
+                  ["other_seeded", "truncated", "other_random", "greedy", "plain", "target"],
+                  ["truncated", "target"]):
+        assert generate(order, device)["target"] == alone, order
+    # every seeded request, not only the target, is independent of its neighbours
+    for name in ("plain", "other_seeded", "truncated"):
+        by_itself = generate([name], device)[name]
+        assert generate(["other_random", name, "target", "greedy"], device)[name] == by_itself
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_different_seeds_differ(device):
+    logits = torch.zeros(1, 1000, device=device)  # uniform
+    runs = []
+    for seed in (1, 2):
+        s = state(device, seed=seed)
+        runs.append([run(logits, s)[0][0] for _ in range(10)])
+    assert runs[0] != runs[1]
+    again = state(device, seed=1)
+    assert [run(logits, again)[0][0] for _ in range(10)] == runs[0]
+    assert len(set(runs[0])) > 1  # the generator advances between steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_greedy_and_logprobs_match_cpu():
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 1000, generator=g)
+    kinds = [dict(temperature=0, logprobs=5, presence_penalty=1.0, output=[int(logits[0].argmax())]),
+             dict(temperature=0, repetition_penalty=1.5, prompt=[1, 2]),
+             dict(temperature=0, logit_bias={4: 100.0})]
+    cpu = BatchSampler()(logits, [state("cpu", **k) for k in kinds])
+    cuda = BatchSampler()(logits.cuda(), [state("cuda", **k) for k in kinds])
+    assert cpu[0] == cuda[0]
+    assert cpu[1][0].rank == cuda[1][0].rank and cpu[1][0].logprob == pytest.approx(cuda[1][0].logprob, abs=1e-5)
