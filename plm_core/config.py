@@ -243,4 +243,4 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step: prefill chunks + decode tokens
     enable_prefix_caching: bool = True
     encoder_cache_tokens: int | None = None  # vision-encoder cache budget in LM tokens (default 65536)
-    max_encoder_tiles_per_step: int = 64  # tiles/frames encoded per step (raised to fit the largest item)
+    max_encoder_tiles_per_step: int = 64  # tiles/frames encoded per step; larger items span several steps

@@ -89,9 +89,10 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
 
     convs = _conversations(media_dir)
     expected = _alone(solo, convs)
-    # a 64-token budget chunks every image prompt; a small KV cache forces preemptions
-    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=64, max_model_len=600,
-              kv_cache_memory_gb=40 * 16 * 512 / 2**30, max_num_seqs=8)
+    # a 64-token budget chunks every image prompt; 5 encoder tiles per step spreads each image over
+    # several steps; a small KV cache forces preemptions
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=64, max_model_len=560,
+              kv_cache_memory_gb=36 * 16 * 512 / 2**30, max_num_seqs=8, max_encoder_tiles_per_step=5)
     prompts = [llm.process(c) for c in convs]
     got = _run_staggered(llm, prompts, arrivals=[0, 0, 3, 5, 9, 12])
     for i, exp in enumerate(expected):

@@ -89,8 +89,7 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         num_blocks = plan_kv_blocks(model_config, engine, device, dtype, max_model_len)
-        largest_item = max(model_config.processor.max_num_tiles + 1, engine.max_num_frames)
-        tiles_per_step = max(engine.max_encoder_tiles_per_step, largest_item)
+        tiles_per_step = max(1, engine.max_encoder_tiles_per_step)
         encoder_tokens = engine.encoder_cache_tokens or max(65536, 2 * max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,

@@ -55,7 +55,8 @@ class ModelRunner:
         shape = (num_blocks * block_size, t.num_kv_heads, t.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(t.num_layers)]
-        self.encoder_outputs: dict[str, torch.Tensor] = {}  # cache key -> [num_tokens, H]
+        self.encoder_outputs: dict[str, torch.Tensor] = {}  # cache key -> [num_tokens, H], complete items
+        self._partial: dict[str, torch.Tensor] = {}  # cache key -> [num_tiles, tokens_per_tile, H] being filled
         self.samplers: dict[str, SamplingState] = {}
         self.sampler = BatchSampler()
 
@@ -66,9 +67,10 @@ class ModelRunner:
             self.samplers.pop(rid, None)
         for key in sched.free_encoder_keys:
             self.encoder_outputs.pop(key, None)
+            self._partial.pop(key, None)
         out = RunnerOutput()
         if sched.encoder_inputs:
-            out.num_encoded_tiles = self._encode(sched.encoder_inputs)
+            out.num_encoded_tiles = self._encode(sched.encoder_inputs, sched.encoder_tile_ranges)
         if sched.is_empty:
             return out
 
@@ -96,13 +98,24 @@ class ModelRunner:
             self.samplers[request.request_id] = state
         return state
 
-    def _encode(self, items: list[MediaItem]) -> int:
-        """Encodes the items' tiles/frames in batched forwards and stores [num_tokens, H] per item."""
-        pixels = torch.cat([m.pixel_values for m in items]).to(self.device, self.dtype)  # [N, 3, T, T]
+    def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> int:
+        """Encodes the scheduled tiles of each item in batched forwards; completed items become usable."""
+        pixels = torch.cat([m.pixel_values[lo:hi] for m, (lo, hi) in zip(items, ranges)])  # [N, 3, T, T]
+        pixels = pixels.to(self.device, self.dtype)
         feats = torch.cat([self.model.encode_media(chunk) for chunk in pixels.split(self.max_tiles_per_forward)])
-        hidden = feats.shape[-1]
-        for item, part in zip(items, feats.split([m.num_tiles for m in items])):
-            self.encoder_outputs[item.cache_key] = part.reshape(-1, hidden)  # [num_tokens, H]
+        for item, (lo, hi), part in zip(items, ranges, feats.split([hi - lo for lo, hi in ranges])):
+            key = item.cache_key
+            if lo == 0 and hi == item.num_tiles:
+                whole = part
+            else:
+                buf = self._partial.get(key)
+                if buf is None:
+                    buf = self._partial[key] = part.new_empty((item.num_tiles, *part.shape[1:]))
+                buf[lo:hi] = part
+                if hi < item.num_tiles:
+                    continue
+                whole = self._partial.pop(key)
+            self.encoder_outputs[key] = whole.reshape(-1, whole.shape[-1])  # [num_tokens, H]
         return pixels.shape[0]
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) per step
-    max_encoder_tiles_per_step: int = 64  # vision-tower tiles/frames encoded per step (at least one item's)
+    max_encoder_tiles_per_step: int = 64  # vision-tower tiles/frames encoded per step; big items span steps
     enable_chunked_prefill: bool = True
 
 
@@ -41,8 +41,10 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     # Requests that reach their last token this step: the runner samples one token for each.
     sample: list[bool] = field(default_factory=list)
-    # Media items whose vision-encoder outputs the runner computes this step (in one batched forward).
+    # Media items whose tiles/frames the vision encoder runs this step (all in one batched forward) ...
     encoder_inputs: list[MediaItem] = field(default_factory=list)
+    # ... and which of each item's tiles: [lo, hi). An item is usable once its last tile is encoded.
+    encoder_tile_ranges: list[tuple[int, int]] = field(default_factory=list)
     # Encoder-cache entries (cache keys) the runner drops before this step.
     free_encoder_keys: list[str] = field(default_factory=list)
     # Requests preempted while building this step: KV freed, to be recomputed later.
@@ -71,6 +73,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self._evicted_encoder_keys: list[str] = []
+        self._encoder_progress: dict[str, int] = {}  # tiles encoded so far of entries not yet complete
         self.num_preemptions = 0
 
     # -- queue ----------------------------------------------------------------------------------------
@@ -109,7 +112,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         encoder_budget = [self.config.max_encoder_tiles_per_step]
-        scheduled: set[str] = set()
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
@@ -129,7 +131,6 @@ class Scheduler:
             if n == 0 or request.status is not RequestStatus.RUNNING:
                 break
             self._add(out, request, n)
-            scheduled.add(request.request_id)
             budget -= n
             i += 1
 
@@ -139,22 +140,26 @@ class Scheduler:
             computed_blocks, num_cached = self.blocks.get_computed_blocks(request)
             request.num_computed_tokens = num_cached  # for sizing the chunk only
             n = self._chunk_size(request, budget)
-            n = self._fit_encoder(request, n, encoder_budget, out, dry_run=True)
+            n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
             request.num_computed_tokens = 0  # allocate_slots counts the computed blocks itself
-            if n == 0 or not self.blocks.allocate_slots(request, n, computed_blocks):
+            encoding = any(rng for _, rng in plan)
+            if (n == 0 and not encoding) or not self.blocks.allocate_slots(request, n, computed_blocks):
                 break
             request.num_computed_tokens = num_cached
-            self._fit_encoder(request, n, encoder_budget, out)
+            self._apply_encoder_plan(request, plan, encoder_budget, out)
             self.waiting.popleft()
             if request.num_preemptions == 0 and request.num_cached_tokens == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self._add(out, request, n)
-            budget -= n
+            if n:  # a request may join while its image is still being encoded, computing no token yet
+                self._add(out, request, n)
+                budget -= n
 
         # an entry allocated and then evicted within this step (its request was preempted) is not computed
-        out.encoder_inputs = [m for m in out.encoder_inputs if self.encoder_cache.has(m.cache_key)]
+        kept = [i for i, m in enumerate(out.encoder_inputs) if self.encoder_cache.has(m.cache_key)]
+        out.encoder_inputs = [out.encoder_inputs[i] for i in kept]
+        out.encoder_tile_ranges = [out.encoder_tile_ranges[i] for i in kept]
         out.free_encoder_keys = self._evicted_encoder_keys
         self._evicted_encoder_keys = []
         out.finished_request_ids = self._finished_ids
@@ -169,43 +174,75 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
-    def _fit_encoder(self, request: Request, n: int, encoder_budget: list[int], out: SchedulerOutput,
-                     *, dry_run: bool = False) -> int:
-        """Shrinks the chunk so every media item it touches has (or gets) its encoder output.
+    def _fit_encoder(self, request: Request, n: int, encoder_budget: list[int], out: SchedulerOutput) -> int:
+        """Plans and books the encoder work for a running request's chunk; returns the chunk size."""
+        n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
+        self._apply_encoder_plan(request, plan, encoder_budget, out)
+        return n
 
-        An item is encoded whole, in the step its first token is computed; a chunk stops before an
-        item that does not fit this step's encoder budget or the encoder cache.
+    def _encoded_tiles(self, item: MediaItem) -> int:
+        key = item.cache_key
+        if not self.encoder_cache.has(key):
+            return 0
+        return self._encoder_progress.get(key, item.num_tiles)
+
+    def _plan_encoder(self, request: Request, n: int, tile_budget: int, out: SchedulerOutput
+                      ) -> tuple[int, list[tuple[MediaItem, tuple[int, int] | None]]]:
+        """Shrinks the chunk so every media item it touches is fully encoded by the end of this step.
+
+        Items are encoded a few tiles per step within the encoder budget, so a 37-tile image or a
+        32-frame video never stalls running streams for a whole encoder pass; the chunk stops before
+        an item that is not complete yet (or does not fit the encoder cache). Returns the chunk size
+        and the plan: (item, tiles to encode this step or None if it only needs a reference).
         """
         start = request.num_computed_tokens
-        budget = encoder_budget[0]
+        plan: list[tuple[MediaItem, tuple[int, int] | None]] = []
         needed_tokens = 0
-        queued = {m.cache_key for m in out.encoder_inputs}
+        seen: set[str] = set()
         for item in request.media_in_range(start, start + n):
             key = item.cache_key
-            if self.encoder_cache.has(key) or key in queued:
+            if key in seen:
                 continue
-            # a lone item larger than the per-step budget still runs, in a step of its own
-            too_big = item.num_tiles > budget and budget < self.config.max_encoder_tiles_per_step
-            if too_big or not self.encoder_cache.can_allocate(needed_tokens + item.num_tokens):
-                n = max(0, item.offset - start)  # stop the chunk before this item
-                break
-            budget -= item.num_tiles
-            needed_tokens += item.num_tokens
-            queued.add(key)
-        if dry_run:
-            return n
-        encoder_budget[0] = budget
-        for item in request.media_in_range(start, start + n):
+            seen.add(key)
+            done = self._encoded_tiles(item)
+            for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges):
+                if m.cache_key == key:
+                    done = max(done, hi)  # another request books these tiles this step
+            if done >= item.num_tiles:
+                plan.append((item, None))
+                continue
+            if not self.encoder_cache.has(key):
+                if not self.encoder_cache.can_allocate(needed_tokens + item.num_tokens):
+                    return max(0, item.offset - start), plan
+                needed_tokens += item.num_tokens
+            take = min(item.num_tiles - done, tile_budget)
+            plan.append((item, (done, done + take) if take > 0 else None))
+            tile_budget -= take
+            if done + take < item.num_tiles:
+                return max(0, item.offset - start), plan  # tokens wait until the item is complete
+        return n, plan
+
+    def _apply_encoder_plan(self, request: Request, plan, encoder_budget: list[int], out: SchedulerOutput) -> None:
+        for item, tiles in plan:
             key = item.cache_key
-            if key in request.encoder_keys:
-                continue
-            if self.encoder_cache.has(key):
-                self.encoder_cache.acquire(request.request_id, key)
-            else:
-                self._evicted_encoder_keys += self.encoder_cache.allocate(request.request_id, key, item.num_tokens)
+            if key not in request.encoder_keys:
+                if self.encoder_cache.has(key):
+                    self.encoder_cache.acquire(request.request_id, key)
+                else:
+                    evicted = self.encoder_cache.allocate(request.request_id, key, item.num_tokens)
+                    for k in evicted:
+                        self._encoder_progress.pop(k, None)
+                    self._evicted_encoder_keys += evicted
+                    self._encoder_progress[key] = 0
+                request.encoder_keys.add(key)
+            if tiles is not None:
                 out.encoder_inputs.append(item)
-            request.encoder_keys.add(key)
-        return n
+                out.encoder_tile_ranges.append(tiles)
+                encoder_budget[0] -= tiles[1] - tiles[0]
+                if tiles[1] >= item.num_tiles:
+                    self._encoder_progress.pop(key, None)
+                else:
+                    self._encoder_progress[key] = tiles[1]
 
     def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
         out.requests.append(request)
