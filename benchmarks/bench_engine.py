@@ -1,0 +1,244 @@
+"""Engine benchmark against HF generate one request at a time, on the same prompts (not a test).
+
+    .venv/bin/python benchmarks/bench_engine.py                  # bench checkpoint, CPU, fp32
+    .venv/bin/python benchmarks/bench_engine.py --checkpoint DIR --device cuda --dtype bfloat16 --out gpu.json
+
+Prints, in one run:
+  1. output tokens/s with N concurrent image chats (distinct images), plm-serve vs HF;
+  2. time to first token for a repeated image with a new question versus a cold image;
+  3. decode inter-token latency p50/p99 of running streams while a long image prompt prefills.
+Prompts are preprocessed before timing on both sides; both generate exactly --max-tokens tokens
+(ignore_eos / min_new_tokens), greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from plm_core import LLM, SamplingParams  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "media"
+QUESTIONS = ["Describe the image in detail.", "What colours dominate?", "What is in the background?",
+             "Write a caption for this picture.", "What might happen next?", "Count the objects you see."]
+
+
+def distinct_images(n: int) -> list[Image.Image]:
+    """n different RGB images: the shared photos and flipped/rotated variants (or synthetic ones)."""
+    base = []
+    if SHARED.is_dir():
+        for p in sorted(SHARED.iterdir()):
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                base.append(Image.open(p).convert("RGB"))
+    if not base:
+        rng = np.random.default_rng(0)
+        base = [Image.fromarray((rng.random((300 + 40 * i, 400, 3)) * 255).astype(np.uint8)) for i in range(6)]
+    variants = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(90, expand=True)]
+    out = []
+    for v in variants:
+        for im in base:
+            out.append(v(im))
+            if len(out) == n:
+                return out
+    raise ValueError(f"cannot make {n} distinct images")
+
+
+def chat(img: Image.Image, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# -- plm-serve --------------------------------------------------------------------------------------
+def ours_throughput(llm: LLM, convs, max_tokens: int) -> dict:
+    prompts = [llm.process(c) for c in convs]
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)] * len(prompts)
+    t0 = time.perf_counter()
+    outs = llm.generate_prompts(prompts, params)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
+            "prompt_tokens": sum(len(p.prompt_token_ids) for p in prompts), "ids": [o.token_ids for o in outs]}
+
+
+def ours_ttft(llm: LLM, conv) -> float:
+    core = llm.engine
+    prompt = llm.process(conv)
+    rid = f"ttft-{time.perf_counter_ns()}"
+    t0 = time.perf_counter()
+    core.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while core.has_unfinished():
+        if any(d.request_id == rid for d in core.step()):
+            break
+    return time.perf_counter() - t0
+
+
+def ours_itl(llm: LLM, long_conv, n_streams: int, warm_steps: int = 8) -> dict:
+    """Steps the engine with n text streams decoding; adds the long image prompt; per-step ITLs."""
+    core = llm.engine
+    long_prompt = llm.process(long_conv)
+    for i in range(n_streams):
+        p = llm.process([{"role": "user", "content": f"Stream {i}: tell a long story about the number {i}."}])
+        core.add_request(f"s{i}", p, SamplingParams(temperature=0, max_tokens=100_000 // 100, ignore_eos=True))
+    last = {}
+    before, during = [], []
+    step = 0
+    added_at = first_at = None
+    while True:
+        deltas = core.step()
+        now = time.perf_counter()
+        for d in deltas:
+            if d.request_id.startswith("s"):
+                if d.request_id in last and step > 2:
+                    (during if added_at is not None and first_at is None else before).append(now - last[d.request_id])
+                last[d.request_id] = now
+            elif d.request_id == "long" and first_at is None:
+                first_at = now
+        step += 1
+        if step == warm_steps:
+            core.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            added_at = time.perf_counter()
+        if first_at is not None:
+            break
+    for i in range(n_streams):
+        core.abort(f"s{i}")
+    return {"long_prompt_tokens": len(long_prompt.prompt_token_ids), "long_ttft_s": first_at - added_at,
+            "decode_only_p50_ms": 1000 * pct(before, 50), "during_prefill_p50_ms": 1000 * pct(during, 50),
+            "during_prefill_p99_ms": 1000 * pct(during, 99), "during_prefill_max_ms": 1000 * max(during),
+            "samples": len(during), "p99_over_p50": pct(during, 99) / pct(during, 50)}
+
+
+# -- HF reference -----------------------------------------------------------------------------------
+def hf_prepare(path: str, convs):
+    from hf_reference import hf_inputs
+
+    return [hf_inputs(path, c) for c in convs]
+
+
+@torch.inference_mode()
+def hf_generate(model, inputs, n: int) -> list[int]:
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: build the bench preset)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--itl-streams", type=int, default=8)
+    ap.add_argument("--throughput-chunk", type=int, default=8192,
+                    help="max_num_batched_tokens for the throughput and TTFT runs")
+    ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens for the ITL run")
+    ap.add_argument("--encoder-tiles", type=int, default=4, help="max_encoder_tiles_per_step for the ITL run")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    if args.checkpoint is None:
+        from conftest import checkpoint_path
+
+        args.checkpoint = str(checkpoint_path("bench"))
+    path = args.checkpoint
+    torch.manual_seed(0)
+    print(f"checkpoint {path}; device {args.device} {args.dtype}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    images = distinct_images(args.concurrency + 3)  # the last one is only for warming up
+    convs = [chat(images[i], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.concurrency)]
+
+    # 1. throughput
+    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk)
+    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
+    ours = ours_throughput(llm, convs, args.max_tokens)
+    print(f"\n1. {args.concurrency} concurrent image chats, {args.max_tokens} tokens each "
+          f"({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})")
+    print(f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s")
+    results["throughput"] = {k: v for k, v in ours.items() if k != "ids"}
+    hf = None
+    if not args.skip_hf:
+        from transformers import PerceptionLMForConditionalGeneration
+
+        dtype = getattr(torch, args.dtype)
+        hf = PerceptionLMForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        hf = hf.to(args.device).eval()
+        hf_in = hf_prepare(path, convs)
+        hf_generate(hf, hf_prepare(path, [chat(images[-1], "warm up")])[0], 2)
+        t0 = time.perf_counter()
+        hf_ids = [hf_generate(hf, x, args.max_tokens) for x in hf_in]
+        wall = time.perf_counter() - t0
+        tps = sum(map(len, hf_ids)) / wall
+        same = sum(a == b for a, b in zip(hf_ids, ours["ids"]))
+        print(f"   HF generate, one at a time: {sum(map(len, hf_ids))} tokens in {wall:.1f} s = {tps:.2f} tok/s")
+        print(f"   speedup {ours['tokens_per_s'] / tps:.2f}x (target >= 6x); "
+              f"{same}/{len(hf_ids)} requests token-identical to HF")
+        results["throughput"].update(hf_wall_s=wall, hf_tokens_per_s=tps, speedup=ours["tokens_per_s"] / tps,
+                                     identical_to_hf=same)
+
+    # 2. TTFT, cold image vs the same image with a new question
+    cold_img, q = images[args.concurrency], QUESTIONS
+    cold = ours_ttft(llm, chat(cold_img, q[0]))
+    warm = ours_ttft(llm, chat(cold_img, q[1]))
+    print(f"\n2. time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
+          f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)")
+    results["ttft"] = {"cold_s": cold, "repeat_s": warm, "ratio": cold / warm}
+    if hf is not None:
+        x = hf_prepare(path, [chat(cold_img, q[1])])[0]
+        t0 = time.perf_counter()
+        hf_generate(hf, x, 1)
+        hf_ttft = time.perf_counter() - t0
+        print(f"   HF generate TTFT for the repeated image: {hf_ttft * 1000:.0f} ms (no caching)")
+        results["ttft"]["hf_repeat_s"] = hf_ttft
+    del llm
+
+    # 3. ITL of running streams while a long image prompt prefills
+    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk,
+              max_encoder_tiles_per_step=args.encoder_tiles)
+    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
+    itl = ours_itl(llm, chat(images[args.concurrency + 1], q[2]), args.itl_streams)
+    print(f"\n3. {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt prefills "
+          f"(max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)")
+    print(f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
+          f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
+          f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
+          f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s")
+    results["itl"] = itl
+    if hf is not None:
+        x = hf_prepare(path, [chat(images[args.concurrency + 1], q[2])])[0]
+        t0 = time.perf_counter()
+        hf_generate(hf, x, 1)
+        t1 = time.perf_counter()
+        hf_generate(hf, x, 33)
+        t2 = time.perf_counter()
+        per_token = ((t2 - t1) - (t1 - t0)) / 32
+        print(f"   HF one at a time: a stream waits the whole {t1 - t0:.1f} s prefill of the other request; "
+              f"its own decode step is {per_token * 1000:.1f} ms")
+        results["itl"].update(hf_prefill_s=t1 - t0, hf_decode_step_ms=per_token * 1000)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
