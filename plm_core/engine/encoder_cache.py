@@ -35,6 +35,10 @@ class EncoderCacheManager:
         """Whether the entry is resident (referenced or not)."""
         return key in self.entries
 
+    def is_referenced(self, key: str) -> bool:
+        """True if a request holds the resident entry (so it cannot be evicted)."""
+        return bool(self.refs.get(key))
+
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether free space plus the space of unreferenced (evictable) entries fits num_tokens."""
         return self.budget_tokens - self._used_tokens + self._evictable_tokens >= num_tokens

@@ -113,11 +113,13 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         encoder_budget = [self.config.max_encoder_tiles_per_step]
 
-        # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        # 1. Running requests, oldest first; preempt the newest when blocks run out. A prefill chunk
+        #    leaves one token of budget for every decode behind it, so streams never skip a step.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._chunk_size(request, budget)
+            decodes_behind = sum(1 for r in self.running[i + 1:] if r.num_tokens - r.num_computed_tokens == 1)
+            n = self._chunk_size(request, max(1, budget - decodes_behind) if request.is_prefill else budget)
             n = self._fit_encoder(request, n, encoder_budget, out)
             if n == 0:
                 i += 1
@@ -208,13 +210,16 @@ class Scheduler:
             for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges):
                 if m.cache_key == key:
                     done = max(done, hi)  # another request books these tiles this step
+            # a new entry, or an unreferenced one this request is about to pin, takes room that
+            # another item of the same chunk might otherwise have evicted or used
+            cache = self.encoder_cache
+            if key not in request.encoder_keys and (not cache.has(key) or not cache.is_referenced(key)):
+                if not cache.can_allocate(needed_tokens + item.num_tokens):
+                    return max(0, item.offset - start), plan
+                needed_tokens += item.num_tokens
             if done >= item.num_tiles:
                 plan.append((item, None))
                 continue
-            if not self.encoder_cache.has(key):
-                if not self.encoder_cache.can_allocate(needed_tokens + item.num_tokens):
-                    return max(0, item.offset - start), plan
-                needed_tokens += item.num_tokens
             take = min(item.num_tiles - done, tile_budget)
             plan.append((item, (done, done + take) if take > 0 else None))
             tile_budget -= take
@@ -223,7 +228,8 @@ class Scheduler:
         return n, plan
 
     def _apply_encoder_plan(self, request: Request, plan, encoder_budget: list[int], out: SchedulerOutput) -> None:
-        for item, tiles in plan:
+        # pin the resident entries first, so that allocating the new ones cannot evict them
+        for item, tiles in sorted(plan, key=lambda p: not self.encoder_cache.has(p[0].cache_key)):
             key = item.cache_key
             if key not in request.encoder_keys:
                 if self.encoder_cache.has(key):
@@ -273,8 +279,11 @@ class Scheduler:
                 continue
             self.blocks.cache_blocks(request, request.num_computed_tokens)
             if request.encoder_keys:
-                pending = {m.cache_key for m in request.media
-                           if m.offset + m.num_tokens > request.num_computed_tokens}
+                # hold an entry only while the request is inside the item or it is still being
+                # encoded; a later repeat of the same image re-acquires (or re-encodes) it
+                computed = request.num_computed_tokens
+                pending = {m.cache_key for m in request.media if m.offset + m.num_tokens > computed
+                           and (m.offset < computed or m.cache_key in self._encoder_progress)}
                 for key in request.encoder_keys - pending:
                     self.encoder_cache.release(request.request_id, key)
                 request.encoder_keys &= pending

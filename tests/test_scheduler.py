@@ -1,0 +1,751 @@
+"""Scheduler: continuous batching, chunked prefill, preemption, prefix and encoder caching (CPU, no model).
+
+A fake runner loop drives the scheduler the way `EngineCore.step` does: schedule, "run" (track which
+encoder outputs are resident and check every chunk finds the ones it needs), update_after_step, then
+append a sampled token to each request that reached its last token and finish it at max_tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+
+from plm_core.engine.block_manager import BlockManager
+from plm_core.engine.encoder_cache import EncoderCacheManager
+from plm_core.engine.request import Request, RequestStatus
+from plm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from plm_core.inputs import MediaItem
+from plm_core.sampling import SamplingParams
+
+BS = 4  # tokens per KV block
+TOKEN = 7  # what the fake runner samples
+PLACEHOLDER = 5  # media placeholder token id
+
+_prompt_bases = itertools.count(1)
+
+
+def image(content_hash: str, offset: int, num_tokens: int = 8, num_tiles: int = 2) -> MediaItem:
+    return MediaItem("image", content_hash, ("tiles", 448, 36), num_tiles=num_tiles, num_tokens=num_tokens,
+                     offset=offset)
+
+
+def prompt_tokens(n: int, media: list[MediaItem] = ()) -> list[int]:
+    """n distinct text tokens (no accidental prefix hits) with placeholders where the media go."""
+    base = 1000 * next(_prompt_bases)
+    tokens = list(range(base, base + n))
+    for m in media:
+        tokens[m.offset:m.offset + m.num_tokens] = [PLACEHOLDER] * m.num_tokens
+    return tokens
+
+
+def make_request(rid: str, prompt_len: int = 8, max_tokens: int = 4, media: list[MediaItem] = (),
+                 tokens: list[int] | None = None) -> Request:
+    tokens = prompt_tokens(prompt_len, media) if tokens is None else list(tokens)
+    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), media=list(media))
+
+
+def ids(out: SchedulerOutput) -> list[str]:
+    return [r.request_id for r in out.requests]
+
+
+def key(item: MediaItem) -> str:
+    return item.cache_key
+
+
+def encoded(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    """(content hash, first tile, end tile) of each encoder input of a step."""
+    return [(m.content_hash, lo, hi) for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges)]
+
+
+class Harness:
+    """A scheduler plus a fake model runner; checks the output and every invariant at each step."""
+
+    def __init__(self, *, num_blocks: int = 64, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_encoder_tiles_per_step: int = 64, encoder_tokens: int = 1024, prefix_caching: bool = True,
+                 chunked_prefill: bool = True):
+        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_encoder_tiles_per_step=max_encoder_tiles_per_step,
+                                      enable_chunked_prefill=chunked_prefill)
+        self.blocks = BlockManager(num_blocks, BS, enable_prefix_caching=prefix_caching)
+        self.encoder = EncoderCacheManager(encoder_tokens)
+        self.sched = Scheduler(self.config, self.blocks, self.encoder)
+        self.complete: set[str] = set()  # encoder outputs the fake runner holds
+        self.partial: dict[str, int] = {}  # cache key -> tiles encoded so far, for items not complete yet
+        self.arrival: dict[str, int] = {}
+        self.finished: dict[str, Request] = {}
+        self.decodes_every_step = False  # check: a running request one token short is in every batch
+
+    # -- driving ----------------------------------------------------------------------------------
+    def add(self, *requests: Request) -> None:
+        for r in requests:
+            self.arrival[r.request_id] = len(self.arrival)
+            self.sched.add_request(r)
+
+    def abort(self, rid: str) -> Request | None:
+        request = self.sched.abort(rid)
+        if request is not None:
+            self.finished[rid] = request
+        self.check_invariants()
+        return request
+
+    def step(self) -> SchedulerOutput:
+        s = self.sched
+        before = {rid: r.num_computed_tokens for rid, r in s.requests.items()}
+        was_running = {r.request_id for r in s.running}
+        decoding = [r for r in s.running if r.num_tokens - r.num_computed_tokens == 1]
+        out = s.schedule()
+        if self.decodes_every_step:
+            for r in decoding:
+                assert r in out.requests or r in out.preempted, f"decode {r.request_id} got no token this step"
+        self.check_output(out, before, was_running)
+        self.run(out)
+        s.update_after_step(out)
+        for request, sample in zip(out.requests, out.sample):
+            if sample and not request.is_finished:
+                request.output_token_ids.append(TOKEN)
+                if len(request.output_token_ids) >= request.sampling_params.max_tokens:
+                    s.finish(request, RequestStatus.FINISHED_LENGTH)
+                    self.finished[request.request_id] = request
+        self.check_invariants()
+        return out
+
+    def run_until_done(self, max_steps: int = 500) -> None:
+        for _ in range(max_steps):
+            if not self.sched.num_unfinished:
+                break
+            self.step()
+        assert not self.sched.num_unfinished, f"not done after {max_steps} steps"
+        self.step()  # reports the last finished ids
+        self.check_drained()
+
+    def run(self, out: SchedulerOutput) -> None:
+        """The model runner's view: drop freed encoder outputs, encode the booked tiles, check every chunk's media."""
+        for rid in out.finished_request_ids:
+            assert rid not in self.sched.requests
+        assert len(out.encoder_inputs) == len(out.encoder_tile_ranges)
+        for k in out.free_encoder_keys:
+            self.complete.discard(k)
+            self.partial.pop(k, None)
+        tiles = 0
+        for item, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges):
+            k = key(item)
+            assert k not in self.complete, f"{k} encoded again while its output is resident"
+            assert lo == self.partial.get(k, 0) and lo < hi <= item.num_tiles, f"{k}: tiles [{lo}, {hi}) out of turn"
+            tiles += hi - lo
+            if hi == item.num_tiles:
+                self.partial.pop(k, None)
+                self.complete.add(k)
+            else:
+                self.partial[k] = hi
+        assert tiles <= self.config.max_encoder_tiles_per_step
+        for request, start, n in zip(out.requests, out.start_positions, out.num_scheduled_tokens):
+            for item in request.media_in_range(start, start + n):
+                assert key(item) in self.complete, f"{request.request_id} computes {key(item)} before it is encoded"
+        # the scheduler's idea of each entry's progress matches what the runner holds
+        progress = self.sched._encoder_progress
+        assert self.complete | set(self.partial) <= set(self.encoder.entries)
+        for k in self.encoder.entries:
+            if k in progress:
+                assert k not in self.complete and self.partial.get(k, 0) == progress[k]
+            else:
+                assert k in self.complete, f"{k} resident and complete for the scheduler, not for the runner"
+
+    # -- checks -----------------------------------------------------------------------------------
+    def check_output(self, out: SchedulerOutput, before: dict[str, int], was_running: set[str]) -> None:
+        s, cfg = self.sched, self.config
+        assert len(out.requests) == len(out.start_positions) == len(out.num_scheduled_tokens) == len(out.sample)
+        assert len(set(ids(out))) == len(out.requests)
+        assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+        assert len(s.running) <= cfg.max_num_seqs
+        for request, start, n, sample in zip(out.requests, out.start_positions, out.num_scheduled_tokens, out.sample):
+            assert n >= 1 and request.status is RequestStatus.RUNNING and request in s.running
+            if request.request_id in was_running:
+                assert start == before[request.request_id]  # continues where it left off
+            else:  # admitted this step: from scratch or after a prefix hit
+                assert start % BS == 0 and start < request.num_tokens
+                if not self.blocks.enable_prefix_caching:
+                    assert start == 0
+            assert request.num_computed_tokens == start + n <= request.num_tokens
+            assert sample == (start + n == request.num_tokens)
+            if not cfg.enable_chunked_prefill:
+                assert start + n == request.num_tokens
+            assert len(request.block_ids) == self.blocks.num_blocks_for(start + n)
+        if out.preempted:
+            assert set(ids(out)) <= was_running, "admitted new requests in a step that preempted"
+        for request in out.preempted:
+            assert request.status is RequestStatus.PREEMPTED and request in s.waiting
+            assert request.block_ids == [] and request.num_computed_tokens == 0 and not request.encoder_keys
+            assert request not in out.requests
+        for r in s.running:  # a running request not in the batch computes nothing this step
+            if r in out.requests:
+                continue
+            if r.request_id in was_running:
+                assert r.num_computed_tokens == before[r.request_id]
+            else:  # admitted to encode its image first: holds only its prefix hit, if any
+                assert r.num_computed_tokens % BS == 0 and r.encoder_keys
+            assert len(r.block_ids) == self.blocks.num_blocks_for(r.num_computed_tokens)
+
+    def check_invariants(self) -> None:
+        s, bm, ec = self.sched, self.blocks, self.encoder
+        bm.check_invariants()
+        ec.check_invariants()
+        live = list(s.running) + list(s.waiting)
+        assert {r.request_id for r in live} == set(s.requests)
+        order = [self.arrival[r.request_id] for r in live]
+        assert order == sorted(order), "running + waiting not in arrival order (FCFS)"
+        for r in s.running:
+            assert r.status is RequestStatus.RUNNING
+        for r in s.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert r.block_ids == [] and r.num_computed_tokens == 0 and not r.encoder_keys
+        tables = Counter(b for r in live for b in r.block_ids)
+        assert all(bm.ref_counts[b] == c for b, c in tables.items())
+        assert sum(bm.ref_counts) == sum(tables.values())
+        assert bm.num_free_blocks == bm.num_blocks - len(tables)
+        for r in live:
+            assert ec.request_keys.get(r.request_id, set()) == r.encoder_keys
+        assert set(ec.request_keys) <= set(s.requests)
+        for r in self.finished.values():
+            assert r.is_finished and r.block_ids == [] and not r.encoder_keys
+
+    def check_drained(self) -> None:
+        s = self.sched
+        assert not s.running and not s.waiting and not s.requests
+        assert self.blocks.num_free_blocks == self.blocks.num_blocks
+        assert not any(self.encoder.refs.values()) and not self.encoder.request_keys
+        self.blocks.check_invariants()
+        self.encoder.check_invariants()
+
+
+# -- continuous batching ---------------------------------------------------------------------------
+
+
+def test_requests_join_and_leave_between_steps():
+    h = Harness(max_num_batched_tokens=64)
+    a = make_request("a", prompt_len=10, max_tokens=3)
+    h.add(a)
+    out = h.step()
+    assert (ids(out), out.start_positions, out.num_scheduled_tokens, out.sample) == (["a"], [0], [10], [True])
+    b = make_request("b", prompt_len=6, max_tokens=3)
+    h.add(b)
+    out = h.step()  # b joins while a decodes
+    assert (ids(out), out.start_positions, out.num_scheduled_tokens, out.sample) == (
+        ["a", "b"], [10, 0], [1, 6], [True, True])
+    out = h.step()
+    assert (ids(out), out.start_positions, out.num_scheduled_tokens) == (["a", "b"], [11, 6], [1, 1])
+    assert a.status is RequestStatus.FINISHED_LENGTH and a.output_token_ids == [TOKEN] * 3 and a.block_ids == []
+    out = h.step()  # a left; its id reaches the runner once
+    assert ids(out) == ["b"] and out.finished_request_ids == ["a"]
+    assert b.is_finished
+    out = h.step()
+    assert out.is_empty and out.finished_request_ids == ["b"]
+    assert h.step().finished_request_ids == []
+    h.check_drained()
+
+
+def test_chunked_prefill_positions_and_sample():
+    h = Harness(max_num_batched_tokens=16)
+    r = make_request("r", prompt_len=50, max_tokens=2)
+    h.add(r)
+    chunks = []
+    while not r.is_finished:
+        out = h.step()
+        chunks.append((out.start_positions[0], out.num_scheduled_tokens[0], out.sample[0]))
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True), (50, 1, True)]
+    h.run_until_done()
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
+    h = Harness(max_num_batched_tokens=16, chunked_prefill=False)
+    a, b = make_request("a", prompt_len=10, max_tokens=3), make_request("b", prompt_len=16, max_tokens=1)
+    h.add(a, b)
+    out = h.step()
+    assert ids(out) == ["a"]  # b's 16 tokens do not fit next to a's 10
+    out = h.step()
+    assert ids(out) == ["a"]  # nor next to a's decode
+    out = h.step()
+    assert ids(out) == ["a"] and a.is_finished
+    out = h.step()
+    assert (ids(out), out.num_scheduled_tokens) == (["b"], [16])
+    h.run_until_done()
+
+
+def test_decodes_go_first_and_run_every_step_while_a_long_prompt_prefills():
+    h = Harness(max_num_batched_tokens=32)
+    h.decodes_every_step = True
+    a, b = make_request("a", prompt_len=5, max_tokens=30), make_request("b", prompt_len=6, max_tokens=30)
+    h.add(a, b)
+    h.step()
+    c = make_request("c", prompt_len=200, max_tokens=2)
+    d = make_request("d", prompt_len=3, max_tokens=2)
+    h.add(c, d)
+    prefill_steps = 0
+    while not c.output_token_ids:
+        remaining = c.num_tokens - c.num_computed_tokens
+        out = h.step()
+        prefill_steps += 1
+        assert ids(out)[:3] == ["a", "b", "c"]
+        assert out.num_scheduled_tokens[:3] == [1, 1, min(30, remaining)]
+        assert out.sample[:2] == [True, True]
+        if remaining > 30:
+            assert ids(out) == ["a", "b", "c"]  # d waits behind c (FCFS), the budget is spent
+        assert out.total_num_scheduled_tokens <= 32
+    assert prefill_steps == 7  # 6 * 30 + 20
+    assert "d" in ids(out)  # admitted in c's last prefill step, with the budget c left
+    h.run_until_done()
+
+
+def test_max_num_seqs_and_fcfs_admission():
+    h = Harness(max_num_seqs=3)
+    reqs = [make_request(f"r{i}", prompt_len=4 + i, max_tokens=2 + (i * 3) % 5) for i in range(8)]
+    h.add(*reqs)
+    out = h.step()
+    assert ids(out) == ["r0", "r1", "r2"]
+    max_running = 0
+    first_seen: list[str] = list(ids(out))
+    while h.sched.num_unfinished:
+        out = h.step()
+        max_running = max(max_running, len(out.requests))
+        first_seen += [rid for rid in ids(out) if rid not in first_seen]
+    assert max_running == 3
+    assert first_seen == [f"r{i}" for i in range(8)]
+    h.run_until_done()
+
+
+def test_admission_waits_for_kv_blocks_head_of_line():
+    h = Harness(num_blocks=10)  # 40 tokens
+    a = make_request("a", prompt_len=24, max_tokens=4)  # 6 blocks, up to 7 while decoding
+    b = make_request("b", prompt_len=20)  # 5 blocks: does not fit beside a
+    c = make_request("c", prompt_len=4)  # 1 block: would fit, but waits behind b
+    h.add(a, b, c)
+    for _ in range(4):
+        out = h.step()
+        assert ids(out) == ["a"]
+        assert list(h.sched.waiting) == [b, c]
+    assert a.is_finished and h.blocks.num_free_blocks == 10
+    out = h.step()
+    assert ids(out) == ["b", "c"] and out.num_scheduled_tokens == [20, 4]
+    h.run_until_done()
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_growing_decodes_preempt_the_latest_request(prefix_caching):
+    h = Harness(num_blocks=6, prefix_caching=prefix_caching)  # 24 tokens
+    a, b = make_request("a", prompt_len=7, max_tokens=10), make_request("b", prompt_len=7, max_tokens=10)
+    h.add(a, b)
+    for _ in range(6):  # both grow to 3 blocks: the cache is full
+        out = h.step()
+        assert ids(out) == ["a", "b"] and not out.preempted
+    assert h.blocks.num_free_blocks == 0 and a.num_computed_tokens == 12
+    c = make_request("c", prompt_len=3)
+    h.add(c)
+    out = h.step()  # a needs a 4th block: b, the latest, gives its blocks up
+    assert ids(out) == ["a"] and out.preempted == [b]
+    assert b.status is RequestStatus.PREEMPTED and b.block_ids == [] and b.num_computed_tokens == 0
+    assert list(h.sched.waiting) == [b, c]  # at the front, and nothing admitted in a preempting step
+    assert b.num_preemptions == 1 and h.sched.num_preemptions == 1
+    assert b.output_token_ids == [TOKEN] * 6  # outputs are kept and recomputed, not regenerated
+    while not a.is_finished:
+        out = h.step()
+        assert "b" not in ids(out) or a.is_finished
+    out = h.step()  # b resumes from its prompt + 6 outputs, then c joins
+    assert ids(out)[0] == "b"
+    start, n = out.start_positions[0], out.num_scheduled_tokens[0]
+    assert start + n == 7 + 6 and out.sample[0]
+    assert (start > 0) == prefix_caching  # its full blocks were still in the prefix cache
+    assert b.num_cached_tokens == 0  # counts the first admission only
+    assert len(b.output_token_ids) == 7
+    h.run_until_done()
+    assert b.output_token_ids == [TOKEN] * 10 and h.sched.num_preemptions == 1
+
+
+def test_preemption_under_steady_pressure_finishes_everything():
+    h = Harness(num_blocks=8, max_num_batched_tokens=16)
+    reqs = [make_request(f"r{i}", prompt_len=5, max_tokens=12) for i in range(5)]
+    h.add(*reqs)
+    h.run_until_done()
+    assert h.sched.num_preemptions > 0
+    assert all(r.output_token_ids == [TOKEN] * 12 for r in reqs)
+
+
+# -- prefix caching --------------------------------------------------------------------------------
+
+
+def test_same_prompt_hits_the_prefix_cache():
+    h = Harness()
+    prompt = prompt_tokens(20)
+    a = make_request("a", tokens=prompt, max_tokens=3)
+    h.add(a)
+    h.step()  # a's prompt is computed and its 5 full blocks cached
+    b = make_request("b", tokens=prompt, max_tokens=2)
+    h.add(b)
+    out = h.step()
+    assert ids(out) == ["a", "b"]
+    assert (out.start_positions[1], out.num_scheduled_tokens[1]) == (16, 4)  # never the last token
+    assert b.num_cached_tokens == 16 and a.num_cached_tokens == 0
+    assert b.block_ids[:4] == a.block_ids[:4]  # shared while both run
+    h.run_until_done()
+    c = make_request("c", tokens=prompt, max_tokens=1)
+    h.add(c)
+    out = h.step()
+    assert out.start_positions == [16] and c.num_cached_tokens == 16
+    h.run_until_done()
+
+
+def test_same_tokens_with_a_different_image_do_not_hit():
+    x = image("x", offset=8, num_tokens=8)
+    tokens = prompt_tokens(24, [x])
+    h = Harness()
+    a = make_request("a", tokens=tokens, media=[x], max_tokens=1)
+    h.add(a)
+    h.run_until_done()
+    b = make_request("b", tokens=tokens, media=[image("y", offset=8, num_tokens=8)], max_tokens=1)
+    h.add(b)
+    out = h.step()
+    assert out.start_positions == [8] and b.num_cached_tokens == 8  # the text before the image only
+    assert [key(m) for m in out.encoder_inputs] == [key(b.media[0])]
+    h.run_until_done()
+    c = make_request("c", tokens=tokens, media=[image("x", offset=8, num_tokens=8)], max_tokens=1)
+    h.add(c)
+    out = h.step()
+    assert out.start_positions == [20] and c.num_cached_tokens == 20
+    assert out.encoder_inputs == []  # the image lies inside the cached prefix
+    h.run_until_done()
+
+
+# -- encoder scheduling ----------------------------------------------------------------------------
+
+
+def test_each_item_is_encoded_once_in_the_step_its_chunk_first_touches_it():
+    h = Harness(max_num_batched_tokens=10)
+    x, y = image("x", offset=5), image("y", offset=25)  # [5, 13) and [25, 33), 2 tiles each
+    r = make_request("r", prompt_len=40, media=[x, y], max_tokens=1)
+    h.add(r)
+    steps, held = [], []
+    while not r.is_finished:
+        out = h.step()
+        steps.append(encoded(out))
+        held.append(set(r.encoder_keys))
+    assert steps == [[("x", 0, 2)], [], [("y", 0, 2)], []]
+    # a reference lasts until the computed tokens pass the item: x after [10, 20), y after [30, 40)
+    assert held == [{key(x)}, set(), {key(y)}, set()]
+    assert h.encoder.has(key(x)) and h.encoder.has(key(y))  # unreferenced, still resident
+    assert not h.encoder.refs[key(x)] and not h.encoder.refs[key(y)]
+    h.run_until_done()
+
+
+def test_the_same_image_twice_in_one_prompt_is_encoded_once():
+    h = Harness(max_num_batched_tokens=8)
+    first, second = image("x", offset=2), image("x", offset=14)  # [2, 10) and [14, 22)
+    r = make_request("r", prompt_len=24, media=[first, second], max_tokens=1)
+    h.add(r)
+    assert encoded(h.step()) == [("x", 0, 2)]
+    held = []
+    while not r.is_finished:
+        assert h.step().encoder_inputs == []
+        held.append(set(r.encoder_keys))
+    assert held == [{key(first)}, set()]  # after [8, 16): kept for the second copy; then finished
+    h.run_until_done()
+
+
+def test_a_second_request_with_the_same_image_is_an_encoder_hit():
+    h = Harness(max_num_batched_tokens=20)
+    a = make_request("a", prompt_len=30, media=[image("x", offset=5, num_tokens=20)], max_tokens=2)
+    h.add(a)
+    assert encoded(h.step()) == [("x", 0, 2)]  # a computes [0, 20) and holds x
+    b = make_request("b", prompt_len=24, media=[image("x", offset=2, num_tokens=20)], max_tokens=2)
+    h.add(b)
+    out = h.step()  # a finishes its prompt, b starts on x while a still holds it
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [10, 10]
+    assert out.encoder_inputs == []
+    assert h.encoder.hits == 1 and h.encoder.misses == 1
+    assert set(h.encoder.refs[key(a.media[0])]) == {"b"}  # a passed x and let go
+    h.run_until_done()
+    c = make_request("c", prompt_len=24, media=[image("x", offset=2, num_tokens=20)], max_tokens=1)
+    h.add(c)
+    assert h.step().encoder_inputs == []  # unreferenced but resident: still a hit
+    assert h.encoder.hits == 2 and h.encoder.misses == 1
+    h.run_until_done()
+
+
+def test_a_chunk_stops_before_an_item_the_tile_budget_cannot_finish():
+    h = Harness(max_encoder_tiles_per_step=4)
+    x, y = image("x", offset=2, num_tokens=6, num_tiles=3), image("y", offset=10, num_tokens=6, num_tiles=3)
+    r = make_request("r", prompt_len=20, media=[x, y], max_tokens=1)
+    h.add(r)
+    out = h.step()  # x whole, then y's first tile with what is left; tokens stop before y
+    assert out.num_scheduled_tokens == [10] and encoded(out) == [("x", 0, 3), ("y", 0, 1)]
+    out = h.step()
+    assert (out.start_positions, out.num_scheduled_tokens) == ([10], [10])
+    assert encoded(out) == [("y", 1, 3)]
+    h.run_until_done()
+
+
+def test_the_tile_budget_is_shared_across_requests_in_a_step():
+    h = Harness(max_encoder_tiles_per_step=4)
+    a = make_request("a", prompt_len=12, media=[image("p", offset=2, num_tokens=6, num_tiles=3)], max_tokens=1)
+    b = make_request("b", prompt_len=12, media=[image("q", offset=4, num_tokens=6, num_tiles=3)], max_tokens=1)
+    h.add(a, b)
+    out = h.step()
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [12, 4]  # b stops before q
+    assert encoded(out) == [("p", 0, 3), ("q", 0, 1)]
+    out = h.step()
+    assert ids(out) == ["b"] and out.num_scheduled_tokens == [8] and encoded(out) == [("q", 1, 3)]
+    h.run_until_done()
+
+
+def test_an_item_larger_than_the_tile_budget_spans_steps_while_decodes_flow():
+    h = Harness(max_encoder_tiles_per_step=4)
+    h.decodes_every_step = True
+    d = make_request("d", prompt_len=3, max_tokens=10)
+    h.add(d)
+    h.step()
+    big = image("big", offset=2, num_tokens=20, num_tiles=10)
+    b = make_request("b", prompt_len=30, media=[big], max_tokens=1)
+    c = make_request("c", prompt_len=12, media=[image("c", offset=0, num_tokens=6, num_tiles=3)], max_tokens=1)
+    h.add(b, c)
+    out = h.step()
+    assert ids(out) == ["d", "b"] and out.num_scheduled_tokens == [1, 2]  # b stops before big
+    assert encoded(out) == [("big", 0, 4)]
+    assert c.status is RequestStatus.WAITING  # no tiles left for c's image and no token before it
+    out = h.step()
+    assert ids(out) == ["d"] and encoded(out) == [("big", 4, 8)]
+    assert b in h.sched.running and b.num_computed_tokens == 2
+    out = h.step()  # big completes: b computes its prompt; c joins with its image's first tiles only
+    assert ids(out) == ["d", "b"] and out.num_scheduled_tokens == [1, 28] and out.sample == [True, True]
+    assert encoded(out) == [("big", 8, 10), ("c", 0, 2)]
+    assert c in h.sched.running and c.num_computed_tokens == 0  # running, computing no token yet
+    out = h.step()
+    assert ids(out) == ["d", "c"] and encoded(out) == [("c", 2, 3)]
+    h.run_until_done()
+
+
+def test_two_requests_share_the_encoding_of_one_item():
+    h = Harness(max_encoder_tiles_per_step=4)
+    a = make_request("a", prompt_len=20, media=[image("z", offset=2, num_tokens=12, num_tiles=6)], max_tokens=1)
+    b = make_request("b", prompt_len=20, media=[image("z", offset=4, num_tokens=12, num_tiles=6)], max_tokens=1)
+    h.add(a, b)
+    out = h.step()
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [2, 4] and encoded(out) == [("z", 0, 4)]
+    out = h.step()
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [18, 16] and encoded(out) == [("z", 4, 6)]
+    assert h.encoder.misses == 1
+    h.run_until_done()
+
+
+def test_a_half_encoded_item_outlives_its_aborted_request():
+    h = Harness(max_encoder_tiles_per_step=4)
+    a = make_request("a", prompt_len=30, media=[image("z", offset=2, num_tokens=20, num_tiles=10)])
+    h.add(a)
+    assert encoded(h.step()) == [("z", 0, 4)]
+    h.abort("a")
+    assert h.encoder.has(key(a.media[0])) and not h.encoder.refs[key(a.media[0])]
+    b = make_request("b", prompt_len=24, media=[image("z", offset=0, num_tokens=20, num_tiles=10)], max_tokens=1)
+    h.add(b)
+    assert encoded(h.step()) == [("z", 4, 8)]  # picks up where a left off
+    out = h.step()
+    assert encoded(out) == [("z", 8, 10)] and ids(out) == ["b"]
+    h.run_until_done()
+
+
+def test_encoder_evictions_reach_the_runner():
+    h = Harness(encoder_tokens=16)
+    x = image("x", offset=2, num_tokens=8)
+    y = image("y", offset=2, num_tokens=12)
+    h.add(make_request("a", prompt_len=12, media=[x], max_tokens=1))
+    h.run_until_done()
+    assert h.encoder.has(key(x))
+    h.add(make_request("b", prompt_len=16, media=[y], max_tokens=1))
+    out = h.step()
+    assert out.free_encoder_keys == [key(x)] and encoded(out) == [("y", 0, 2)]
+    assert not h.encoder.has(key(x))
+    h.run_until_done()
+    h.add(make_request("c", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
+    out = h.step()  # x again: a miss now, and y makes room
+    assert out.free_encoder_keys == [key(y)] and encoded(out) == [("x", 0, 2)]
+    h.run_until_done()
+
+
+def test_encoder_cache_space_stops_a_chunk_until_a_holder_lets_go():
+    h = Harness(encoder_tokens=16, max_num_batched_tokens=12)
+    a = make_request("a", prompt_len=30, media=[image("x", offset=2, num_tokens=16)], max_tokens=1)
+    b = make_request("b", prompt_len=10, media=[image("y", offset=0, num_tokens=8)], max_tokens=1)
+    h.add(a, b)
+    out = h.step()
+    assert ids(out) == ["a"]  # b's first token is y, which does not fit beside x (pinned by a)
+    out = h.step()
+    assert ids(out) == ["a"]
+    out = h.step()  # a passed x at the end of the last step: b's y now evicts it
+    assert ids(out) == ["a", "b"] and out.free_encoder_keys == [key(a.media[0])]
+    h.run_until_done()
+
+
+
+
+@pytest.mark.parametrize("hit_first", [True, False])
+def test_a_chunk_with_an_unreferenced_hit_and_a_miss(hit_first):
+    h = Harness(encoder_tokens=16)
+    h.add(make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
+    h.run_until_done()  # x resident, unreferenced: 8 used, 8 evictable
+    x, y = image("x", offset=2, num_tokens=8), image("y", offset=12, num_tokens=10)
+    if not hit_first:
+        y, x = image("y", offset=2, num_tokens=10), image("x", offset=14, num_tokens=8)
+    b = make_request("b", prompt_len=26, media=sorted([x, y], key=lambda m: m.offset), max_tokens=1)
+    h.add(b)
+    h.run_until_done()  # x and y cannot both be resident: they must go in different steps
+    assert b.output_token_ids == [TOKEN]
+
+
+def test_a_miss_does_not_evict_a_hit_of_the_same_chunk():
+    h = Harness(encoder_tokens=24)
+    h.add(make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
+    h.add(make_request("a2", prompt_len=12, media=[image("z", offset=2, num_tokens=8)], max_tokens=1))
+    h.run_until_done()  # x (least recently used) and z resident, unreferenced
+    media = [image("y", offset=2, num_tokens=14), image("x", offset=16, num_tokens=8)]
+    b = make_request("b", prompt_len=26, media=media, max_tokens=1)
+    h.add(b)
+    h.run_until_done()
+    assert b.output_token_ids == [TOKEN]
+
+
+def test_a_repeated_image_is_not_pinned_across_the_gap():
+    h = Harness(encoder_tokens=24, max_num_batched_tokens=8)
+    media = [image("x", offset=2, num_tokens=16), image("y", offset=20, num_tokens=12),
+             image("x", offset=34, num_tokens=16)]
+    r = make_request("r", prompt_len=52, media=media, max_tokens=1)
+    h.add(r)
+    h.run_until_done(max_steps=40)
+    assert r.output_token_ids == [TOKEN]
+
+
+
+
+def test_a_decode_is_not_starved_by_a_prefill_admitted_before_it():
+    h = Harness(max_num_batched_tokens=32, max_encoder_tiles_per_step=4)
+    a = make_request("a", prompt_len=100, max_tokens=1, media=[
+        image("x", offset=2, num_tokens=8, num_tiles=4), image("y", offset=12, num_tokens=8, num_tiles=4)])
+    b = make_request("b", prompt_len=4, max_tokens=10)
+    h.add(a, b)
+    out = h.step()
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [12, 4]  # a stops before y; b decodes next
+    h.decodes_every_step = True
+    h.run_until_done()
+
+
+# -- abort -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["waiting", "prefill", "decode", "preempted"])
+def test_abort_frees_everything_at_once(state):
+    h = Harness(num_blocks=10, max_num_batched_tokens=8)
+    a = make_request("a", prompt_len=7, max_tokens=10)
+    b = make_request("b", prompt_len=20, max_tokens=10, media=[image("x", offset=8, num_tokens=8)])
+    h.add(a, b)
+    if state == "prefill":
+        while not b.encoder_keys:
+            h.step()
+        assert 8 < b.num_computed_tokens < 16  # holds x, mid-prompt
+    elif state == "decode":
+        while not b.output_token_ids:
+            h.step()
+        assert b.status is RequestStatus.RUNNING and b.block_ids
+    elif state == "preempted":
+        while not b.num_preemptions:
+            h.step()
+        assert b.status is RequestStatus.PREEMPTED and b.output_token_ids
+    assert b.status.value == {"waiting": "waiting", "preempted": "preempted"}.get(state, "running")
+    assert h.abort("b") is b
+    assert b.status is RequestStatus.FINISHED_ABORTED and b.block_ids == [] and not b.encoder_keys
+    assert "b" not in h.encoder.request_keys and not any(h.encoder.refs.values())
+    assert h.blocks.num_free_blocks == h.blocks.num_blocks - len(a.block_ids)
+    assert h.abort("b") is None and h.abort("nobody") is None
+    out = h.step()
+    assert out.finished_request_ids == ["b"] and "b" not in ids(out)
+    h.run_until_done()
+    assert a.output_token_ids == [TOKEN] * 10
+
+
+def test_abort_everything_mid_workload():
+    h = Harness(num_blocks=12, max_num_batched_tokens=10, max_encoder_tiles_per_step=3)
+    reqs = [make_request(f"r{i}", prompt_len=9, max_tokens=6, media=[image(f"h{i % 2}", offset=1 + i % 3)])
+            for i in range(6)]
+    h.add(*reqs)
+    for _ in range(3):
+        h.step()
+    for r in reqs:
+        h.abort(r.request_id)
+    out = h.step()
+    assert out.is_empty and sorted(out.finished_request_ids) == sorted(r.request_id for r in reqs)
+    h.check_drained()
+
+
+# -- randomized ------------------------------------------------------------------------------------
+
+
+def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = False) -> Harness:
+    """Random arrivals (text, images, repeated prompts), random aborts, small KV and encoder budgets."""
+    rng = random.Random(seed)
+    h = Harness(num_blocks=24, max_num_seqs=5, max_num_batched_tokens=20, max_encoder_tiles_per_step=5,
+                encoder_tokens=24)
+    h.decodes_every_step = decodes_every_step
+    # a small pool of images, some larger than the tile budget, so hits, misses and evictions all happen
+    pool = {f"img{i}": (tiles, 2 * tiles) for i, tiles in enumerate([1, 2, 3, 4, 6, 8])}
+    made, aborted = [], set()
+    for step in range(400):
+        if step < 250 and rng.random() < 0.35:
+            media, end = [], 0
+            for _ in range(rng.randrange(0, max_media + 1)):
+                name = rng.choice(sorted(pool))
+                tiles, ntok = pool[name]
+                media.append(image(name, offset=end + rng.randrange(0, 8), num_tokens=ntok, num_tiles=tiles))
+                end = media[-1].offset + ntok
+            prompt_len = max(end + rng.randrange(0, 10), rng.randrange(1, 30))
+            req = make_request(f"s{seed}r{len(made)}", prompt_len=prompt_len, media=media,
+                               max_tokens=rng.randrange(1, 16))
+            if rng.random() < 0.2 and made:  # same prompt as an earlier one: prefix hits
+                twin = rng.choice(made)
+                media = [image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in twin.media]
+                req = make_request(req.request_id, tokens=twin.prompt_token_ids, media=media,
+                                   max_tokens=rng.randrange(1, 16))
+            # a prompt's media fit the encoder cache (the engine's default budget guarantees it)
+            if sum({m.content_hash: m.num_tokens for m in req.media}.values()) <= h.encoder.budget_tokens:
+                made.append(req)
+                h.add(req)
+        if h.sched.requests and rng.random() < 0.04:
+            rid = rng.choice(sorted(h.sched.requests))
+            assert h.abort(rid) is not None
+            aborted.add(rid)
+        if step >= 250 and not h.sched.num_unfinished:
+            break
+        h.step()
+    h.run_until_done(max_steps=500)
+    assert made and h.sched.num_preemptions > 0
+    for r in made:
+        if r.request_id in aborted:
+            assert r.status is RequestStatus.FINISHED_ABORTED
+        else:
+            assert r.status is RequestStatus.FINISHED_LENGTH
+            assert len(r.output_token_ids) == r.sampling_params.max_tokens
+    assert h.encoder.hits > 0 and h.blocks.prefix_cache_hits > 0 and aborted
+    return h
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload(seed):
+    random_workload(seed, max_media=1)
+
+
+def test_random_workload_keeps_every_decode_flowing():
+    for seed in range(6):
+        random_workload(seed, max_media=1, decodes_every_step=True)
+
+
+def test_random_workload_with_several_images_per_prompt():
+    for seed in range(6):
+        random_workload(seed, max_media=3)
