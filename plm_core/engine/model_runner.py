@@ -42,14 +42,15 @@ class ModelRunner:
     """Runs steps of the model for the scheduler's outputs."""
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, max_encoder_tiles_per_forward: int = 64, batch_decodes: bool = True,
+                 block_size: int, max_encoder_tiles_per_forward: int = 64, batch_decodes: bool | None = None,
                  model: PerceptionLM | None = None):
         self.cfg = cfg
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_tiles_per_forward = max_encoder_tiles_per_forward
-        self.batch_decodes = batch_decodes
+        # decode batching: a padded batch on GPU, a per-sequence loop on CPU (see model/attention.py)
+        self.batch_decodes = device.type == "cuda" if batch_decodes is None else batch_decodes
         self.model = model if model is not None else build_model(cfg, device=device, dtype=dtype)
         t = cfg.text
         shape = (num_blocks * block_size, t.num_kv_heads, t.head_dim)
