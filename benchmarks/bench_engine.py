@@ -56,8 +56,12 @@ def distinct_images(n: int) -> list[Image.Image]:
     raise ValueError(f"cannot make {n} distinct images")
 
 
+DETAIL = "high"
+
+
 def chat(img: Image.Image, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
+    image = {"type": "image", "image": img, "detail": DETAIL}  # "low": the 448-px thumbnail only, 256 tokens
+    return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -128,7 +132,8 @@ def ours_itl(llm: LLM, long_conv, n_streams: int, warm_steps: int = 8) -> dict:
 def hf_prepare(path: str, convs):
     from hf_reference import hf_inputs
 
-    return [hf_inputs(path, c) for c in convs]
+    vit = "vanilla" if DETAIL == "low" else "thumb+tile"  # HF's single-tile mode = our thumbnail-only
+    return [hf_inputs(path, c, vision_input_type=vit) for c in convs]
 
 
 @torch.inference_mode()
@@ -150,6 +155,8 @@ def main() -> int:
                     help="max_num_batched_tokens for the throughput and TTFT runs")
     ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens for the ITL run")
     ap.add_argument("--encoder-tiles", type=int, default=4, help="max_encoder_tiles_per_step for the ITL run")
+    ap.add_argument("--detail", choices=["high", "low"], default="high",
+                    help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -164,6 +171,8 @@ def main() -> int:
           f"{torch.get_num_threads()} threads")
     results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    global DETAIL
+    DETAIL = args.detail
     images = distinct_images(args.concurrency + 3)  # the last one is only for warming up
     convs = [chat(images[i], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.concurrency)]
 
@@ -171,7 +180,7 @@ def main() -> int:
     llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk)
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     ours = ours_throughput(llm, convs, args.max_tokens)
-    print(f"\n1. {args.concurrency} concurrent image chats, {args.max_tokens} tokens each "
+    print(f"\n1. {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens each "
           f"({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})")
     print(f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s")
     results["throughput"] = {k: v for k, v in ours.items() if k != "ids"}
@@ -194,6 +203,8 @@ def main() -> int:
               f"{same}/{len(hf_ids)} requests token-identical to HF")
         results["throughput"].update(hf_wall_s=wall, hf_tokens_per_s=tps, speedup=ours["tokens_per_s"] / tps,
                                      identical_to_hf=same)
+
+    DETAIL = "high"  # TTFT and ITL runs use full-size images
 
     # 2. TTFT, cold image vs the same image with a new question
     cold_img, q = images[args.concurrency], QUESTIONS

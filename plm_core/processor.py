@@ -153,6 +153,7 @@ class PLMProcessor:
             source = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
             if source is None:
                 raise PromptError(f"{where}: an image part needs 'image', 'url' or 'path'")
+            detail, max_tiles = part.get("detail"), part.get("max_num_tiles")
         if detail not in (None, "auto", "low", "high"):
             raise PromptError(f"{where}.image_url.detail must be 'auto', 'low' or 'high'")
         if max_tiles is not None and (not isinstance(max_tiles, int) or max_tiles < 1):

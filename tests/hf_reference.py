@@ -15,12 +15,13 @@ from PIL import Image
 
 
 @lru_cache(maxsize=4)
-def hf_processor(path: str, max_num_tiles: int = 36):
+def hf_processor(path: str, max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"):
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(path)
     # HF ignores a per-call max_num_tiles when choosing the grid: set it on the instance.
     proc.image_processor.max_num_tiles = max_num_tiles
+    proc.image_processor.vision_input_type = vision_input_type  # "vanilla": one squashed tile (our detail=low)
     return proc
 
 
@@ -77,9 +78,10 @@ def to_hf_messages(messages: list[dict]) -> tuple[list[dict], list[Image.Image],
     return out, images, videos
 
 
-def hf_inputs(path: str, messages: list[dict], max_num_tiles: int = 36) -> dict:
+def hf_inputs(path: str, messages: list[dict], max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"
+              ) -> dict:
     """HF's input_ids and pixel tensors for a conversation (several tile counts allowed)."""
-    proc = hf_processor(path, max_num_tiles)
+    proc = hf_processor(path, max_num_tiles, vision_input_type)
     hf_msgs, images, videos = to_hf_messages(messages)
     text = proc.apply_chat_template(hf_msgs, tokenize=False, add_generation_prompt=True)
     kwargs = {}
@@ -98,9 +100,10 @@ def hf_inputs(path: str, messages: list[dict], max_num_tiles: int = 36) -> dict:
 
 
 @torch.inference_mode()
-def hf_generate(path: str, messages: list[dict], max_new_tokens: int, max_num_tiles: int = 36) -> tuple[list[int], list[int]]:
+def hf_generate(path: str, messages: list[dict], max_new_tokens: int, max_num_tiles: int = 36,
+                vision_input_type: str = "thumb+tile") -> tuple[list[int], list[int]]:
     """(prompt ids, greedy generated ids) from HF generate in fp32."""
-    inputs = hf_inputs(path, messages, max_num_tiles)
+    inputs = hf_inputs(path, messages, max_num_tiles, vision_input_type)
     model = hf_model(path)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     prompt = inputs["input_ids"][0].tolist()

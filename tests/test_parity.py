@@ -64,6 +64,20 @@ def test_one_image(setup, name, media_dir):
     _check(setup, msgs)
 
 
+def test_image_detail_low_is_hf_single_tile(setup, media_dir):
+    """detail=low sends only the thumbnail: HF's "vanilla" single-tile mode, 256 tokens (4 on tiny)."""
+    from plm_core import SamplingParams
+
+    _, path, llm = setup
+    img = str(media_path(image_names()[0], media_dir))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img, "detail": "low"},
+                                         {"type": "text", "text": "Describe the image."}]}]
+    hf_prompt, hf_out = hf_generate(path, msgs, NEW_TOKENS, vision_input_type="vanilla")
+    ours = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))[0]
+    assert ours.prompt_token_ids == hf_prompt and ours.token_ids == hf_out
+    assert ours.prompt_token_ids.count(128002) == llm.model_config.processor.tokens_per_tile
+
+
 def test_two_images_different_tile_counts(setup, media_dir):
     from PIL import Image
 
