@@ -247,3 +247,19 @@ def test_async_engine_failure_reaches_streams(path, monkeypatch):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_logprobs_through_the_engine(path):
+    import math
+
+    from plm_core import LLM, SamplingParams
+
+    llm = LLM(path, device="cpu", dtype="float32")
+    out = llm.chat([{"role": "user", "content": "Hello there."}],
+                   SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 5
+    for tok, lp in zip(out.token_ids, lps):
+        assert lp.token_id == tok and lp.rank == 1  # greedy picks the most likely token
+        assert len(lp.top) == 3 and lp.top[0][0] == tok and math.isclose(lp.top[0][1], lp.logprob)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1] and lp.logprob <= 0
