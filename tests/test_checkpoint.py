@@ -124,3 +124,24 @@ def test_nested_processor_config_layout(tiny_checkpoint, tmp_path):
     (new / "preprocessor_config.json").unlink()
     (new / "video_preprocessor_config.json").unlink()
     assert load_model_config(new).processor == load_model_config(tiny_checkpoint).processor
+
+
+def test_weight_errors_are_named(tiny_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from plm_core.config import load_model_config
+    from plm_core.model.perception_lm import build_model
+
+    broken = tmp_path / "weights"
+    shutil.copytree(tiny_checkpoint, broken)
+    (st,) = broken.glob("*.safetensors")
+    tensors = load_file(st)
+    dropped = tensors.pop("model.language_model.norm.weight")
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"lacks 1 weights.*language_model\.norm\.weight"):
+        build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)
+    tensors["model.language_model.norm.weight"] = torch.cat([dropped, dropped])
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"norm\.weight has shape \(128,\), the config implies \(64,\)"):
+        build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)

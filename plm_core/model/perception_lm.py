@@ -115,8 +115,11 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: PerceptionLM, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
-    """Copies every checkpoint tensor into `model`; raises ConfigError on missing or unexpected weights."""
+def load_weights(model: PerceptionLM, path: Path) -> None:
+    """Copies every checkpoint tensor into `model` (onto each parameter's device and dtype).
+
+    Raises ConfigError on missing, unexpected or wrongly shaped weights.
+    """
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
@@ -177,5 +180,5 @@ def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -
     for name in ("multi_modal_projector", "language_model", "lm_head"):
         getattr(model, name).to_empty(device=device)
     model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
-    load_weights(model, cfg.path, device=device, dtype=dtype)
+    load_weights(model, cfg.path)
     return model.eval()
