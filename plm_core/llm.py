@@ -145,7 +145,7 @@ class LLM:
                 out.outputs.append(CompletionOutput(i, "", [], "", logprobs=[] if p.logprobs is not None else None))
                 child = f"{rid}#{i}"
                 by_id[child] = (out, i)
-                self.engine.add_request(child, prompt, choice_params(p, i))
+                self.engine.add_request(child, prompt, choice_params(p, i), prefix_parent=f"{rid}#0" if i else None)
         first_token: dict[str, float] = {}
         while self.engine.has_unfinished():
             for delta in self.engine.step():

@@ -167,10 +167,12 @@ def test_n_choices_share_prompt_blocks(path):
                    SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6))[0]
     assert len(out.outputs) == 3 and [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # choices 2 and 3 reused every full block of the prompt computed by choice 1
+    full_blocks = (len(out.prompt_token_ids) - 1) // 16 * 16
+    assert llm.engine.stats.prefix_cache["hits"] == 2 * full_blocks > 0
     again = llm.chat([{"role": "user", "content": "Name three colours."}],
                      SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6))[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
-    assert llm.engine.stats.prefix_cache["hits"] > 0
 
 
 def test_stop_conditions(path):

@@ -109,15 +109,18 @@ class EngineCore:
                  num_blocks * engine.block_size * kv_bytes_per_token(model_config, dtype) / 2**30, encoder_tokens)
 
     # -- requests -------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams) -> None:
-        """Queues one sequence (the caller fans `n > 1` out into several ids)."""
+    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, *,
+                    prefix_parent: str | None = None) -> None:
+        """Queues one sequence. The caller fans `n > 1` out into several ids; choices after the first
+        name the first as `prefix_parent` and are admitted once its prompt KV is cached, sharing it."""
         n_prompt = len(prompt.prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {n_prompt} tokens but the context allows {self.max_model_len}")
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         eos = self.model_config.eos_token_ids
-        request = Request(request_id, list(prompt.prompt_token_ids), params, media=prompt.media, eos_token_ids=eos)
+        request = Request(request_id, list(prompt.prompt_token_ids), params, media=prompt.media, eos_token_ids=eos,
+                          prefix_parent=prefix_parent)
         self._detok[request_id] = IncrementalDetokenizer(
             self.tokenizer._tok, skip_special_tokens=params.skip_special_tokens, stop=params.stop or [],
             include_stop_str_in_output=params.include_stop_str_in_output, prompt_token_ids=request.prompt_token_ids)

@@ -46,6 +46,7 @@ class Request:
     block_hashes: list = field(default_factory=list)  # hashes of full prompt blocks, computed once
     num_preemptions: int = 0
     encoder_keys: set = field(default_factory=set)  # encoder-cache entries this request holds a reference to
+    prefix_parent: str | None = None  # a sibling choice (n > 1) whose prompt KV this request reuses
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     @property

@@ -139,6 +139,8 @@ class Scheduler:
         # 2. Waiting requests in arrival order, while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             request = self.waiting[0]
+            if self._waits_for_sibling(request):
+                break
             computed_blocks, num_cached = self.blocks.get_computed_blocks(request)
             request.num_computed_tokens = num_cached  # for sizing the chunk only
             n = self._chunk_size(request, budget)
@@ -169,6 +171,12 @@ class Scheduler:
         for request, n in zip(out.requests, out.num_scheduled_tokens):
             request.num_computed_tokens += n
         return out
+
+    def _waits_for_sibling(self, request: Request) -> bool:
+        """Choices 2..n of a request wait until choice 1 has computed the shared prompt, then hit its blocks."""
+        parent = self.requests.get(request.prefix_parent) if request.prefix_parent else None
+        return (parent is not None and self.blocks.enable_prefix_caching and not parent.is_finished
+                and parent.status is RequestStatus.RUNNING and parent.num_computed_tokens < parent.num_prompt_tokens)
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
