@@ -265,3 +265,18 @@ def test_logprobs_through_the_engine(path):
         assert lp.token_id == tok and lp.rank == 1  # greedy picks the most likely token
         assert len(lp.top) == 3 and lp.top[0][0] == tok and math.isclose(lp.top[0][1], lp.logprob)
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1] and lp.logprob <= 0
+
+
+def test_seeded_sampling_same_alone_and_batched(path, solo, media_dir):
+    from plm_core import SamplingParams
+
+    img = str(media_path(image_names()[1], media_dir))
+    conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Guess."}]}]
+    p = SamplingParams(temperature=0.8, top_p=0.95, top_k=100, min_p=0.01, presence_penalty=0.5,
+                       repetition_penalty=1.1, seed=42, max_tokens=12, ignore_eos=True)
+    alone = solo.chat(conv, p)[0].token_ids
+    others = [[{"role": "user", "content": f"Other request {i}."}] for i in range(3)]
+    batch = solo.chat(others[:2] + [conv] + others[2:],
+                      [SamplingParams(temperature=1.0, seed=i, max_tokens=20) for i in range(2)] + [p]
+                      + [SamplingParams(temperature=0, max_tokens=5)])
+    assert batch[2].token_ids == alone
