@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs plm-serve. Today that is the offline engine: one chat with an image,
-# printed to the terminal. Default model: facebook/Perception-LM-1B (needs hub access and a GPU
-# for good speed); `--demo` uses a random-weight demo checkpoint built offline under .cache/.
+# Sets up .venv and starts the OpenAI-compatible server (plm-serve) on 127.0.0.1:8000.
+# Default model: facebook/Perception-LM-1B (gated on the hub; a GPU is advised); `--demo` serves a
+# random-weight demo checkpoint built offline under .cache/. `--help` lists every option.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m plm_core "$@"
+exec .venv/bin/python -m server "$@"

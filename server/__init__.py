@@ -1,1 +1,1 @@
-"""server: the OpenAI-compatible HTTP layer over plm_core (built in a later issue)."""
+"""server: the OpenAI-compatible HTTP layer over plm_core (FastAPI app, wire protocol, CLI)."""

@@ -1,14 +1,86 @@
-"""`plm-serve` command. The HTTP server is not built yet; today the command runs the offline chat."""
+"""`plm-serve` / `python -m server`: load a PerceptionLM checkpoint and serve the OpenAI chat API over HTTP."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+
+from plm_core.config import EngineConfig
+
+log = logging.getLogger("plm_serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineConfig()
+    p = argparse.ArgumentParser(prog="plm-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="OpenAI-compatible HTTP server for PerceptionLM (image and video chat).")
+    p.add_argument("--model", default=d.model, help="hub id or local checkpoint directory")
+    p.add_argument("--demo", nargs="?", const="tiny", default=None, metavar="PRESET",
+                   help="serve an offline random-weight demo checkpoint (tiny or bench) instead of --model")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send; None means the --model value")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens per engine step (prefill chunks + decodes)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="KV cache size (default: 2 GiB on CPU, 85%% of free GPU memory)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--max-num-tiles", type=int, default=None, help="default tile budget per image (model default 36)")
+    p.add_argument("--default-num-frames", type=int, default=d.default_num_frames, help="frames sampled per video")
+    p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="directory whose files clients may send as file:// URLs (default: none allowed)")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from plm_core.__main__ import main as offline_main
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
 
-    return offline_main(argv)
+    from plm_core.config import ConfigError
+    from plm_core.engine.async_engine import AsyncEngine
+    from pathlib import Path
+
+    from plm_core.llm import LLM
+    from plm_core.processor import MediaLimits
+    from server.app import ServerState, build_app
+
+    model = args.model
+    if args.demo:
+        from plm_core.__main__ import demo_checkpoint
+
+        model = str(demo_checkpoint(args.demo))
+    try:
+        local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
+        limits = MediaLimits(max_video_frames=args.max_num_frames, allowed_local_root=local,
+                             allow_local_files=local is not None)
+        llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                  enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
+                  default_num_frames=args.default_num_frames, max_num_frames=args.max_num_frames)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = args.served_model_name or (args.model if not args.demo else f"plm-demo-{args.demo}")
+    engine = AsyncEngine(llm.engine)
+    log.info("serving %s as '%s' on %s (%s); KV cache %d tokens; max_model_len %d; http://%s:%d",
+             model, name, llm.device, llm.dtype, llm.engine.kv_capacity_tokens, llm.max_model_len,
+             args.host, args.port)
+    app = build_app(ServerState(llm=llm, engine=engine, served_model_name=name))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        engine.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -144,8 +144,8 @@ def test_bad_base64_is_not_echoed(processor):
     assert secret not in str(e.value)
 
 
-def test_http_urls_are_left_to_the_server(processor):
-    with pytest.raises(MediaError, match="fetched by the HTTP server"):
+def test_http_urls_are_refused_clearly(processor):
+    with pytest.raises(MediaError, match="http\\(s\\) media URLs are not supported here"):
         processor.process(_user({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}))
 
 

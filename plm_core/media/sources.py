@@ -1,7 +1,7 @@
 """Reads the bytes behind a media URL: `data:` URLs, local paths and `file://` URLs.
 
-http(s) URLs are not fetched here: the HTTP server fetches them (with its SSRF guard and byte
-caps) and hands the bytes over; the offline API refuses them with a clear message.
+http(s) URLs are not fetched here (fetching with an SSRF guard and byte caps belongs to the HTTP
+server and is not built yet); they are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def read_media_url(url: str, *, allowed_root: Path | None = None, allow_local: b
         return parse_data_url(url, max_bytes=max_bytes)[1]
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        raise MediaError("http(s) media URLs are fetched by the HTTP server; the offline API takes data: "
-                         "URLs, local paths, file:// URLs, PIL images and arrays")
+        raise MediaError("http(s) media URLs are not supported here; send the media as a data: URL (the offline "
+                         "API also takes local paths, file:// URLs, PIL images and arrays)")
     path = local_path_of(url)
     if path is None:
         raise MediaError(f"unsupported media URL scheme {scheme!r}")

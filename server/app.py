@@ -1,0 +1,218 @@
+"""The FastAPI app: /v1/chat/completions (JSON or SSE), /v1/models, /health, with OpenAI's error envelope.
+
+Request bodies are parsed and validated here, media are decoded in a worker thread (never on the
+event loop), and each choice is one engine request streamed back from the `AsyncEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
+from plm_core.llm import LLM, choice_params
+from plm_core.media.errors import MediaError
+from plm_core.processor import PromptError
+from server.protocol import (APIError, ChatCompletionRequest, completion_id, logprobs_content, now,
+                             to_engine_inputs)
+
+log = logging.getLogger("plm_serve")
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the loaded model's processor and tokenizer, and the running engine."""
+
+    llm: LLM
+    engine: AsyncEngine
+    served_model_name: str
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="plm-serve", docs_url=None, redoc_url=None)
+    app.state.plm = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        return _error_response(APIError(400, str(e.errors()[0].get("msg", "invalid request"))))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        log.exception("unhandled error")
+        return _error_response(APIError(500, "internal server error", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.served_model_name, "object": "model", "created": now(),
+                                            "owned_by": "plm-serve",
+                                            "max_model_len": state.llm.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _parse(request)
+        if req.model != state.served_model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                                f"'{state.served_model_name}'", type="not_found_error", param="model",
+                           code="model_not_found")
+        llm = state.llm
+        prompt_len_cap = llm.max_model_len - 1
+        params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len)
+        try:
+            prompt = await asyncio.to_thread(llm.processor.process, req.messages, media,
+                                             max_prompt_len=prompt_len_cap)
+        except (PromptError, MediaError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        n_prompt = len(prompt.prompt_token_ids)
+        explicit = req.max_completion_tokens or req.max_tokens
+        if explicit is None:
+            params.max_tokens = llm.max_model_len - n_prompt
+        elif n_prompt + explicit > llm.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
+                                f"has {n_prompt} tokens and max_tokens asks for {explicit} more",
+                           param="max_tokens")
+        rid = completion_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(state, rid, prompt, params, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await _complete(state, rid, prompt, params))
+
+    return app
+
+
+async def _parse(request: Request) -> ChatCompletionRequest:
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err.get("loc", ())) or None
+        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param) from None
+
+
+def _choices(state: ServerState, rid: str, prompt, params):
+    return [(i, state.engine.generate(f"{rid}-{i}", prompt, choice_params(params, i))) for i in range(params.n)]
+
+
+def _token_text(state: ServerState):
+    tok = state.llm.tokenizer
+    return lambda t: tok.decode([t], skip_special_tokens=False)
+
+
+async def _complete(state: ServerState, rid: str, prompt, params) -> dict:
+    async def run(i, gen):
+        text, ids, lps, finish = "", [], [], None
+        async for d in gen:
+            text += d.new_text
+            ids.extend(d.new_token_ids)
+            lps.extend(d.new_logprobs)
+            finish = d.finish_reason if d.finished else finish
+        return i, text, ids, lps, finish
+
+    try:
+        results = await asyncio.gather(*(run(i, g) for i, g in _choices(state, rid, prompt, params)))
+    except EngineDeadError as e:
+        raise APIError(500, f"the engine failed: {e}", type="server_error") from None
+    token_text = _token_text(state)
+    choices = []
+    for i, text, ids, lps, finish in results:
+        choice = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                  "finish_reason": finish if finish in ("stop", "length") else "stop", "logprobs": None}
+        if params.logprobs is not None:
+            choice["logprobs"] = {"content": logprobs_content(lps, token_text), "refusal": None}
+        choices.append(choice)
+    completion = sum(len(r[2]) for r in results)
+    n_prompt = len(prompt.prompt_token_ids)
+    return {"id": rid, "object": "chat.completion", "created": now(), "model": state.served_model_name,
+            "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                                          "total_tokens": n_prompt + completion}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _stream(state: ServerState, rid: str, prompt, params, include_usage: bool):
+    created, model = now(), state.served_model_name
+    queue: asyncio.Queue = asyncio.Queue()
+    token_text = _token_text(state)
+
+    async def pump(i, gen):
+        try:
+            async for d in gen:
+                await queue.put((i, d))
+        except Exception as e:  # noqa: BLE001 — reported to the client as an error event
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    def chunk(choices, usage=None):
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return _sse(body)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in _choices(state, rid, prompt, params)]
+    completion = 0
+    try:
+        for i in range(params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        open_choices = params.n
+        while open_choices:
+            i, d = await queue.get()
+            if d is None:
+                open_choices -= 1
+                continue
+            if isinstance(d, Exception):
+                err = APIError(500, f"the engine failed: {d}", type="server_error")
+                yield _sse(err.body())
+                break
+            completion += len(d.new_token_ids)
+            choice = {"index": i, "delta": {"content": d.new_text} if d.new_text else {},
+                      "logprobs": None, "finish_reason": None}
+            if params.logprobs is not None:
+                choice["logprobs"] = {"content": logprobs_content(d.new_logprobs, token_text), "refusal": None}
+            if d.finished:
+                choice["finish_reason"] = d.finish_reason if d.finish_reason in ("stop", "length") else "stop"
+            if choice["delta"] or choice["finish_reason"] or params.logprobs is not None:
+                yield chunk([choice])
+        if include_usage:
+            n_prompt = len(prompt.prompt_token_ids)
+            yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                             "total_tokens": n_prompt + completion})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:  # a client that went away aborts its requests
+            t.cancel()

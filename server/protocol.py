@@ -1,0 +1,132 @@
+"""OpenAI chat-completions wire format: the pydantic request model, its conversion to engine types, responses.
+
+This is the only place pydantic meets the engine: `to_engine_inputs` turns a validated request into
+plain `SamplingParams` and `MediaOptions`; everything inside plm_core stays dataclasses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from plm_core.processor import MediaOptions
+from plm_core.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error the client should see, in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields plm-serve reads; unknown fields are tolerated (as OpenAI-compatible servers do)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    user: str | None = None
+    # plm-serve extensions: tile budget per image, frames per video
+    max_num_tiles: int | None = Field(None, ge=1)
+    num_frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0)
+
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction")
+
+
+def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int) -> tuple[SamplingParams, MediaOptions]:
+    """Validated request -> engine types; raises APIError(400) for what the engine cannot honour."""
+    extra = req.model_extra or {}
+    for name in UNSUPPORTED:
+        if extra.get(name) not in (None, [], {}):
+            raise APIError(400, f"'{name}' is not supported by this server (PerceptionLM has no tool calling)",
+                           param=name)
+    fmt = extra.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    try:
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+    try:
+        params = SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            stop=req.stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            logit_bias=bias or None,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            ignore_eos=req.ignore_eos,
+            n=req.n,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params, MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def logprobs_content(entries, token_text) -> list[dict]:
+    """OpenAI's `logprobs.content` from engine Logprobs entries; token_text maps an id to its text."""
+    out = []
+    for lp in entries:
+        if lp is None:
+            continue
+        text = token_text(lp.token_id)
+        out.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
+                                     for t, v in lp.top]})
+    return out
