@@ -7,6 +7,7 @@ event loop), and each choice is one engine request streamed back from the `Async
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ class ServerState:
     llm: LLM
     engine: AsyncEngine
     served_model_name: str
+    api_key: str | None = None  # Bearer token required on every route but /health, /ready, /metrics
+    max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
+    pending: int = 0
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.dead is None and not self.draining
+
+
+OPEN_PATHS = ("/health", "/ready", "/metrics")
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -62,9 +74,26 @@ def build_app(state: ServerState) -> FastAPI:
         log.exception("unhandled error")
         return _error_response(APIError(500, "internal server error", type="server_error"))
 
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key is not None and request.url.path not in OPEN_PATHS:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                return _error_response(APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                                code="invalid_api_key"))
+        return await call_next(request)
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state.ready:
+            reason = "draining" if state.draining else "engine failed"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return {"status": "ready"}
 
     @app.get("/v1/models")
     async def models():
@@ -74,36 +103,65 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await _parse(request)
-        if req.model != state.served_model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
-                                f"'{state.served_model_name}'", type="not_found_error", param="model",
-                           code="model_not_found")
-        llm = state.llm
-        prompt_len_cap = llm.max_model_len - 1
-        params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len)
+        if not state.ready:
+            raise APIError(503, "the server is not ready (draining or the engine failed)", type="server_error",
+                           headers={"Retry-After": "5"})
+        if state.pending >= state.max_pending:  # admission before any parsing or media work
+            raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
+                           type="rate_limit_error", headers={"Retry-After": "1"})
+        state.pending += 1
         try:
-            prompt = await asyncio.to_thread(llm.processor.process, req.messages, media,
-                                             max_prompt_len=prompt_len_cap)
-        except (PromptError, MediaError) as e:
-            raise APIError(400, str(e), param="messages") from None
-        n_prompt = len(prompt.prompt_token_ids)
-        explicit = req.max_completion_tokens or req.max_tokens
-        if explicit is None:
-            params.max_tokens = llm.max_model_len - n_prompt
-        elif n_prompt + explicit > llm.max_model_len:
-            raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
-                                f"has {n_prompt} tokens and max_tokens asks for {explicit} more",
-                           param="max_tokens")
-        rid = completion_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(state, rid, prompt, params, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await _complete(state, rid, prompt, params))
+            response = await _chat(state, request)
+        except BaseException:
+            state.pending -= 1
+            raise
+        if isinstance(response, StreamingResponse):  # the slot is released when the stream ends
+            response.body_iterator = _release_after(response.body_iterator, state)
+        else:
+            state.pending -= 1
+        return response
 
     return app
+
+
+async def _release_after(stream, state: ServerState):
+    try:
+        async for part in stream:
+            yield part
+    finally:
+        state.pending -= 1
+
+
+async def _chat(state: ServerState, request: Request):
+    """Parses, validates, preprocesses and runs one chat completion (JSON or SSE)."""
+    req = await _parse(request)
+    if req.model != state.served_model_name:
+        raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                            f"'{state.served_model_name}'", type="not_found_error", param="model",
+                       code="model_not_found")
+    llm = state.llm
+    prompt_len_cap = llm.max_model_len - 1
+    params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len)
+    try:
+        prompt = await asyncio.to_thread(llm.processor.process, req.messages, media,
+                                         max_prompt_len=prompt_len_cap)
+    except (PromptError, MediaError) as e:
+        raise APIError(400, str(e), param="messages") from None
+    n_prompt = len(prompt.prompt_token_ids)
+    explicit = req.max_completion_tokens or req.max_tokens
+    if explicit is None:
+        params.max_tokens = llm.max_model_len - n_prompt
+    elif n_prompt + explicit > llm.max_model_len:
+        raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
+                            f"has {n_prompt} tokens and max_tokens asks for {explicit} more",
+                       param="max_tokens")
+    rid = completion_id()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(state, rid, prompt, params, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await _complete(state, rid, prompt, params))
 
 
 async def _parse(request: Request) -> ChatCompletionRequest:

@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="directory whose files clients may send as file:// URLs (default: none allowed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route except /health, /ready and /metrics")
+    p.add_argument("--max-pending-requests", type=int, default=256,
+                   help="chat requests admitted at once; more get 429 with Retry-After")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return p
 
@@ -71,16 +78,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or (args.model if not args.demo else f"plm-demo-{args.demo}")
+    if args.debug_fail_after_steps is not None:  # fault injection for the engine-failure tests
+        _fail_after(llm.engine, args.debug_fail_after_steps)
     engine = AsyncEngine(llm.engine)
     log.info("serving %s as '%s' on %s (%s); KV cache %d tokens; max_model_len %d; http://%s:%d",
              model, name, llm.device, llm.dtype, llm.engine.kv_capacity_tokens, llm.max_model_len,
              args.host, args.port)
-    app = build_app(ServerState(llm=llm, engine=engine, served_model_name=name))
+    state = ServerState(llm=llm, engine=engine, served_model_name=name, api_key=args.api_key,
+                        max_pending=args.max_pending_requests)
+    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, timeout_graceful_shutdown=args.drain_timeout)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: readiness goes 503, in-flight requests finish
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
+    engine.on_dead = lambda: setattr(server, "should_exit", True)  # an orchestrator restarts us
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        server.run()
     finally:
         engine.shutdown()
+    if engine.dead is not None:
+        log.error("exiting because the engine failed: %r", engine.dead)
+        return 1
     return 0
+
+
+def _fail_after(core, steps: int) -> None:
+    step = core.step
+    count = [0]
+
+    def failing_step():
+        count[0] += 1
+        if count[0] > steps:
+            raise RuntimeError("injected engine failure (--debug-fail-after-steps)")
+        return step()
+
+    core.step = failing_step
 
 
 if __name__ == "__main__":

@@ -9,54 +9,24 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from PIL import Image
 
 from conftest import REPO, checkpoint_path
+from server_proc import start_server, stop_server
 
 OPENAPI = REPO.parent / "shared" / "openai-openapi.json"
 MODEL = "plm-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     media = tmp_path_factory.mktemp("allowed")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "server", "--model", str(checkpoint_path("tiny")), "--port", str(port),
-           "--device", "cpu", "--served-model-name", MODEL, "--allowed-local-media-path", str(media),
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start")
+    proc, base = start_server("--allowed-local-media-path", str(media), model_name=MODEL)
     yield base, media
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

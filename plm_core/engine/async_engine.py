@@ -51,6 +51,7 @@ class AsyncEngine:
 
     def __init__(self, core: EngineCore, *, idle_wait_s: float = 0.05):
         self.core = core
+        self.on_dead = None  # optional callable, run in the engine thread after a failure
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -147,3 +148,5 @@ class AsyncEngine:
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, error)
+            if self.on_dead is not None:
+                self.on_dead()

@@ -1,0 +1,73 @@
+"""Server lifecycle over real processes: API-key auth, admission limit (429), readiness, engine failure exit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_proc import start_server, stop_server
+
+BODY = {"model": "plm-test", "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    proc, base = start_server("--api-key", "s3cret")
+    yield base
+    stop_server(proc)
+
+
+@pytest.mark.parametrize("method, path", [("get", "/v1/models"), ("post", "/v1/chat/completions")])
+def test_api_key_required(keyed, method, path):
+    kw = {"json": BODY} if method == "post" else {}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = getattr(httpx, method)(f"{keyed}{path}", headers=headers, **kw)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = getattr(httpx, method)(f"{keyed}{path}", headers={"Authorization": "Bearer s3cret"}, timeout=60, **kw)
+    assert r.status_code == 200
+
+
+def test_open_routes_need_no_key(keyed):
+    assert httpx.get(f"{keyed}/health").status_code == 200
+    assert httpx.get(f"{keyed}/ready").json() == {"status": "ready"}
+
+
+def test_full_admission_gets_429_quickly():
+    proc, base = start_server("--max-pending-requests", "1")
+    try:
+        long = dict(BODY, max_tokens=400, ignore_eos=True, stream=True)
+        started = threading.Event()
+
+        def hold():
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=long, timeout=120) as r:
+                for _ in r.iter_lines():
+                    started.set()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert started.wait(60)
+        t0 = time.perf_counter()
+        r = httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert time.perf_counter() - t0 < 2
+        t.join(120)
+        assert httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=60).status_code == 200
+    finally:
+        stop_server(proc)
+
+
+def test_engine_failure_fails_requests_and_exits_nonzero():
+    proc, base = start_server("--debug-fail-after-steps", "2")
+    try:
+        ok = httpx.post(f"{base}/v1/chat/completions", json=dict(BODY, max_tokens=1), timeout=60)
+        assert ok.status_code == 200
+        r = httpx.post(f"{base}/v1/chat/completions", json=dict(BODY, max_tokens=50), timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert proc.wait(30) != 0
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
