@@ -10,11 +10,12 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +23,7 @@ from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
 from plm_core.llm import LLM, choice_params
 from plm_core.media.errors import MediaError
 from plm_core.processor import PromptError
+from server.metrics import Metrics
 from server.protocol import (APIError, ChatCompletionRequest, completion_id, logprobs_content, now,
                              to_engine_inputs)
 
@@ -39,6 +41,7 @@ class ServerState:
     max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
     pending: int = 0
     draining: bool = False
+    metrics: Metrics | None = None
 
     @property
     def ready(self) -> bool:
@@ -55,6 +58,7 @@ def _error_response(e: APIError) -> JSONResponse:
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="plm-serve", docs_url=None, redoc_url=None)
     app.state.plm = state
+    state.metrics = Metrics(state)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -74,19 +78,15 @@ def build_app(state: ServerState) -> FastAPI:
         log.exception("unhandled error")
         return _error_response(APIError(500, "internal server error", type="server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key is not None and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                return _error_response(APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                                code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(_APIKeyMiddleware, state=state)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/ready")
     async def ready():
@@ -104,16 +104,20 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         if not state.ready:
+            state.metrics.rejected.labels("not_ready").inc()
             raise APIError(503, "the server is not ready (draining or the engine failed)", type="server_error",
                            headers={"Retry-After": "5"})
         if state.pending >= state.max_pending:  # admission before any parsing or media work
+            state.metrics.rejected.labels("capacity").inc()
             raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
                            type="rate_limit_error", headers={"Retry-After": "1"})
         state.pending += 1
         try:
             response = await _chat(state, request)
-        except BaseException:
+        except BaseException as e:
             state.pending -= 1
+            if isinstance(e, APIError) and e.status < 500:
+                state.metrics.rejected.labels("invalid").inc()
             raise
         if isinstance(response, StreamingResponse):  # the slot is released when the stream ends
             response.body_iterator = _release_after(response.body_iterator, state)
@@ -122,6 +126,25 @@ def build_app(state: ServerState) -> FastAPI:
         return response
 
     return app
+
+
+class _APIKeyMiddleware:
+    """Plain ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the routes)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        key = self.state.api_key
+        if scope["type"] == "http" and key is not None and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, key.encode()):
+                response = _error_response(APIError(401, "invalid or missing API key (send 'Authorization: "
+                                                         "Bearer <key>')", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _release_after(stream, state: ServerState):
@@ -134,6 +157,7 @@ async def _release_after(stream, state: ServerState):
 
 async def _chat(state: ServerState, request: Request):
     """Parses, validates, preprocesses and runs one chat completion (JSON or SSE)."""
+    arrival = time.perf_counter()
     req = await _parse(request)
     if req.model != state.served_model_name:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
@@ -158,10 +182,17 @@ async def _chat(state: ServerState, request: Request):
     rid = completion_id()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, rid, prompt, params, include_usage),
+        return StreamingResponse(_stream(state, rid, prompt, params, include_usage, arrival),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await _complete(state, rid, prompt, params))
+    task = asyncio.create_task(_complete(state, rid, prompt, params, arrival))
+    while True:  # a client that goes away aborts its request (and frees its KV) within a poll interval
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return JSONResponse(task.result())
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
 
 
 async def _parse(request: Request) -> ChatCompletionRequest:
@@ -188,10 +219,32 @@ def _token_text(state: ServerState):
     return lambda t: tok.decode([t], skip_special_tokens=False)
 
 
-async def _complete(state: ServerState, rid: str, prompt, params) -> dict:
+class _Timer:
+    """Records TTFT, inter-token latency and end-to-end latency of one choice."""
+
+    def __init__(self, metrics: Metrics, arrival: float):
+        self.metrics, self.arrival, self.last = metrics, arrival, None
+
+    def token(self) -> None:
+        now_ = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.observe(now_ - self.arrival)
+        else:
+            self.metrics.itl.observe(now_ - self.last)
+        self.last = now_
+
+    def done(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+
+
+async def _complete(state: ServerState, rid: str, prompt, params, arrival: float) -> dict:
     async def run(i, gen):
         text, ids, lps, finish = "", [], [], None
+        timer = _Timer(state.metrics, arrival)
         async for d in gen:
+            timer.token()
+            if d.finished:
+                timer.done()
             text += d.new_text
             ids.extend(d.new_token_ids)
             lps.extend(d.new_logprobs)
@@ -221,8 +274,9 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _stream(state: ServerState, rid: str, prompt, params, include_usage: bool):
+async def _stream(state: ServerState, rid: str, prompt, params, include_usage: bool, arrival: float):
     created, model = now(), state.served_model_name
+    timers = [_Timer(state.metrics, arrival) for _ in range(params.n)]
     queue: asyncio.Queue = asyncio.Queue()
     token_text = _token_text(state)
 
@@ -258,6 +312,9 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
                 yield _sse(err.body())
                 break
             completion += len(d.new_token_ids)
+            timers[i].token()
+            if d.finished:
+                timers[i].done()
             choice = {"index": i, "delta": {"content": d.new_text} if d.new_text else {},
                       "logprobs": None, "finish_reason": None}
             if params.logprobs is not None:

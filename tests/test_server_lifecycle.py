@@ -71,3 +71,34 @@ def test_engine_failure_fails_requests_and_exits_nonzero():
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_and_disconnect_frees_kv(keyed):
+    auth = {"Authorization": "Bearer s3cret"}
+    before = _metric(keyed, "plm:generation_tokens_total")
+    assert httpx.post(f"{keyed}/v1/chat/completions", json=BODY, headers=auth, timeout=60).status_code == 200
+    assert _metric(keyed, "plm:generation_tokens_total") == before + 3
+    assert _metric(keyed, "plm:time_to_first_token_seconds_count") >= 1
+    assert _metric(keyed, "plm:e2e_request_latency_seconds_count") >= 1
+    for name in ("plm:num_requests_running", "plm:num_requests_waiting", "plm:kv_cache_usage_perc",
+                 "plm:prompt_tokens_total", "plm:prefix_cache_queries_total", "plm:prefix_cache_hits_total",
+                 "plm:encoder_cache_hits_total", "plm:inter_token_latency_seconds_count"):
+        _metric(keyed, name)
+    # a non-streaming client that gives up: its request is aborted and its KV blocks freed
+    long = dict(BODY, max_tokens=5000, ignore_eos=True)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{keyed}/v1/chat/completions", json=long, headers=auth, timeout=2)
+    for _ in range(50):
+        if _metric(keyed, "plm:num_requests_running") == 0 and _metric(keyed, "plm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(keyed, "plm:num_requests_running") == 0
+    assert _metric(keyed, "plm:kv_cache_usage_perc") == 0
+    assert _metric(keyed, "plm:generation_tokens_total") < before + 3 + 5000

@@ -131,6 +131,7 @@ class EngineCore:
         """Drops a request and frees its KV blocks and encoder references now."""
         request = self.scheduler.abort(request_id)
         self._detok.pop(request_id, None)
+        self._refresh_stats()
         return request is not None
 
     def has_unfinished(self) -> bool:
@@ -178,8 +179,11 @@ class EngineCore:
         return delta
 
     def _update_stats(self) -> None:
+        self.stats.steps += 1
+        self._refresh_stats()
+
+    def _refresh_stats(self) -> None:
         s = self.stats
-        s.steps += 1
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.kv_usage = self.scheduler.blocks.usage
         s.num_preemptions = self.scheduler.num_preemptions
