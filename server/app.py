@@ -39,6 +39,8 @@ class ServerState:
     served_model_name: str
     api_key: str | None = None  # Bearer token required on every route but /health, /ready, /metrics
     max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
+    max_body_bytes: int = 64 << 20  # larger request bodies get 413 before they are parsed
+    max_media_items: int = 8  # images + videos per request, checked before any fetch or decode
     pending: int = 0
     draining: bool = False
     metrics: Metrics | None = None
@@ -158,7 +160,13 @@ async def _release_after(stream, state: ServerState):
 async def _chat(state: ServerState, request: Request):
     """Parses, validates, preprocesses and runs one chat completion (JSON or SSE)."""
     arrival = time.perf_counter()
-    req = await _parse(request)
+    req = await _parse(request, state.max_body_bytes)
+    media_items = sum(1 for m in req.messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                      for p in m["content"] if isinstance(p, dict)
+                      and p.get("type") in ("image_url", "video_url", "image", "video"))
+    if media_items > state.max_media_items:
+        raise APIError(400, f"the request has {media_items} images/videos; this server accepts at most "
+                            f"{state.max_media_items} per request", param="messages")
     if req.model != state.served_model_name:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
                             f"'{state.served_model_name}'", type="not_found_error", param="model",
@@ -195,9 +203,22 @@ async def _chat(state: ServerState, request: Request):
             raise APIError(499, "client disconnected")
 
 
-async def _parse(request: Request) -> ChatCompletionRequest:
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
     try:
-        data = json.loads(await request.body())
+        data = json.loads(await _read_body(request, max_body_bytes))
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):

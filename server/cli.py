@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route except /health, /ready and /metrics")
     p.add_argument("--max-pending-requests", type=int, default=256,
                    help="chat requests admitted at once; more get 429 with Retry-After")
+    p.add_argument("--max-request-body-mb", type=float, default=64.0,
+                   help="larger request bodies get 413 before parsing")
+    p.add_argument("--max-media-per-request", type=int, default=8,
+                   help="images + videos per request (checked before any decode)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests only
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
              model, name, llm.device, llm.dtype, llm.engine.kv_capacity_tokens, llm.max_model_len,
              args.host, args.port)
     state = ServerState(llm=llm, engine=engine, served_model_name=name, api_key=args.api_key,
-                        max_pending=args.max_pending_requests)
+                        max_pending=args.max_pending_requests, max_body_bytes=int(args.max_request_body_mb * 2**20),
+                        max_media_items=args.max_media_per_request)
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=args.drain_timeout)
 

@@ -24,7 +24,8 @@ MODEL = "plm-test"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     media = tmp_path_factory.mktemp("allowed")
-    proc, base = start_server("--allowed-local-media-path", str(media), model_name=MODEL)
+    proc, base = start_server("--allowed-local-media-path", str(media), "--max-request-body-mb", "1",
+                              "--max-media-per-request", "3", model_name=MODEL)
     yield base, media
     stop_server(proc)
 
@@ -164,6 +165,18 @@ def test_video_from_allowed_local_path(client, server):
         {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}).encode(), 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors(server, validate, body, status, param):
+    _post_and_check(server, validate, body, status, param)
+
+
+def test_too_many_images_and_oversized_body(server, validate):
+    image = {"type": "image_url", "image_url": {"url": _data_url(size=(8, 8))}}
+    many = {"model": MODEL, "messages": [{"role": "user", "content": [image] * 4}]}
+    _post_and_check(server, validate, json.dumps(many).encode(), 400, "messages")
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    _post_and_check(server, validate, json.dumps(huge).encode(), 413, None)
+
+
+def _post_and_check(server, validate, body, status, param):
     base, _ = server
     r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
