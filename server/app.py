@@ -23,6 +23,7 @@ from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
 from plm_core.llm import LLM, choice_params
 from plm_core.media.errors import MediaError
 from plm_core.processor import PromptError
+from server.media_fetch import MediaFetcher
 from server.metrics import Metrics
 from server.protocol import (APIError, ChatCompletionRequest, completion_id, logprobs_content, now,
                              to_engine_inputs)
@@ -44,6 +45,7 @@ class ServerState:
     pending: int = 0
     draining: bool = False
     metrics: Metrics | None = None
+    fetcher: MediaFetcher | None = None  # http(s) media; default: SSRF guard on, 32 MiB per item
 
     @property
     def ready(self) -> bool:
@@ -61,6 +63,8 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="plm-serve", docs_url=None, redoc_url=None)
     app.state.plm = state
     state.metrics = Metrics(state)
+    if state.fetcher is None:
+        state.fetcher = MediaFetcher()
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -175,8 +179,8 @@ async def _chat(state: ServerState, request: Request):
     prompt_len_cap = llm.max_model_len - 1
     params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len)
     try:
-        prompt = await asyncio.to_thread(llm.processor.process, req.messages, media,
-                                         max_prompt_len=prompt_len_cap)
+        messages = await state.fetcher.fetch_request_media(req.messages)
+        prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap)
     except (PromptError, MediaError) as e:
         raise APIError(400, str(e), param="messages") from None
     n_prompt = len(prompt.prompt_token_ids)

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413 before parsing")
     p.add_argument("--max-media-per-request", type=int, default=8,
                    help="images + videos per request (checked before any decode)")
+    p.add_argument("--allowed-media-domains", default=None,
+                   help="comma-separated hosts (and their subdomains) http(s) media may come from (default: any)")
+    p.add_argument("--allow-private-media-hosts", action="store_true",
+                   help="let http(s) media URLs reach loopback/private/link-local addresses (off: SSRF guard)")
+    p.add_argument("--max-media-mb", type=float, default=32.0, help="largest fetched image or video")
+    p.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to connect and read media")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests only
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from plm_core.llm import LLM
     from plm_core.processor import MediaLimits
     from server.app import ServerState, build_app
+    from server.media_fetch import MediaFetcher
 
     model = args.model
     if args.demo:
@@ -90,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
              args.host, args.port)
     state = ServerState(llm=llm, engine=engine, served_model_name=name, api_key=args.api_key,
                         max_pending=args.max_pending_requests, max_body_bytes=int(args.max_request_body_mb * 2**20),
-                        max_media_items=args.max_media_per_request)
+                        max_media_items=args.max_media_per_request,
+                        fetcher=MediaFetcher(max_bytes=int(args.max_media_mb * 2**20), timeout_s=args.media_fetch_timeout,
+                                             allow_private=args.allow_private_media_hosts,
+                                             allowed_domains=[d.strip() for d in (args.allowed_media_domains or "").split(",")
+                                                              if d.strip()]))
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=args.drain_timeout)
 

@@ -25,7 +25,8 @@ MODEL = "plm-test"
 def server(tmp_path_factory):
     media = tmp_path_factory.mktemp("allowed")
     proc, base = start_server("--allowed-local-media-path", str(media), "--max-request-body-mb", "1",
-                              "--max-media-per-request", "3", model_name=MODEL)
+                              "--max-media-per-request", "3", "--allow-private-media-hosts",
+                              "--allowed-media-domains", "127.0.0.1", "--max-media-mb", "0.5", model_name=MODEL)
     yield base, media
     stop_server(proc)
 
@@ -183,4 +184,49 @@ def _post_and_check(server, validate, body, status, param):
     err = r.json()["error"]
     assert err["param"] == param and err["message"]
     assert "aGVsbG8" not in err["message"]
+    _check(validate, "ErrorResponse", r.json())
+
+
+@pytest.fixture(scope="module")
+def media_http():
+    from media_http import MediaServer
+
+    srv = MediaServer()
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 90), (200, 40, 40)).save(buf, format="PNG")
+    srv.files["red.png"] = buf.getvalue()
+    srv.files["big.bin"] = b"\x89PNG\r\n\x1a\n" + bytes(1 << 20)
+    yield srv
+    srv.close()
+
+
+def _image_request(url):
+    return {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Colour?"}]}]}
+
+
+def test_http_image_equals_data_url(server, media_http):
+    base, _ = server
+    via_http = httpx.post(f"{base}/v1/chat/completions", json=_image_request(f"{media_http.base}/file/red.png"),
+                          timeout=60)
+    data_url = "data:image/png;base64," + base64.b64encode(media_http.files["red.png"]).decode()
+    via_data = httpx.post(f"{base}/v1/chat/completions", json=_image_request(data_url), timeout=60)
+    assert via_http.status_code == 200, via_http.text
+    assert via_http.json()["choices"][0]["message"] == via_data.json()["choices"][0]["message"]
+    redirected = httpx.post(f"{base}/v1/chat/completions", timeout=60, json=_image_request(
+        f"{media_http.base}/redirect?to=/file/red.png"))
+    assert redirected.status_code == 200
+
+
+@pytest.mark.parametrize("path, match", [
+    ("/gzip/red.png", "content-encoding gzip"),
+    ("/file/big.bin", "limit"),
+    ("/file/missing.png", "HTTP 404"),
+    ("/redirect?to=http://localhost:{port}/file/red.png", "not in the allowed media domains"),
+])
+def test_http_media_refusals(server, media_http, validate, path, match):
+    base, _ = server
+    url = media_http.base + path.format(port=media_http.port)
+    r = httpx.post(f"{base}/v1/chat/completions", json=_image_request(url), timeout=60)
+    assert r.status_code == 400 and match in r.json()["error"]["message"]
     _check(validate, "ErrorResponse", r.json())

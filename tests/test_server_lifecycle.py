@@ -102,3 +102,32 @@ def test_metrics_and_disconnect_frees_kv(keyed):
     assert _metric(keyed, "plm:num_requests_running") == 0
     assert _metric(keyed, "plm:kv_cache_usage_perc") == 0
     assert _metric(keyed, "plm:generation_tokens_total") < before + 3 + 5000
+
+
+def test_ssrf_guard_refuses_internal_targets(keyed):
+    from media_http import MediaServer
+
+    srv = MediaServer()
+    srv.files["a.png"] = b"\x89PNG"
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        # only loopback targets over the wire; other private ranges are checked without traffic below
+        for url in (f"{srv.base}/file/a.png", f"http://localhost:{srv.port}/file/a.png",
+                    f"http://[::1]:{srv.port}/x.png", f"http://0.0.0.0:{srv.port}/file/a.png"):
+            body = dict(BODY, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+            r = httpx.post(f"{keyed}/v1/chat/completions", json=body, headers=auth, timeout=30)
+            assert r.status_code == 400, (url, r.text)
+            assert "private or reserved" in r.json()["error"]["message"]
+        assert srv.hits == 0
+    finally:
+        srv.close()
+
+
+def test_address_classification_without_traffic():
+    from server.media_fetch import _is_public
+
+    for addr in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
+                 "fc00::1", "224.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1", "240.0.0.1"):
+        assert not _is_public(addr), addr
+    for addr in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
+        assert _is_public(addr), addr

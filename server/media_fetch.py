@@ -1,0 +1,111 @@
+"""Fetches http(s) media for a request: async DNS, SSRF guard on every hop, byte cap, no compression.
+
+Each URL (and each redirect target) is resolved with the event loop's resolver and refused if any
+address is loopback, private, link-local (cloud metadata), multicast, reserved or unspecified,
+unless private hosts are allowed. Bodies are streamed with a byte cap and `Accept-Encoding:
+identity`, so a compressed bomb is never inflated. The fetched bytes then go to the processor, which
+checks their type by magic bytes and the pixel/frame caps before decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urljoin, urlparse
+
+import httpx
+
+from plm_core.media.errors import MediaError
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+                or ip.is_unspecified or not ip.is_global)
+
+
+class MediaFetcher:
+    """One per server: the limits and the shared httpx client."""
+
+    def __init__(self, *, max_bytes: int = 32 << 20, timeout_s: float = 10.0, max_redirects: int = 3,
+                 allow_private: bool = False, allowed_domains: list[str] | None = None):
+        self.max_bytes, self.max_redirects = max_bytes, max_redirects
+        self.allow_private = allow_private
+        self.allowed_domains = [d.lower().lstrip(".") for d in allowed_domains or []]
+        self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+                                        headers={"Accept-Encoding": "identity", "User-Agent": "plm-serve"})
+
+    async def _check(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise MediaError("media URLs must be http(s) URLs with a host")
+        host = parsed.hostname.lower()
+        if self.allowed_domains and not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
+            raise MediaError(f"media host {host} is not in the allowed media domains")
+        if self.allow_private:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or 443, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise MediaError(f"cannot resolve media host {host}") from None
+        if not infos or not all(_is_public(info[4][0]) for info in infos):
+            raise MediaError(f"media host {host} resolves to a private or reserved address; refused")
+
+    async def fetch(self, url: str) -> bytes:
+        """The body of `url`, following at most max_redirects redirects, each one re-checked."""
+        for _ in range(self.max_redirects + 1):
+            await self._check(url)
+            try:
+                async with self.client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise MediaError("media URL redirected without a location")
+                        url = urljoin(url, location)
+                        continue
+                    if response.status_code != 200:
+                        raise MediaError(f"fetching media failed with HTTP {response.status_code}")
+                    encoding = response.headers.get("content-encoding", "identity").lower()
+                    if encoding not in ("identity", ""):
+                        raise MediaError(f"media served with content-encoding {encoding}; refused")
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                        raise MediaError(f"media is {declared} bytes, over the {self.max_bytes}-byte limit")
+                    chunks, size = [], 0
+                    async for chunk in response.aiter_raw():
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise MediaError(f"media exceeds the {self.max_bytes}-byte limit")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.HTTPError as e:
+                raise MediaError(f"fetching media failed: {type(e).__name__}") from None
+        raise MediaError(f"media URL redirected more than {self.max_redirects} times")
+
+    async def fetch_request_media(self, messages: list) -> list:
+        """A copy of the messages with every http(s) image/video URL replaced by its bytes (fetched concurrently)."""
+        jobs, targets = [], []
+        out = []
+        for msg in messages:
+            if isinstance(msg, dict) and isinstance(msg.get("content"), list):
+                msg = dict(msg, content=[dict(p) if isinstance(p, dict) else p for p in msg["content"]])
+                for part in msg["content"]:
+                    key = {"image_url": "image_url", "video_url": "video_url"}.get(part.get("type")) \
+                        if isinstance(part, dict) else None
+                    spec = part.get(key) if key else None
+                    if isinstance(spec, str):
+                        spec = {"url": spec}
+                    if isinstance(spec, dict) and isinstance(spec.get("url"), str) \
+                            and spec["url"].lower().startswith(("http://", "https://")):
+                        spec = dict(spec)
+                        part[key] = spec
+                        jobs.append(self.fetch(spec["url"]))
+                        targets.append(spec)
+            out.append(msg)
+        for spec, data in zip(targets, await asyncio.gather(*jobs)):
+            spec["url"] = data
+        return out

@@ -1,0 +1,51 @@
+"""A loopback HTTP server for media tests: serves files, redirects and bad responses, and counts hits."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class MediaServer:
+    """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME; `hits` counts every request."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.hits = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                owner.hits += 1
+                path = self.path
+                if path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", path.split("=", 1)[1])
+                    self.end_headers()
+                    return
+                name = path.rsplit("/", 1)[-1]
+                data = owner.files.get(name)
+                if data is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                gz = path.startswith("/gzip/")
+                body = gzip.compress(data) if gz else data
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                if gz:
+                    self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
