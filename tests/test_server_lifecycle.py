@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -131,3 +132,60 @@ def test_address_classification_without_traffic():
         assert not _is_public(addr), addr
     for addr in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
         assert _is_public(addr), addr
+
+
+def test_health_answers_while_a_big_image_decodes(keyed):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (2400, 3200, 3), dtype=np.uint8)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = dict(BODY, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    done = threading.Event()
+
+    def post():
+        httpx.post(f"{keyed}/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=120)
+        done.set()
+
+    t = threading.Thread(target=post)
+    t.start()
+    worst = 0.0
+    while not done.is_set():
+        t0 = time.perf_counter()
+        assert httpx.get(f"{keyed}/health", timeout=10).status_code == 200
+        worst = max(worst, time.perf_counter() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert worst < 0.5, f"/health took {worst:.2f} s while an image was being decoded"
+
+
+def test_sigterm_drains_in_flight_streams():
+    import signal
+
+    proc, base = start_server("--drain-timeout", "60")
+    try:
+        body = dict(BODY, max_tokens=60, ignore_eos=True, stream=True)
+        lines = []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                if not lines:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream
+                lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        finish = [json.loads(x[5:])["choices"][0]["finish_reason"] for x in lines
+                  if x.startswith("data: {") and json.loads(x[5:])["choices"]]
+        assert finish[-1] == "length"
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown: a clean exit by that signal
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
