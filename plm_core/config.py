@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+# Largest image (width x height) decoded by default; also the per-frame ceiling for videos.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
 
 class ConfigError(ValueError):
     """A checkpoint's configuration is missing, malformed or not a PerceptionLM."""

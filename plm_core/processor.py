@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plm_core.config import ModelConfig
+from plm_core.config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from plm_core.inputs import MediaItem, ProcessedPrompt
 from plm_core.media import image as image_ops
 from plm_core.media import video as video_ops
@@ -45,7 +45,7 @@ class MediaOptions:
 class MediaLimits:
     """Ceilings the processor enforces before decoding."""
 
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_media_bytes: int | None = None
     max_video_frames: int = 64
     max_video_duration_s: float | None = None

@@ -31,6 +31,14 @@ from server.protocol import (APIError, ChatCompletionRequest, completion_id, log
 log = logging.getLogger("plm_serve")
 
 
+def _param_path(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI writes `param`: the field, then list indices (`messages[0]`).
+    Later string parts are pydantic's union-member tags (`str`, `list[str]`) or dict keys, not fields."""
+    if not loc:
+        return None
+    return str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+
+
 @dataclass
 class ServerState:
     """What the routes need: the loaded model's processor and tokenizer, and the running engine."""
@@ -231,7 +239,7 @@ async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ())) or None
+        param = _param_path(err.get("loc", ()))
         raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param) from None
 
 

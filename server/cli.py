@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from plm_core.config import EngineConfig
+from plm_core.config import DEFAULT_MAX_IMAGE_PIXELS, EngineConfig
 
 log = logging.getLogger("plm_serve")
 
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-tiles", type=int, default=None, help="default tile budget per image (model default 36)")
     p.add_argument("--default-num-frames", type=int, default=d.default_num_frames, help="frames sampled per video")
     p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="largest image (width x height, read from the header before decoding); also per video frame")
+    p.add_argument("--max-video-duration", type=float, default=3600.0,
+                   help="longest video in seconds (read from the container before decoding); 0 = no limit")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="directory whose files clients may send as file:// URLs (default: none allowed)")
     p.add_argument("--api-key", default=None,
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
         limits = MediaLimits(max_video_frames=args.max_num_frames, allowed_local_root=local,
-                             allow_local_files=local is not None)
+                             allow_local_files=local is not None, max_image_pixels=args.max_image_pixels,
+                             max_video_duration_s=args.max_video_duration or None)
         llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,

@@ -2,7 +2,9 @@
 
 Each URL (and each redirect target) is resolved with the event loop's resolver and refused if any
 address is loopback, private, link-local (cloud metadata), multicast, reserved or unspecified,
-unless private hosts are allowed. Bodies are streamed with a byte cap and `Accept-Encoding:
+unless private hosts are allowed. The connection then goes to the address that was checked (Host
+header and TLS SNI keep the name), so a DNS answer that changes between the check and the connect
+(rebinding) cannot steer it to an internal service. Bodies are streamed with a byte cap and `Accept-Encoding:
 identity`, so a compressed bomb is never inflated. The fetched bytes then go to the processor, which
 checks their type by magic bytes and the pixel/frame caps before decoding.
 """
@@ -39,7 +41,8 @@ class MediaFetcher:
                                         timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
                                         headers={"Accept-Encoding": "identity", "User-Agent": "plm-serve"})
 
-    async def _check(self, url: str) -> None:
+    async def _check(self, url: str) -> str | None:
+        """Refuses a URL the guard forbids; returns the vetted address to connect to (None: no pinning)."""
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise MediaError("media URLs must be http(s) URLs with a host")
@@ -47,44 +50,64 @@ class MediaFetcher:
         if self.allowed_domains and not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
             raise MediaError(f"media host {host} is not in the allowed media domains")
         if self.allow_private:
-            return
+            return None
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or 443, type=socket.SOCK_STREAM)
         except socket.gaierror:
             raise MediaError(f"cannot resolve media host {host}") from None
         if not infos or not all(_is_public(info[4][0]) for info in infos):
             raise MediaError(f"media host {host} resolves to a private or reserved address; refused")
+        return infos[0][4][0]
+
+    def _request(self, url: str, address: str | None) -> httpx.Request:
+        """A GET for `url` that connects to `address` when given, keeping the name for Host and SNI."""
+        if address is None:
+            return self.client.build_request("GET", url)
+        parsed = urlparse(url)
+        literal = f"[{address}]" if ":" in address else address
+        netloc = literal if parsed.port is None else f"{literal}:{parsed.port}"
+        host_header = parsed.netloc.rsplit("@", 1)[-1]  # never forward userinfo
+        return self.client.build_request("GET", parsed._replace(netloc=netloc).geturl(),
+                                         headers={"Host": host_header},
+                                         extensions={"sni_hostname": parsed.hostname})
 
     async def fetch(self, url: str) -> bytes:
         """The body of `url`, following at most max_redirects redirects, each one re-checked."""
         for _ in range(self.max_redirects + 1):
-            await self._check(url)
+            address = await self._check(url)
             try:
-                async with self.client.stream("GET", url) as response:
+                response = await self.client.send(self._request(url, address), stream=True)
+                try:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
                             raise MediaError("media URL redirected without a location")
                         url = urljoin(url, location)
                         continue
-                    if response.status_code != 200:
-                        raise MediaError(f"fetching media failed with HTTP {response.status_code}")
-                    encoding = response.headers.get("content-encoding", "identity").lower()
-                    if encoding not in ("identity", ""):
-                        raise MediaError(f"media served with content-encoding {encoding}; refused")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise MediaError(f"media is {declared} bytes, over the {self.max_bytes}-byte limit")
-                    chunks, size = [], 0
-                    async for chunk in response.aiter_raw():
-                        size += len(chunk)
-                        if size > self.max_bytes:
-                            raise MediaError(f"media exceeds the {self.max_bytes}-byte limit")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    return await self._read_body(response)
+                finally:
+                    await response.aclose()
             except httpx.HTTPError as e:
                 raise MediaError(f"fetching media failed: {type(e).__name__}") from None
         raise MediaError(f"media URL redirected more than {self.max_redirects} times")
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        """The raw body of a final response, refused if not 200, compressed or over the byte cap."""
+        if response.status_code != 200:
+            raise MediaError(f"fetching media failed with HTTP {response.status_code}")
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            raise MediaError(f"media served with content-encoding {encoding}; refused")
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise MediaError(f"media is {declared} bytes, over the {self.max_bytes}-byte limit")
+        chunks, size = [], 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise MediaError(f"media exceeds the {self.max_bytes}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def fetch_request_media(self, messages: list) -> list:
         """A copy of the messages with every http(s) image/video URL replaced by its bytes (fetched concurrently)."""

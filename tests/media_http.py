@@ -8,11 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class MediaServer:
-    """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME; `hits` counts every request."""
+    """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME; `hits` counts every request,
+    `host_headers` records the Host header of each."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.files: dict[str, bytes] = {}
         self.hits = 0
+        self.host_headers: list[str] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -21,6 +23,7 @@ class MediaServer:
 
             def do_GET(self):
                 owner.hits += 1
+                owner.host_headers.append(self.headers.get("Host", ""))
                 path = self.path
                 if path.startswith("/redirect?to="):
                     self.send_response(302)
@@ -42,9 +45,9 @@ class MediaServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{host}:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):

@@ -26,7 +26,8 @@ def server(tmp_path_factory):
     media = tmp_path_factory.mktemp("allowed")
     proc, base = start_server("--allowed-local-media-path", str(media), "--max-request-body-mb", "1",
                               "--max-media-per-request", "3", "--allow-private-media-hosts",
-                              "--allowed-media-domains", "127.0.0.1", "--max-media-mb", "0.5", model_name=MODEL)
+                              "--allowed-media-domains", "127.0.0.1", "--max-media-mb", "0.5",
+                              "--max-image-pixels", "4000000", "--max-video-duration", "5", model_name=MODEL)
     yield base, media
     stop_server(proc)
 
@@ -169,6 +170,99 @@ def test_bad_requests_get_openai_errors(server, validate, body, status, param):
     _post_and_check(server, validate, body, status, param)
 
 
+def _user(*parts) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def _b64(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def png_bomb(side: int = 30_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (900 M for the default) that compresses to ~100 kB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + bytes((side + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+TEXT = {"type": "text", "text": "x"}
+WRONG_TYPES = [
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"stream": "maybe"}, "stream"),
+    ({"n": 0}, "n"),
+    ({"stop": 5}, "stop"),
+    ({"top_p": 0}, "top_p"),
+    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": _user({"type": "image_url"})}, "messages"),
+    ({"messages": _user({"type": "image_url", "image_url": {"url": 5}})}, "messages"),
+    ({"messages": _user({"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}})}, "messages"),
+    ({"messages": _user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}})}, "messages"),
+    ({"messages": _user({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}})}, "messages"),
+    ({"model": 7}, "model"),
+]
+
+
+@pytest.mark.parametrize("change, param", WRONG_TYPES, ids=[str(i) for i in range(len(WRONG_TYPES))])
+def test_wrong_types_and_shapes_get_400(server, validate, change, param):
+    body = dict({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}, **change)
+    _post_and_check(server, validate, json.dumps(body).encode(), 400, param)
+
+
+def test_non_image_bytes_and_bombs_are_refused_before_decoding(server, validate, media_http):
+    from media_sets import write_synthetic_video
+
+    _, media = server
+    video = write_synthetic_video(media / "long.mp4", frames=14, size=(32, 32), fps=2).read_bytes()  # 7 s
+    bomb = png_bomb()
+    media_http.files["bomb.png"] = bomb
+    media_http.files["page.png"] = b"<html><body>not an image</body></html>"
+    cases = [
+        (_b64(b"%PDF-1.4 not an image"), "unsupported image format"),
+        (_b64(video), "unsupported image format"),  # a video sent as an image: checked by content, not label
+        (_b64(png_bomb(2100)), "2100x2100 = 4410000 pixels, over the limit of 4000000"),  # the server's cap
+        (_b64(bomb), "900000000 pixels"),  # Pillow's own bomb guard fires first at this size
+        (f"{media_http.base}/file/bomb.png", "900000000 pixels"),
+        (f"{media_http.base}/file/page.png", "unsupported image format"),
+    ]
+    for url, match in cases:
+        body = {"model": MODEL, "max_tokens": 2, "messages": _user({"type": "image_url", "image_url": {"url": url}}, TEXT)}
+        r = httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and match in r.json()["error"]["message"], (url[:40], r.text[:300])
+        assert "base64" not in r.json()["error"]["message"]
+        _check(validate, "ErrorResponse", r.json())
+    body = {"model": MODEL, "max_tokens": 2, "messages": _user(
+        {"type": "video_url", "video_url": {"url": _b64(video, "video/mp4")}}, TEXT)}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "over the limit of 5 s" in r.json()["error"]["message"], r.text[:300]
+
+
+def test_context_overflow_names_both_numbers(server, validate):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 11_515}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "max_tokens"
+    assert "11520" in err["message"] and "11515" in err["message"], err["message"]
+    long_prompt = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 12_000}], "max_tokens": 2}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json=long_prompt, timeout=60)
+    assert r.status_code == 400 and "the context allows 11519" in r.json()["error"]["message"], r.text[:300]
+    _check(validate, "ErrorResponse", r.json())
+
+
 def test_too_many_images_and_oversized_body(server, validate):
     image = {"type": "image_url", "image_url": {"url": _data_url(size=(8, 8))}}
     many = {"model": MODEL, "messages": [{"role": "user", "content": [image] * 4}]}
@@ -182,7 +276,7 @@ def _post_and_check(server, validate, body, status, param):
     r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
     err = r.json()["error"]
-    assert err["param"] == param and err["message"]
+    assert err["message"] and (err["param"] == param or param and err["param"].startswith(param + "["))
     assert "aGVsbG8" not in err["message"]
     _check(validate, "ErrorResponse", r.json())
 
