@@ -230,15 +230,17 @@ class PLMProcessor:
             num_frames = self.default_num_frames
         if num_frames is not None and fps is not None:
             raise PromptError("num_frames and fps are mutually exclusive; give one")
-        cap = self.limits.max_video_frames
+        cap = self.limits.max_video_frames  # a request asking for more frames gets this many
+        if num_frames is not None:
+            num_frames = min(num_frames, cap)
         src = ref.source
         if isinstance(src, (np.ndarray, torch.Tensor)) or (isinstance(src, list) and src
                                                             and not isinstance(src, str)):
             frames_all = _frames_to_tensor(src)
             indices = video_ops.sample_frame_indices(len(frames_all), num_frames=num_frames, fps=fps,
                                                      video_fps=ref.video_fps)
-            if len(indices) > cap:
-                raise MediaError(f"video would sample {len(indices)} frames, over the limit of {cap}")
+            if len(indices) > cap:  # fps asked for more frames than the ceiling
+                indices = video_ops.sample_frame_indices(len(frames_all), num_frames=cap, video_fps=ref.video_fps)
             frames = frames_all[torch.as_tensor(indices, dtype=torch.long)]
             digest = image_ops.image_content_hash(frames_all.numpy().tobytes())
             meta = {"total_frames": len(frames_all)}
@@ -246,7 +248,7 @@ class PLMProcessor:
             data = src if isinstance(src, (bytes, bytearray)) else self._source_bytes(src)
             digest = video_ops.video_content_hash(bytes(data))
             frames, info, indices = video_ops.decode_video_frames(
-                bytes(data), num_frames=num_frames, fps=fps, max_frames=cap,
+                bytes(data), num_frames=num_frames, fps=fps, max_frames=cap, clamp_frames=True,
                 max_duration_s=self.limits.max_video_duration_s,
                 max_pixels_per_frame=self.limits.max_image_pixels)
             meta = {"total_frames": info.num_frames, "fps": info.fps, "width": info.width, "height": info.height}

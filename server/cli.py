@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--max-num-tiles", type=int, default=None, help="default tile budget per image (model default 36)")
     p.add_argument("--default-num-frames", type=int, default=d.default_num_frames, help="frames sampled per video")
-    p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video")
+    p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video; requests asking for more (num_frames or fps) get this many")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="largest image (width x height, read from the header before decoding); also per video frame")
     p.add_argument("--max-video-duration", type=float, default=3600.0,

@@ -241,6 +241,10 @@ def test_limits_checked_before_decoding(videos, monkeypatch):
         V.decode_video_frames(path, max_pixels_per_frame=3000)
     with pytest.raises(MediaError, match="sample 32 frames, over the limit of 16"):
         V.decode_video_frames(path, num_frames=32, max_frames=16)
+    monkeypatch.undo()
+    frames, _, indices = V.decode_video_frames(path, num_frames=32, max_frames=16, clamp_frames=True)
+    assert len(frames) == len(indices) == 16
+    monkeypatch.setattr(V, "_decode_indices", no_decoding)
     with pytest.raises(MediaError, match="mutually exclusive"):
         V.decode_video_frames(path, num_frames=8, fps=1.0)
 

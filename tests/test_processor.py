@@ -158,3 +158,21 @@ def test_context_overflow_names_both_numbers(processor):
     url = _data_url(_png_bytes((2000, 2000)))
     with pytest.raises(PromptError, match=r"needs \d+ tokens \(\d+ of them for 1 media item\(s\)\) but the context allows 100"):
         processor.process(_user({"type": "image_url", "image_url": {"url": url}}), max_prompt_len=100)
+
+
+def test_frame_requests_are_clamped_to_the_ceiling(tiny_checkpoint, tmp_path):
+    from media_sets import write_synthetic_video
+
+    cfg = load_model_config(tiny_checkpoint)
+    tok = PLMTokenizer(tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009))
+    proc = PLMProcessor(cfg, tok, limits=MediaLimits(max_video_frames=6))
+    video = write_synthetic_video(tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10).read_bytes()  # 3 s
+    frames = np.random.default_rng(0).integers(0, 255, (30, 24, 24, 3), dtype=np.uint8)
+    for part in ({"type": "video", "video": video, "num_frames": 20},
+                 {"type": "video", "video": video, "fps": 5.0},  # 15 frames asked
+                 {"type": "video", "video": frames, "num_frames": 20},
+                 {"type": "video", "video": frames, "fps": 5.0, "video_fps": 10.0}):
+        item = proc.process(_user(part)).media[0]
+        assert item.num_tiles == 6, part
+        assert item.meta["frame_indices"] == [0, 5, 10, 15, 20, 25]
+    assert proc.process(_user({"type": "video", "video": video, "num_frames": 4})).media[0].num_tiles == 4

@@ -164,13 +164,15 @@ def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps:
 
 def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps: float | None = None,
                         max_frames: int | None = None, max_duration_s: float | None = None,
-                        max_pixels_per_frame: int | None = None) -> tuple[torch.Tensor, VideoInfo, list[int]]:
+                        max_pixels_per_frame: int | None = None,
+                        clamp_frames: bool = False) -> tuple[torch.Tensor, VideoInfo, list[int]]:
     """Decodes only the HF-sampled frames: (uint8 [F, 3, H, W], info, frame indices).
 
     The frames tensor is a view of [F, H, W, 3] memory (channels-last), as PyAV's RGB frames come.
 
     Limits are checked from the metadata before any frame is decoded: max_frames caps the number of
-    sampled frames, max_duration_s the video's length, max_pixels_per_frame its width * height.
+    sampled frames (over it: an error, or with clamp_frames, max_frames frames sampled uniformly),
+    max_duration_s the video's length, max_pixels_per_frame its width * height.
     Frame i is the i-th frame a full sequential decode yields, as in HF's PyAV reader.
     """
     src = _Source(source)
@@ -187,6 +189,8 @@ def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps
         raise MediaError(f"video frames are {info.width}x{info.height}, over the limit of "
                          f"{max_pixels_per_frame} pixels")
     indices = sample_frame_indices(info.num_frames, num_frames=num_frames, fps=fps, video_fps=info.fps)
+    if max_frames is not None and len(indices) > max_frames and clamp_frames:
+        indices = sample_frame_indices(info.num_frames, num_frames=max_frames, video_fps=info.fps)
     if max_frames is not None and len(indices) > max_frames:
         raise MediaError(f"video would sample {len(indices)} frames, over the limit of {max_frames}")
     frames, indices, _ = _decode_indices(src, indices, clamp_at_end=info_is_estimate)
