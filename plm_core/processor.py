@@ -62,6 +62,7 @@ class _MediaRef:
     num_frames: int | None
     fps: float | None
     video_fps: float | None = None  # frame rate of in-memory frames (needed to sample them by fps)
+    full_budget: bool = False  # detail "high": the model's whole tile budget, not the server default
 
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -158,7 +159,7 @@ class PLMProcessor:
             raise PromptError(f"{where}.image_url.detail must be 'auto', 'low' or 'high'")
         if max_tiles is not None and (not isinstance(max_tiles, int) or max_tiles < 1):
             raise PromptError(f"{where}.image_url.max_num_tiles must be a positive integer")
-        return _MediaRef("image", source, max_tiles, detail == "low", None, None)
+        return _MediaRef("image", source, max_tiles, detail == "low", None, None, full_budget=detail == "high")
 
     def _video_ref(self, part: dict, where: str) -> _MediaRef:
         num_frames = fps = None
@@ -204,7 +205,8 @@ class PLMProcessor:
         if ref.thumbnail_only:
             settings, num_tiles = ("thumb", self.pcfg.tile_size), 1
         else:
-            budget = ref.max_num_tiles or options.max_num_tiles or self.max_num_tiles
+            budget = ref.max_num_tiles or options.max_num_tiles or (
+                self.pcfg.max_num_tiles if ref.full_budget else self.max_num_tiles)
             num_tiles = image_ops.num_image_tiles(width, height, tile_size=self.pcfg.tile_size,
                                                   max_num_tiles=budget,
                                                   vision_input_type=self.pcfg.vision_input_type)

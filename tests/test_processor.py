@@ -176,3 +176,15 @@ def test_frame_requests_are_clamped_to_the_ceiling(tiny_checkpoint, tmp_path):
         assert item.num_tiles == 6, part
         assert item.meta["frame_indices"] == [0, 5, 10, 15, 20, 25]
     assert proc.process(_user({"type": "video", "video": video, "num_frames": 4})).media[0].num_tiles == 4
+
+
+def test_detail_high_uses_the_models_budget_and_auto_the_servers(tiny_checkpoint):
+    cfg = load_model_config(tiny_checkpoint)
+    tok = PLMTokenizer(tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009))
+    proc = PLMProcessor(cfg, tok, max_num_tiles=2)  # an operator's small default (--max-num-tiles 2)
+    url = _data_url(_png_bytes((400, 300)))
+    tiles = {d: proc.process(_user({"type": "image_url", "image_url": {"url": url, "detail": d}})).media[0].num_tiles
+             for d in ("auto", "high", "low")}
+    assert tiles["low"] == 1 and tiles["auto"] <= 3 < tiles["high"]
+    asked = proc.process(_user({"type": "image_url", "image_url": {"url": url, "detail": "high", "max_num_tiles": 4}}))
+    assert asked.media[0].num_tiles <= 5  # an explicit budget wins over detail
