@@ -158,6 +158,7 @@ def main() -> int:
     ap.add_argument("--detail", choices=["high", "low"], default="high",
                     help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -169,7 +170,7 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"checkpoint {path}; device {args.device} {args.dtype}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype,
+    results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens}
     global DETAIL
     DETAIL = args.detail
@@ -177,7 +178,8 @@ def main() -> int:
     convs = [chat(images[i], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.concurrency)]
 
     # 1. throughput
-    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk)
+    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk,
+              cuda_graphs=args.cuda_graphs)
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     ours = ours_throughput(llm, convs, args.max_tokens)
     print(f"\n1. {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens each "
@@ -223,7 +225,7 @@ def main() -> int:
     del llm
 
     # 3. ITL of running streams while a long image prompt prefills
-    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk,
+    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk, cuda_graphs=args.cuda_graphs,
               max_encoder_tiles_per_step=args.encoder_tiles)
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     itl = ours_itl(llm, chat(images[args.concurrency + 1], q[2]), args.itl_streams)

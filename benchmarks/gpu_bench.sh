@@ -13,3 +13,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 $PY benchmarks/bench_engine.py --checkpoint .cache/checkpoints/1b --device cuda --dtype bfloat16 \
     --concurrency 16 --max-tokens 256 --chunk 2048 --encoder-tiles 16 --throughput-chunk 8192 \
     --out "$OUT/bench_engine_1b_gpu.json" 2>&1 | tee "$OUT/bench_engine_1b_gpu.txt"
+# the same with decode steps replayed as CUDA graphs (HF's side is unchanged, so skip it)
+$PY benchmarks/bench_engine.py --checkpoint .cache/checkpoints/1b --device cuda --dtype bfloat16 \
+    --concurrency 16 --max-tokens 256 --chunk 2048 --encoder-tiles 16 --throughput-chunk 8192 --skip-hf \
+    --cuda-graphs --out "$OUT/bench_engine_1b_gpu_graphs.json" 2>&1 | tee "$OUT/bench_engine_1b_gpu_graphs.txt"

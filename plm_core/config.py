@@ -247,3 +247,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_tokens: int | None = None  # vision-encoder cache budget in LM tokens (default 65536)
     max_encoder_tiles_per_step: int = 64  # tiles/frames encoded per step; larger items span several steps
+    cuda_graphs: bool = False  # replay decode steps as CUDA graphs (opt-in until measured on a GPU)

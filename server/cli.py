@@ -31,9 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV cache size (default: 2 GiB on CPU, 85%% of free GPU memory)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs, bucketed by batch and context (GPU; opt-in)")
     p.add_argument("--max-num-tiles", type=int, default=None, help="default tile budget per image (model default 36)")
     p.add_argument("--default-num-frames", type=int, default=d.default_num_frames, help="frames sampled per video")
-    p.add_argument("--max-num-frames", type=int, default=d.max_num_frames, help="ceiling on frames per video; requests asking for more (num_frames or fps) get this many")
+    p.add_argument("--max-num-frames", type=int, default=d.max_num_frames,
+                   help="ceiling on frames per video; requests asking for more (num_frames or fps) get this many")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="largest image (width x height, read from the header before decoding); also per video frame")
     p.add_argument("--max-video-duration", type=float, default=3600.0,
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
                   enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
+                  cuda_graphs=args.cuda_graphs,
                   default_num_frames=args.default_num_frames, max_num_frames=args.max_num_frames)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

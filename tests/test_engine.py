@@ -114,6 +114,55 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
         assert hf_out == expected[i][:len(hf_out)]
 
 
+def test_padded_decode_graph_path_keeps_tokens(path, solo, media_dir):
+    """The CUDA-graph decode path (run eagerly on CPU: same buckets, static buffers, padded rows and
+    scratch slot, only no capture) gives the same tokens under batching, preemption and caching."""
+    from plm_core import LLM
+
+    convs = _conversations(media_dir)
+    expected = _alone(solo, convs)
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=64, max_model_len=560,
+              kv_cache_memory_gb=36 * 16 * 512 / 2**30, max_num_seqs=8, max_encoder_tiles_per_step=5,
+              cuda_graphs=True)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.batch_sizes == [1, 2, 4, 8] and graphs.context_sizes == [256, 512, 560]
+    got = _run_staggered(llm, [llm.process(c) for c in convs], arrivals=[0, 0, 3, 5, 9, 12])
+    for i, exp in enumerate(expected):
+        assert got[i] == exp, f"request {i} differs on the decode-graph path"
+    assert graphs.num_runs > 10
+    blocks = llm.engine.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+    # long decode-only stretches with 3 and then 5 streams (padded to 4 and 8) while block 0 is in use
+    from plm_core import SamplingParams
+
+    texts = [[{"role": "user", "content": f"Stream {i}: " + "tell me more " * i}] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [solo.chat(c, params)[0].token_ids for c in texts]
+    core, runs = llm.engine, graphs.num_runs
+    for i, conv in enumerate(texts[:3]):
+        core.add_request(f"t{i}", llm.process(conv), params)
+    tokens = {i: [] for i in range(5)}
+    step = 0
+    while core.has_unfinished():
+        if step == 8:
+            for i in (3, 4):
+                core.add_request(f"t{i}", llm.process(texts[i]), params)
+        for delta in core.step():
+            tokens[int(delta.request_id[1:])].extend(delta.new_token_ids)
+        step += 1
+    assert [tokens[i] for i in range(5)] == expected
+    assert graphs.num_runs - runs > 20
+
+
+def test_decode_graph_buckets():
+    from plm_core.model.decode_graphs import batch_buckets, context_buckets
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert context_buckets(11520) == [256, 512, 1024, 2048, 4096, 8192, 11520]
+    assert context_buckets(256) == [256]
+
+
 def test_preemption_keeps_outputs(path, solo):
     """All prompts fit the KV cache, their growth does not: requests are preempted and recomputed."""
     from plm_core import LLM, SamplingParams

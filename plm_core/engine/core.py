@@ -99,7 +99,8 @@ class EngineCore:
         )
         self.runner = ModelRunner(model_config, device=device, dtype=dtype, num_blocks=num_blocks,
                                   block_size=engine.block_size, max_encoder_tiles_per_forward=tiles_per_step,
-                                  model=model)
+                                  model=model, cuda_graphs=engine.cuda_graphs, max_num_seqs=engine.max_num_seqs,
+                                  max_model_len=max_model_len)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * engine.block_size
         self._detok: dict[str, IncrementalDetokenizer] = {}

@@ -19,6 +19,7 @@ from plm_core.engine.sampler import BatchSampler, Logprobs, SamplingState
 from plm_core.engine.scheduler import SchedulerOutput
 from plm_core.inputs import MediaItem
 from plm_core.model.attention import build_metadata
+from plm_core.model.decode_graphs import DecodeGraphs
 from plm_core.model.perception_lm import PerceptionLM, build_model
 
 log = logging.getLogger("plm_core.runner")
@@ -43,7 +44,8 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  block_size: int, max_encoder_tiles_per_forward: int = 64, batch_decodes: bool | None = None,
-                 model: PerceptionLM | None = None):
+                 model: PerceptionLM | None = None, cuda_graphs: bool = False, max_num_seqs: int = 64,
+                 max_model_len: int = 8192):
         self.cfg = cfg
         self.device, self.dtype = device, dtype
         self.block_size = block_size
@@ -53,9 +55,20 @@ class ModelRunner:
         self.batch_decodes = device.type == "cuda" if batch_decodes is None else batch_decodes
         self.model = model if model is not None else build_model(cfg, device=device, dtype=dtype)
         t = cfg.text
-        shape = (num_blocks * block_size, t.num_kv_heads, t.head_dim)
+        # with decode graphs, one extra block past the block manager's range is the padded rows' scratch
+        shape = ((num_blocks + int(cuda_graphs)) * block_size, t.num_kv_heads, t.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(t.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            if device.type != "cuda":
+                log.warning("CUDA graphs need a GPU; running the padded decode path eagerly on %s", device.type)
+            self.batch_decodes = True
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, scratch_slot=num_blocks * block_size,
+                                       max_batch=max_num_seqs, max_context=max_model_len,
+                                       capture=device.type == "cuda")
+            if self.graphs.capture:
+                log.info("captured %d decode CUDA graphs", len(self.graphs.graphs))
         self.encoder_outputs: dict[str, torch.Tensor] = {}  # cache key -> [num_tokens, H], complete items
         self._partial: dict[str, torch.Tensor] = {}  # cache key -> [num_tiles, tokens_per_tile, H] being filled
         self.samplers: dict[str, SamplingState] = {}
@@ -83,13 +96,24 @@ class ModelRunner:
         if not sampled:
             self.model.language_model(embeds, positions, self.kv_caches, meta)
             return out
-        logits = self.model(embeds, positions, self.kv_caches, meta, logit_rows)  # [B, V] fp32
+        logits = self._decode_graph_logits(embeds, positions, meta, len(sampled))
+        if logits is None:
+            logits = self.model(embeds, positions, self.kv_caches, meta, logit_rows)  # [B, V] fp32
         states = [self._sampling_state(r) for r in sampled]
         tokens, logprobs = self.sampler(logits, states)
         for request, token, lp in zip(sampled, tokens, logprobs):
             out.token_ids[request.request_id] = token
             out.logprobs[request.request_id] = lp
         return out
+
+    def _decode_graph_logits(self, embeds, positions, meta, num_sampled: int) -> torch.Tensor | None:
+        """Logits from a decode graph when every sequence decodes one sampled token and a bucket fits."""
+        if self.graphs is None or meta.prefill_seqs or num_sampled != len(meta.decode_seqs):
+            return None
+        bucket = self.graphs.bucket(len(meta.decode_seqs), meta.decode_slots.shape[1])
+        if bucket is None:
+            return None
+        return self.graphs.run(embeds, positions, meta, bucket)
 
     def _sampling_state(self, request: Request) -> SamplingState:
         state = self.samplers.get(request.request_id)
