@@ -41,11 +41,14 @@ def _param_path(loc: tuple) -> str | None:
 
 @dataclass
 class ServerState:
-    """What the routes need: the loaded model's processor and tokenizer, and the running engine."""
+    """What the routes need: the loaded model's processor and tokenizer, and the running engine.
 
-    llm: LLM
-    engine: AsyncEngine
+    `llm` and `engine` stay None while the model loads (the server already answers /health, and
+    /ready says "loading"); the engine is set last, which is what makes the server ready."""
+
     served_model_name: str
+    llm: LLM | None = None
+    engine: AsyncEngine | None = None
     api_key: str | None = None  # Bearer token required on every route but /health, /ready, /metrics
     max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
     max_body_bytes: int = 64 << 20  # larger request bodies get 413 before they are parsed
@@ -57,7 +60,17 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine.dead is None and not self.draining
+        return self.not_ready_reason is None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if self.engine is None:
+            return "loading"
+        if self.engine.dead is not None:
+            return "engine failed"
+        return None
 
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
@@ -105,21 +118,21 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/ready")
     async def ready():
         if not state.ready:
-            reason = "draining" if state.draining else "engine failed"
-            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+            return JSONResponse({"status": "unavailable", "reason": state.not_ready_reason}, status_code=503)
         return {"status": "ready"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.served_model_name, "object": "model", "created": now(),
-                                            "owned_by": "plm-serve",
-                                            "max_model_len": state.llm.max_model_len}]}
+        card = {"id": state.served_model_name, "object": "model", "created": now(), "owned_by": "plm-serve"}
+        if state.llm is not None:
+            card["max_model_len"] = state.llm.max_model_len
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         if not state.ready:
             state.metrics.rejected.labels("not_ready").inc()
-            raise APIError(503, "the server is not ready (draining or the engine failed)", type="server_error",
+            raise APIError(503, f"the server is not ready ({state.not_ready_reason})", type="server_error",
                            headers={"Retry-After": "5"})
         if state.pending >= state.max_pending:  # admission before any parsing or media work
             state.metrics.rejected.labels("capacity").inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from plm_core.config import DEFAULT_MAX_IMAGE_PIXELS, EngineConfig
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests only
+    p.add_argument("--debug-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return p
 
@@ -69,42 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
+    from plm_core.checkpoint import CheckpointError
     from plm_core.config import ConfigError
-    from plm_core.engine.async_engine import AsyncEngine
-    from pathlib import Path
-
-    from plm_core.llm import LLM
-    from plm_core.processor import MediaLimits
     from server.app import ServerState, build_app
     from server.media_fetch import MediaFetcher
 
-    model = args.model
-    if args.demo:
-        from plm_core.__main__ import demo_checkpoint
-
-        model = str(demo_checkpoint(args.demo))
-    try:
-        local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
-        limits = MediaLimits(max_video_frames=args.max_num_frames, allowed_local_root=local,
-                             allow_local_files=local is not None, max_image_pixels=args.max_image_pixels,
-                             max_video_duration_s=args.max_video_duration or None)
-        llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
-                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                  enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
-                  cuda_graphs=args.cuda_graphs,
-                  default_num_frames=args.default_num_frames, max_num_frames=args.max_num_frames)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     name = args.served_model_name or (args.model if not args.demo else f"plm-demo-{args.demo}")
-    if args.debug_fail_after_steps is not None:  # fault injection for the engine-failure tests
-        _fail_after(llm.engine, args.debug_fail_after_steps)
-    engine = AsyncEngine(llm.engine)
-    log.info("serving %s as '%s' on %s (%s); KV cache %d tokens; max_model_len %d; http://%s:%d",
-             model, name, llm.device, llm.dtype, llm.engine.kv_capacity_tokens, llm.max_model_len,
-             args.host, args.port)
-    state = ServerState(llm=llm, engine=engine, served_model_name=name, api_key=args.api_key,
+    state = ServerState(served_model_name=name, api_key=args.api_key,
                         max_pending=args.max_pending_requests, max_body_bytes=int(args.max_request_body_mb * 2**20),
                         max_media_items=args.max_media_per_request,
                         fetcher=MediaFetcher(max_bytes=int(args.max_media_mb * 2**20), timeout_s=args.media_fetch_timeout,
@@ -120,15 +93,69 @@ def main(argv: list[str] | None = None) -> int:
             super().handle_exit(sig, frame)
 
     server = DrainingServer(config)
-    engine.on_dead = lambda: setattr(server, "should_exit", True)  # an orchestrator restarts us
+    load_failed: list[BaseException] = []
+
+    def load() -> None:  # in a thread, so /health answers and /ready says "loading" meanwhile
+        try:
+            llm, engine = _load_engine(args)
+        except BaseException as e:  # noqa: BLE001 - any load failure ends the process with a message
+            load_failed.append(e)
+            if isinstance(e, (ConfigError, CheckpointError, ValueError)):
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                log.exception("loading the model failed")
+            server.should_exit = True
+            return
+        engine.on_dead = lambda: setattr(server, "should_exit", True)  # an orchestrator restarts us
+        state.llm, state.engine = llm, engine  # the engine last: from here on /ready is 200
+        log.info("serving %s as '%s' on %s (%s); KV cache %d tokens; max_model_len %d; http://%s:%d",
+                 llm.engine_config.model, name, llm.device, llm.dtype, llm.engine.kv_capacity_tokens, llm.max_model_len,
+                 args.host, args.port)
+
+    threading.Thread(target=load, name="plm-load", daemon=True).start()
     try:
         server.run()
     finally:
-        engine.shutdown()
-    if engine.dead is not None:
-        log.error("exiting because the engine failed: %r", engine.dead)
+        if state.engine is not None:
+            state.engine.shutdown()
+    if load_failed:
+        return 1
+    if state.engine is not None and state.engine.dead is not None:
+        log.error("exiting because the engine failed: %r", state.engine.dead)
         return 1
     return 0
+
+
+def _load_engine(args):
+    """Builds the demo checkpoint if asked, loads the model and starts the engine thread."""
+    from pathlib import Path
+
+    from plm_core.engine.async_engine import AsyncEngine
+    from plm_core.llm import LLM
+    from plm_core.processor import MediaLimits
+
+    if args.debug_load_delay:  # lets the tests watch the loading state
+        import time
+
+        time.sleep(args.debug_load_delay)
+    model = args.model
+    if args.demo:
+        from plm_core.__main__ import demo_checkpoint
+
+        model = str(demo_checkpoint(args.demo))
+    local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
+    limits = MediaLimits(max_video_frames=args.max_num_frames, allowed_local_root=local,
+                         allow_local_files=local is not None, max_image_pixels=args.max_image_pixels,
+                         max_video_duration_s=args.max_video_duration or None)
+    llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
+              enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
+              cuda_graphs=args.cuda_graphs,
+              default_num_frames=args.default_num_frames, max_num_frames=args.max_num_frames)
+    if args.debug_fail_after_steps is not None:  # fault injection for the engine-failure tests
+        _fail_after(llm.engine, args.debug_fail_after_steps)
+    return llm, AsyncEngine(llm.engine)
 
 
 def _fail_after(core, steps: int) -> None:

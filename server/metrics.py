@@ -17,6 +17,12 @@ class _EngineCollector:
         self.state = state
 
     def collect(self):
+        yield GaugeMetricFamily("plm:server_ready", "1 when the server takes requests (loaded, not draining, "
+                                "engine alive)", value=float(self.state.ready))
+        yield GaugeMetricFamily("plm:pending_http_requests", "Chat requests admitted by the HTTP layer",
+                                value=self.state.pending)
+        if self.state.engine is None:  # still loading: no engine figures yet
+            return
         s = self.state.engine.core.stats
         yield GaugeMetricFamily("plm:num_requests_running", "Sequences in the running batch", value=s.num_running)
         yield GaugeMetricFamily("plm:num_requests_waiting", "Sequences waiting to be scheduled", value=s.num_waiting)
@@ -33,8 +39,6 @@ class _EngineCollector:
         yield CounterMetricFamily("plm:encoder_cache_hits", "Media items whose encoder output was cached",
                                   value=enc.get("hits", 0))
         yield CounterMetricFamily("plm:encoder_cache_misses", "Media items encoded", value=enc.get("misses", 0))
-        yield GaugeMetricFamily("plm:pending_http_requests", "Chat requests admitted by the HTTP layer",
-                                value=self.state.pending)
 
 
 class Metrics:

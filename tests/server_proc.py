@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def start_server(*extra: str, model_name: str = "plm-test", timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """(process, base URL) of a server on the tiny checkpoint, once /health answers."""
+    """(process, base URL) of a server on the tiny checkpoint, once /ready answers 200 (model loaded)."""
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--model", str(checkpoint_path("tiny")), "--port", str(port),
            "--device", "cpu", "--served-model-name", model_name, "--log-level", "warning", *extra]
@@ -30,7 +30,7 @@ def start_server(*extra: str, model_name: str = "plm-test", timeout_s: float = 1
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             time.sleep(0.3)

@@ -74,6 +74,55 @@ def test_engine_failure_fails_requests_and_exits_nonzero():
             stop_server(proc)
 
 
+def test_listens_while_loading_then_ready():
+    import subprocess
+    import sys
+
+    from conftest import REPO, checkpoint_path
+    from server_proc import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(checkpoint_path("tiny")), "--port",
+                             str(port), "--device", "cpu", "--served-model-name", "plm-test", "--log-level", "warning",
+                             "--debug-load-delay", "6"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                health = httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert health.status_code == 200
+        ready = httpx.get(f"{base}/ready")
+        assert ready.status_code == 503 and ready.json()["reason"] == "loading"
+        r = httpx.post(f"{base}/v1/chat/completions", json=BODY)
+        assert r.status_code == 503 and r.headers["retry-after"] and "loading" in r.json()["error"]["message"]
+        assert _metric(base, "plm:server_ready") == 0
+        assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "plm-test"
+        while httpx.get(f"{base}/ready").status_code != 200:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert httpx.post(f"{base}/v1/chat/completions", json=BODY, timeout=60).status_code == 200
+        assert _metric(base, "plm:server_ready") == 1
+    finally:
+        stop_server(proc)
+
+
+def test_load_failure_exits_nonzero_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0",
+                          "--device", "cpu", "--log-level", "warning"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "missing" in out.stderr
+
+
 def _metric(base: str, name: str) -> float:
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
