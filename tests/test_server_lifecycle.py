@@ -74,6 +74,24 @@ def test_engine_failure_fails_requests_and_exits_nonzero():
             stop_server(proc)
 
 
+def test_engine_failure_mid_stream_sends_an_error_event_then_done():
+    proc, base = start_server("--debug-fail-after-steps", "6")
+    try:
+        body = dict(BODY, max_tokens=50, ignore_eos=True, stream=True)
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "engine failed" in error["message"]
+        tokens = [json.loads(e) for e in events[:-2]]
+        assert any(c["choices"][0]["delta"].get("content") for c in tokens)  # it failed mid-stream
+        assert proc.wait(30) != 0
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+
+
 def test_listens_while_loading_then_ready():
     import subprocess
     import sys
