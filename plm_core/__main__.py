@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / ".cache" / "checkpoints"
+
+def demo_dir() -> Path:
+    """Where demo checkpoints go: $PLM_SERVE_CACHE, else $XDG_CACHE_HOME/plm-serve, else ~/.cache/plm-serve."""
+    root = os.environ.get("PLM_SERVE_CACHE")
+    if root:
+        return Path(root) / "checkpoints"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "plm-serve" / "checkpoints"
 
 
 def demo_checkpoint(preset: str = "tiny") -> Path:
-    """Builds (once) a random-weight demo checkpoint under .cache/checkpoints and returns its path."""
+    """Builds (once) a random-weight demo checkpoint under demo_dir() and returns its path.
+
+    It is written to a private folder and renamed into place, so replicas sharing one cache volume
+    can start together: the first rename wins and the others use its files.
+    """
     from plm_core.testing.make_checkpoint import write_checkpoint
 
-    path = DEMO_DIR / f"demo-{preset}"
+    path = demo_dir() / f"demo-{preset}"
     if not (path / "config.json").exists():
         print(f"building the offline demo checkpoint ({preset}, random weights) in {path} ...", file=sys.stderr)
-        write_checkpoint(preset, path, overwrite=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_checkpoint(preset, tmp, overwrite=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "config.json").exists():
+                raise
     return path
 
 

