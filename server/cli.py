@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="OpenAI-compatible HTTP server for PerceptionLM (image and video chat).")
     p.add_argument("--model", default=d.model, help="hub id or local checkpoint directory")
     p.add_argument("--demo", nargs="?", const="tiny", default=None, metavar="PRESET",
-                   help="serve an offline random-weight demo checkpoint (tiny or bench) instead of --model")
+                   help="serve an offline random-weight demo checkpoint (tiny or bench, built once under "
+                        "$PLM_SERVE_CACHE or ~/.cache/plm-serve) instead of --model")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--served-model-name", default=None, help="model name clients send; None means the --model value")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
