@@ -106,6 +106,35 @@ def test_image_chat_equals_offline_engine(client, server):
     assert r.choices[0].message.content == offline.text
 
 
+def test_greedy_http_equals_hf_generate(client):
+    """Greedy text over HTTP (image + system prompt + multi-turn) equals HF generate's for the same chat."""
+    from transformers import AutoTokenizer
+
+    from hf_reference import hf_generate
+
+    path = str(checkpoint_path("tiny"))
+    img = Image.new("RGB", (300, 200), (30, 90, 200))
+    for x in range(0, 300, 25):
+        img.paste((240, 200, 10), (x, 0, x + 10, 200))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    wire = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "A pattern."},
+            {"role": "user", "content": [{"type": "text", "text": "Which colours?"}]}]
+    hf_msgs = [dict(m) for m in wire]
+    hf_msgs[1] = {"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(buf.getvalue()))},
+                                              {"type": "text", "text": "What is this?"}]}
+    hf_msgs[2] = {"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]}
+    _, hf_ids = hf_generate(path, hf_msgs, 12)
+    hf_text = AutoTokenizer.from_pretrained(path).decode(hf_ids, skip_special_tokens=True)
+    r = client.chat.completions.create(model=MODEL, messages=wire, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == hf_text
+    assert r.usage.completion_tokens == len(hf_ids)
+
+
 def test_streaming_with_usage(client, validate):
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count."}],
                                             max_tokens=5, temperature=0, stream=True,
