@@ -37,7 +37,10 @@ class MediaFetcher:
         self.max_bytes, self.max_redirects = max_bytes, max_redirects
         self.allow_private = allow_private
         self.allowed_domains = [d.lower().lstrip(".") for d in allowed_domains or []]
+        # No keep-alive: connections go to vetted IP addresses, and a pooled one must never carry a
+        # request for another host name (its TLS certificate was checked for the first one).
         self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                        limits=httpx.Limits(max_keepalive_connections=0),
                                         timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
                                         headers={"Accept-Encoding": "identity", "User-Agent": "plm-serve"})
 
