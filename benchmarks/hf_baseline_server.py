@@ -193,18 +193,23 @@ class TextDeltas:
 class Baseline:
     """The model, its processor and the single worker thread every request goes through."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str = "cpu"):
         from transformers import AutoProcessor, PerceptionLMForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(path)
+        self.device = torch.device(device)
+        # fp32 on CPU (bf16 matmuls are very slow there), bf16 on GPU: what plm-serve's dtype=auto picks
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.model = PerceptionLMForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="sdpa").eval()
+            path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
 
     def prepare(self, body: dict, cancel: threading.Event) -> Job:
         inputs = build_inputs(self.processor, body["messages"])
+        inputs = {k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
+                  for k, v in inputs.items()}
         temperature = body.get("temperature")
         return Job(inputs, requested_max_tokens(body), bool(body.get("ignore_eos")),
                    1.0 if temperature is None else float(temperature), float(body.get("top_p") or 1.0),
@@ -370,10 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8001, help="port to listen on")
     ap.add_argument("--served-model-name", default=None,
                     help="model name /v1/models reports (requests may name any model); default: --model")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     ap.add_argument("--log-level", default="warning", help="uvicorn log level")
     args = ap.parse_args(argv)
 
-    app = create_app(Baseline(args.model), args.served_model_name or args.model)
+    app = create_app(Baseline(args.model, args.device), args.served_model_name or args.model)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

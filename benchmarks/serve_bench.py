@@ -395,13 +395,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(kind: str, model: str, port: int, name: str, extra: list[str]) -> list[str]:
+def server_command(kind: str, model: str, port: int, name: str, extra: list[str], device: str = "cpu"
+                   ) -> list[str]:
     if kind == "plm-serve":
-        return [sys.executable, "-m", "server", "--model", model, "--port", str(port), "--device", "cpu",
+        return [sys.executable, "-m", "server", "--model", model, "--port", str(port), "--device", device,
                 "--served-model-name", name, "--log-level", "warning", *extra]
     if kind == "hf-baseline":
         return [sys.executable, str(REPO / "benchmarks" / "hf_baseline_server.py"), "--model", model,
-                "--port", str(port), "--served-model-name", name, "--log-level", "warning"]
+                "--port", str(port), "--device", device, "--served-model-name", name, "--log-level", "warning"]
     raise ValueError(f"unknown server kind {kind!r}: plm-serve or hf-baseline")
 
 
@@ -481,7 +482,7 @@ def bench_target(target: Target, args, cfg: WorkloadConfig, workloads: dict, res
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         extra = shlex.split(args.plm_serve_args) if target.launch == "plm-serve" else []
-        cmd = server_command(target.launch, args.model, port, args.served_model_name, extra)
+        cmd = server_command(target.launch, args.model, port, args.served_model_name, extra, args.device)
         ready = ["/health", "/ready"] if target.launch == "plm-serve" else ["/health"]
         print(f"[{target.name}] starting: {shlex.join(cmd)}", file=sys.stderr)
         proc = start_server(cmd, base, ready, out / "logs" / f"{target.name}.log", args.startup_timeout)
@@ -761,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start this server on --model, benchmark it, stop it; repeatable, run in the order "
                           "given, after the --target servers (default: none)")
     srv.add_argument("--model", default=None, help="checkpoint directory for --launch (default: none)")
+    srv.add_argument("--device", default="cpu",
+                     help="device of the launched servers: cpu, or cuda (bf16 on both) (default: %(default)s)")
     srv.add_argument("--served-model-name", default="plm-bench",
                      help="model name the launched servers serve (default: %(default)s)")
     srv.add_argument("--model-name", default=None,
