@@ -76,9 +76,15 @@ def _data_url(size=(200, 150), color=(10, 200, 30)) -> str:
 
 
 def _check(validate, name, obj):
+    """Validates against OpenAI's schema when it is present; the test's own assertions run either way."""
+    if validate is not None:
+        validate(name, obj)
+
+
+def test_openai_schema_is_present(validate):
     if validate is None:
-        pytest.skip(f"OpenAI's schema not found at {OPENAPI} (only present in the project workspace)")
-    validate(name, obj)
+        pytest.skip(f"OpenAI's schema not found at {OPENAPI} (only present in the project workspace): "
+                    "responses are checked by this file's assertions only")
 
 
 def test_models_and_health(server):
