@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per engine step (prefill chunks + decodes)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV cache size (default: 2 GiB on CPU, 85%% of free GPU memory)")
+    p.add_argument("--max-encoder-tiles-per-step", type=int, default=d.max_encoder_tiles_per_step,
+                   help="image tiles / video frames through the vision encoder per engine step (larger items "
+                        "span several steps)")
+    p.add_argument("--encoder-cache-tokens", type=int, default=None,
+                   help="vision-encoder cache budget in LM tokens (default: max(65536, 2 x max-model-len))")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps as CUDA graphs, bucketed by batch and context (GPU; opt-in)")
@@ -167,7 +172,8 @@ def _load_engine(args):
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
               enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
-              cuda_graphs=args.cuda_graphs,
+              cuda_graphs=args.cuda_graphs, max_encoder_tiles_per_step=args.max_encoder_tiles_per_step,
+              encoder_cache_tokens=args.encoder_cache_tokens,
               default_num_frames=args.default_num_frames, max_num_frames=args.max_num_frames)
     if args.debug_fail_after_steps is not None:  # fault injection for the engine-failure tests
         _fail_after(llm.engine, args.debug_fail_after_steps)

@@ -27,7 +27,8 @@ def server(tmp_path_factory):
     proc, base = start_server("--allowed-local-media-path", str(media), "--max-request-body-mb", "1",
                               "--max-media-per-request", "3", "--allow-private-media-hosts",
                               "--allowed-media-domains", "127.0.0.1", "--max-media-mb", "0.5",
-                              "--max-image-pixels", "4000000", "--max-video-duration", "5", model_name=MODEL)
+                              "--max-image-pixels", "4000000", "--max-video-duration", "5",
+                              "--max-encoder-tiles-per-step", "3", model_name=MODEL)
     yield base, media
     stop_server(proc)
 
