@@ -7,6 +7,16 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up mid-body (a fetcher enforcing its byte cap) are expected, not errors."""
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class MediaServer:
     """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME; `hits` counts every request,
     `host_headers` records the Host header of each."""
@@ -45,7 +55,7 @@ class MediaServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.httpd = _QuietServer((host, 0), Handler)
         self.port = self.httpd.server_address[1]
         self.base = f"http://{host}:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
