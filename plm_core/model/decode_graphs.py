@@ -55,7 +55,10 @@ class DecodeGraphs:
         self.context_slots = torch.full((b, c), scratch_slot, dtype=torch.long, device=device)
         self.mask = torch.zeros(b, 1, 1, c, dtype=torch.bool, device=device)
         self.rows = torch.arange(b, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # one output buffer shared by every bucket's graph (a graph per bucket holding its own [b, V]
+        # fp32 logits would cost ~1 GB for PLM's 128k vocabulary at the default 64 sequences)
+        self.logits = torch.zeros(b, model.lm_head.out_features, dtype=torch.float32, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.num_runs = 0  # decode steps served by this path (captured or eager)
         if capture:
             self._capture_all()
@@ -74,8 +77,9 @@ class DecodeGraphs:
                                  decode_slots=self.context_slots[:b, :c], decode_mask=self.mask[:b, :, :, :c],
                                  decode_rows=self.rows[:b])
         hidden = self.model.language_model(self.embeds[:b], self.positions[:b], self.kv_caches, meta)
-        return self.model.lm_head(hidden).float()  # [b, V]
+        return self.logits[:b].copy_(self.model.lm_head(hidden))  # [b, V] fp32
 
+    @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         for b in reversed(self.batch_sizes):  # largest first, so smaller graphs fit in its memory pool
@@ -90,9 +94,9 @@ class DecodeGraphs:
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(b, c)
+                    self._forward(b, c)
                 pool = graph.pool()
-                self.graphs[(b, c)] = (graph, logits)
+                self.graphs[(b, c)] = graph
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -113,8 +117,8 @@ class DecodeGraphs:
         self.mask[n:b, :, :, 0] = True
         self.num_runs += 1
         if self.capture:
-            graph, logits = self.graphs[bucket]
-            graph.replay()
+            self.graphs[bucket].replay()
+            logits = self.logits[:b]
         else:
             logits = self._forward(b, c)
         return logits[:n]

@@ -181,4 +181,4 @@ def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -
         getattr(model, name).to_empty(device=device)
     model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     load_weights(model, cfg.path)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only: no autograd state, even in CUDA graph capture
