@@ -14,9 +14,8 @@ Prompts are preprocessed before timing on both sides; both generate exactly --ma
 from __future__ import annotations
 
 import argparse
-import io
+import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,6 +142,53 @@ def hf_generate(model, inputs, n: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def fresh_llm(path: str, **kwargs) -> LLM:
+    """An engine built after the previous one's memory is really free: on a GPU the KV cache takes 85% of
+    what is free, so a dead engine's tensors left in the caching allocator would shrink the next one's."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return LLM(path, **kwargs)
+
+
+def ours_variant(args, path: str, images, convs, graphs: bool) -> dict:
+    """Throughput, cached-image TTFT and ITL of one engine configuration (eager or CUDA-graph decode)."""
+    global DETAIL
+    tag = "CUDA-graph decode" if graphs else "eager decode"
+    DETAIL = args.detail
+    llm = fresh_llm(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk,
+                    cuda_graphs=graphs)
+    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
+    ours = ours_throughput(llm, convs, args.max_tokens)
+    print(f"\n1. [{tag}] {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens "
+          f"each ({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})")
+    print(f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s")
+    DETAIL = "high"  # TTFT and ITL runs use full-size images
+    cold_img = images[args.concurrency]
+    cold = ours_ttft(llm, chat(cold_img, QUESTIONS[0]))
+    warm = ours_ttft(llm, chat(cold_img, QUESTIONS[1]))
+    print(f"2. [{tag}] time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
+          f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)")
+    ttft = {"cold_s": cold, "repeat_s": warm, "ratio": cold / warm}
+    del llm
+    llm = fresh_llm(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk, cuda_graphs=graphs,
+                    max_encoder_tiles_per_step=args.encoder_tiles)
+    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
+    itl = ours_itl(llm, chat(images[args.concurrency + 1], QUESTIONS[2]), args.itl_streams)
+    print(f"3. [{tag}] {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt "
+          f"prefills (max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)")
+    print(f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
+          f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
+          f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
+          f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s")
+    if graphs and llm.engine.runner.graphs is not None:
+        g = llm.engine.runner.graphs
+        itl["graph_steps"] = g.num_runs
+        print(f"   decode steps served by graphs in this run: {g.num_runs} ({len(g.graphs)} graphs captured)")
+    return {"throughput": {k: v for k, v in ours.items() if k != "ids"}, "ids": ours["ids"], "ttft": ttft,
+            "itl": itl}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: build the bench preset)")
@@ -158,7 +204,9 @@ def main() -> int:
     ap.add_argument("--detail", choices=["high", "low"], default="high",
                     help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU)")
+    ap.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
+                    help="decode with CUDA graphs: off, on, or both (eager first, then graphs, one HF run; the "
+                         "graph run's tokens are compared with the eager run's) (default: %(default)s)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -173,23 +221,34 @@ def main() -> int:
     results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens}
     global DETAIL
-    DETAIL = args.detail
     images = distinct_images(args.concurrency + 3)  # the last one is only for warming up
+    DETAIL = args.detail
     convs = [chat(images[i], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.concurrency)]
 
-    # 1. throughput
-    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk,
-              cuda_graphs=args.cuda_graphs)
-    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
-    ours = ours_throughput(llm, convs, args.max_tokens)
-    print(f"\n1. {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens each "
-          f"({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})")
-    print(f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s")
-    results["throughput"] = {k: v for k, v in ours.items() if k != "ids"}
-    hf = None
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
+    runs = {}
+    for graphs in variants:
+        name = "graphs" if graphs else "eager"
+        runs[name] = ours_variant(args, path, images, convs, graphs)
+        results[name] = {k: v for k, v in runs[name].items() if k != "ids"}
+    if len(runs) == 2:
+        same = sum(a == b for a, b in zip(runs["eager"]["ids"], runs["graphs"]["ids"]))
+        e, g = results["eager"], results["graphs"]
+        results["graphs_vs_eager"] = {
+            "identical_requests": same,
+            "throughput_ratio": g["throughput"]["tokens_per_s"] / e["throughput"]["tokens_per_s"],
+            "decode_only_itl_ratio": g["itl"]["decode_only_p50_ms"] / e["itl"]["decode_only_p50_ms"]}
+        print(f"\nCUDA graphs vs eager: {same}/{len(convs)} requests token-identical; throughput "
+              f"{results['graphs_vs_eager']['throughput_ratio']:.2f}x; decode-only ITL p50 "
+              f"{g['itl']['decode_only_p50_ms']:.1f} ms vs {e['itl']['decode_only_p50_ms']:.1f} ms")
+
     if not args.skip_hf:
         from transformers import PerceptionLMForConditionalGeneration
 
+        DETAIL = args.detail
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         dtype = getattr(torch, args.dtype)
         hf = PerceptionLMForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         hf = hf.to(args.device).eval()
@@ -199,54 +258,32 @@ def main() -> int:
         hf_ids = [hf_generate(hf, x, args.max_tokens) for x in hf_in]
         wall = time.perf_counter() - t0
         tps = sum(map(len, hf_ids)) / wall
-        same = sum(a == b for a, b in zip(hf_ids, ours["ids"]))
-        print(f"   HF generate, one at a time: {sum(map(len, hf_ids))} tokens in {wall:.1f} s = {tps:.2f} tok/s")
-        print(f"   speedup {ours['tokens_per_s'] / tps:.2f}x (target >= 6x); "
-              f"{same}/{len(hf_ids)} requests token-identical to HF")
-        results["throughput"].update(hf_wall_s=wall, hf_tokens_per_s=tps, speedup=ours["tokens_per_s"] / tps,
-                                     identical_to_hf=same)
-
-    DETAIL = "high"  # TTFT and ITL runs use full-size images
-
-    # 2. TTFT, cold image vs the same image with a new question
-    cold_img, q = images[args.concurrency], QUESTIONS
-    cold = ours_ttft(llm, chat(cold_img, q[0]))
-    warm = ours_ttft(llm, chat(cold_img, q[1]))
-    print(f"\n2. time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
-          f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)")
-    results["ttft"] = {"cold_s": cold, "repeat_s": warm, "ratio": cold / warm}
-    if hf is not None:
-        x = hf_prepare(path, [chat(cold_img, q[1])])[0]
+        print(f"\nHF generate, one request at a time on the same prompts:")
+        print(f"1. {sum(map(len, hf_ids))} tokens in {wall:.1f} s = {tps:.2f} tok/s")
+        results["hf"] = {"wall_s": wall, "tokens_per_s": tps}
+        for name, run in runs.items():
+            same = sum(a == b for a, b in zip(hf_ids, run["ids"]))
+            speedup = run["throughput"]["tokens_per_s"] / tps
+            print(f"   plm-serve ({name}) speedup {speedup:.2f}x (target >= 6x); "
+                  f"{same}/{len(hf_ids)} requests token-identical to HF")
+            results[name]["throughput"].update(speedup=speedup, identical_to_hf=same)
+        DETAIL = "high"
+        x = hf_prepare(path, [chat(images[args.concurrency], QUESTIONS[1])])[0]
         t0 = time.perf_counter()
         hf_generate(hf, x, 1)
         hf_ttft = time.perf_counter() - t0
-        print(f"   HF generate TTFT for the repeated image: {hf_ttft * 1000:.0f} ms (no caching)")
-        results["ttft"]["hf_repeat_s"] = hf_ttft
-    del llm
-
-    # 3. ITL of running streams while a long image prompt prefills
-    llm = LLM(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk, cuda_graphs=args.cuda_graphs,
-              max_encoder_tiles_per_step=args.encoder_tiles)
-    llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
-    itl = ours_itl(llm, chat(images[args.concurrency + 1], q[2]), args.itl_streams)
-    print(f"\n3. {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt prefills "
-          f"(max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)")
-    print(f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
-          f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
-          f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
-          f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s")
-    results["itl"] = itl
-    if hf is not None:
-        x = hf_prepare(path, [chat(images[args.concurrency + 1], q[2])])[0]
+        print(f"2. HF generate TTFT for the repeated image: {hf_ttft * 1000:.0f} ms (no caching)")
+        results["hf"]["ttft_repeat_s"] = hf_ttft
+        x = hf_prepare(path, [chat(images[args.concurrency + 1], QUESTIONS[2])])[0]
         t0 = time.perf_counter()
         hf_generate(hf, x, 1)
         t1 = time.perf_counter()
         hf_generate(hf, x, 33)
         t2 = time.perf_counter()
         per_token = ((t2 - t1) - (t1 - t0)) / 32
-        print(f"   HF one at a time: a stream waits the whole {t1 - t0:.1f} s prefill of the other request; "
+        print(f"3. HF one at a time: a stream waits the whole {t1 - t0:.2f} s prefill of the other request; "
               f"its own decode step is {per_token * 1000:.1f} ms")
-        results["itl"].update(hf_prefill_s=t1 - t0, hf_decode_step_ms=per_token * 1000)
+        results["hf"].update(prefill_s=t1 - t0, decode_step_ms=per_token * 1000)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")

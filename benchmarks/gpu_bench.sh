@@ -1,38 +1,99 @@
 #!/usr/bin/env bash
-# Prepared GPU benchmark: builds the `1b` preset (PLM-1B dimensions, random weights, bf16) and runs,
-# on CUDA, the parts named in $PARTS (default: all three), writing every figure to $OUT:
-#   engine  benchmarks/bench_engine.py against HF generate (throughput, cached-image TTFT, ITL)
-#   graphs  the same engine run with decode steps replayed as CUDA graphs (HF side skipped)
-#   serve   benchmarks/serve_bench.py over HTTP: plm-serve vs the HF one-at-a-time baseline
-# Each part fits a 10-minute device call on an H200; run them in separate calls if needed:
-#   OUT=/tmp/out PARTS="engine graphs" bash benchmarks/gpu_bench.sh
-#   OUT=/tmp/out PARTS=serve bash benchmarks/gpu_bench.sh
+# Prepared GPU benchmark, one command on a CUDA host; every figure and log line lands in $OUT.
+#
+#   bash benchmarks/gpu_wheels.sh                 # here, with the registry: wheels into .whl/ (if the host is offline)
+#   OUT=/tmp/out bash benchmarks/gpu_bench.sh     # there
+#
+# Python: with .whl/ present the host's own python3 (its PyTorch) runs, the wheels installed beside
+# it in /tmp/plm-site; else .venv/bin/python; else scripts/setup.sh makes .venv (needs the registry).
+# Parts ($PARTS, default "check engine serve"), each under its own time limit so one stuck part
+# cannot eat the others':
+#   check   the `bench` preset in fp32 on the GPU: CUDA-graph decode vs eager vs HF generate, token
+#           for token (fp32, so all three should agree), plus the CUDA sampler tests
+#   engine  the `1b` preset (PLM-1B dimensions, random weights) in bf16: benchmarks/bench_engine.py,
+#           eager and CUDA-graph decode against HF generate one request at a time
+#   serve   benchmarks/serve_bench.py over HTTP on the 1b preset: plm-serve vs the HF baseline server
+# About 7 minutes on an H200 (checkpoint build included). DEVICE=cpu DTYPE=float32 PRESET=bench
+# runs the same plumbing on a CPU (a dry run of this script).
+# $OUT gets two files, rewritten after each part: gpu_bench.log (everything printed) and results.tgz
+# (each part's output and JSON, env.txt, summary.txt, the serving report and plots), since a device
+# call brings back only a few files; $WORK holds them unpacked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out}
-PARTS=${PARTS:-engine graphs serve}
-mkdir -p "$OUT"
-bash scripts/setup.sh
-PY=.venv/bin/python
-CKPT=.cache/checkpoints/1b
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-[ -f $CKPT/config.json ] || $PY -m plm_core.testing.make_checkpoint --preset 1b --out $CKPT --overwrite
-ENGINE_ARGS=(--checkpoint $CKPT --device cuda --dtype bfloat16 --concurrency 16 --max-tokens 256 --chunk 2048
-             --encoder-tiles 16 --throughput-chunk 8192)
+OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
+WORK=${WORK:-/tmp/plm-gpu-bench}
+rm -rf "$WORK" && mkdir -p "$WORK"
+PARTS=${PARTS:-check engine serve}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+PRESET=${PRESET:-1b}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
+echo "== $(date -u +%FT%TZ) gpu_bench: parts [$PARTS] on $DEVICE $DTYPE, preset $PRESET"
+
+if [ -d .whl ]; then
+  PY=${PY:-python3}
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/plm-site .whl/*.whl
+  export PYTHONPATH=/tmp/plm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+elif [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  bash scripts/setup.sh
+  PY=.venv/bin/python
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+DEVICE=$DEVICE $PY - <<'EOF' | tee "$WORK/env.txt"
+import os, platform, sys
+import torch, torchvision, transformers, timm, fastapi, uvicorn, pydantic, av, httpx, matplotlib
+print("python", platform.python_version(), sys.executable)
+for mod in (torch, torchvision, transformers, timm, fastapi, uvicorn, pydantic, av, httpx):
+    print(f"{mod.__name__} {mod.__version__}")
+if os.environ["DEVICE"] == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device"
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, CUDA {torch.version.cuda}")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv \
+  | tee -a "$WORK/env.txt" || true
+
+checkpoint() {  # checkpoint PRESET -> prints its directory, building it once
+  local dir=${CKPT_ROOT:-/tmp/plm-serve-ckpt}/$1
+  if [ ! -f "$dir/config.json" ]; then
+    local t0=$SECONDS
+    $PY -m plm_core.testing.make_checkpoint --preset "$1" --out "$dir" --overwrite >&2
+    echo "built the $1 checkpoint in $((SECONDS - t0)) s" >&2
+  fi
+  echo "$dir"
+}
+
+run_part() {  # run_part NAME SECONDS CMD...: a part's failure or timeout is logged, the next part still runs
+  local name=$1 limit=$2 t0=$SECONDS rc=0
+  shift 2
+  echo "== part $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/$name.txt" || rc=$?
+  echo "== part $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$WORK/summary.txt"
+  tar -czf "$OUT/results.tgz" -C "$WORK" .
+}
+
 for part in $PARTS; do
   case $part in
+    check)
+      small=$(checkpoint bench)
+      run_part check "${CHECK_LIMIT:-150}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
+        --dtype float32 --concurrency 4 --max-tokens 48 --itl-streams 4 --cuda-graphs both --out "$WORK/check.json"
+      run_part sampler "${SAMPLER_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_sampler.py ;;
     engine)
-      $PY benchmarks/bench_engine.py "${ENGINE_ARGS[@]}" --out "$OUT/bench_engine_1b_gpu.json" 2>&1 \
-        | tee "$OUT/bench_engine_1b_gpu.txt" ;;
-    graphs)
-      $PY benchmarks/bench_engine.py "${ENGINE_ARGS[@]}" --skip-hf --cuda-graphs \
-        --out "$OUT/bench_engine_1b_gpu_graphs.json" 2>&1 | tee "$OUT/bench_engine_1b_gpu_graphs.txt" ;;
+      big=$(checkpoint "$PRESET")
+      run_part engine "${ENGINE_LIMIT:-300}" $PY benchmarks/bench_engine.py --checkpoint "$big" --device "$DEVICE" \
+        --dtype "$DTYPE" --concurrency 16 --max-tokens 128 --chunk 2048 --encoder-tiles 16 --throughput-chunk 8192 \
+        --cuda-graphs both --out "$WORK/engine.json" ;;
     serve)
-      $PY benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline --model $CKPT --device cuda \
-        --num-prompts 48 --image-detail auto --num-frames 16 --max-tokens 128 --concurrency 1,8,32 \
-        --baseline-concurrency 1,8 --no-progress --out "$OUT/serve" \
-        --note "one NVIDIA GPU (see device.txt), bf16, the 1b preset (PLM-1B dimensions, random weights)" 2>&1 \
-        | tee "$OUT/serve_bench_1b_gpu.txt" ;;
-    *) echo "unknown part: $part (engine, graphs, serve)" >&2; exit 2 ;;
+      big=$(checkpoint "$PRESET")
+      run_part serve "${SERVE_LIMIT:-200}" $PY benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline \
+        --model "$big" --device "$DEVICE" --num-prompts 32 --image-detail auto --num-frames 16 --max-tokens 64 \
+        --concurrency 1,16 --baseline-concurrency 1 --no-progress --out "$WORK/serve" \
+        --note "$(head -c 300 "$WORK/env.txt" | tr '\n' ' ')" ;;
+    *) echo "unknown part: $part (check, engine, serve)" >&2; exit 2 ;;
   esac
 done
+echo "== $(date -u +%FT%TZ) done"; cat "$WORK/summary.txt"
