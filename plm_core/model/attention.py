@@ -128,7 +128,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         flat = meta.decode_slots.flatten()
         keys = k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)  # [B, nkv, C, D]
         values = v_cache.index_select(0, flat).view(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
-        query = q.index_select(0, rows)[:, :, None]  # [B, nh, 1, D]
-        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, enable_gqa=True)
-        out.index_copy_(0, rows, o[:, :, 0])
+        # each kv head's query heads become its queries ([B, nkv, group, D]), the mask broadcasting over
+        # them: GQA with no K/V expansion and no enable_gqa, which not every GPU kernel takes
+        nkv = k_cache.shape[1]
+        query = q.index_select(0, rows).view(d, nkv, n_heads // nkv, q.shape[-1])
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask)
+        out.index_copy_(0, rows, o.reshape(d, n_heads, q.shape[-1]))
     return out
