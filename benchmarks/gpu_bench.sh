@@ -9,7 +9,7 @@
 # Parts ($PARTS, default "check engine serve"), each under its own time limit so one stuck part
 # cannot eat the others':
 #   check   the `bench` preset in fp32 on the GPU: CUDA-graph decode vs eager vs HF generate, token
-#           for token (fp32, so all three should agree), plus the CUDA sampler tests
+#           for token (fp32, so all three should agree), plus the tests with a CUDA variant
 #   engine  the `1b` preset (PLM-1B dimensions, random weights) in bf16: benchmarks/bench_engine.py,
 #           eager and CUDA-graph decode against HF generate one request at a time
 #   serve   benchmarks/serve_bench.py over HTTP on the 1b preset: plm-serve vs the HF baseline server
@@ -81,7 +81,8 @@ for part in $PARTS; do
       small=$(checkpoint bench)
       run_part check "${CHECK_LIMIT:-150}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
         --dtype float32 --concurrency 4 --max-tokens 48 --itl-streams 4 --cuda-graphs both --out "$WORK/check.json"
-      run_part sampler "${SAMPLER_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_sampler.py ;;
+      run_part cuda-tests "${SAMPLER_LIMIT:-120}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
+        tests/test_engine.py -k "cuda or profile or budget" ;;
     engine)
       big=$(checkpoint "$PRESET")
       run_part engine "${ENGINE_LIMIT:-300}" $PY benchmarks/bench_engine.py --checkpoint "$big" --device "$DEVICE" \

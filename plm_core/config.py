@@ -241,7 +241,8 @@ class EngineConfig:
     download_dir: str | None = None  # hub cache directory (default: huggingface_hub's)
     # scheduling and caches
     block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU, 85% of free memory on GPU
+    kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU; on GPU what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV cache
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens per step: prefill chunks + decode tokens
     enable_prefix_caching: bool = True

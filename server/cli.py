@@ -12,6 +12,13 @@ from plm_core.config import DEFAULT_MAX_IMAGE_PIXELS, EngineConfig
 log = logging.getLogger("plm_serve")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = EngineConfig()
     p = argparse.ArgumentParser(prog="plm-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -31,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step (prefill chunks + decodes)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
-                   help="KV cache size (default: 2 GiB on CPU, 85%% of free GPU memory)")
+                   help="KV cache size (default: 2 GiB on CPU; on a GPU what --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=d.gpu_memory_utilization,
+                   help="share of the GPU's memory this server may take: weights, a measured worst-case step's "
+                        "activations, the encoder cache and the KV cache (the rest)")
     p.add_argument("--max-encoder-tiles-per-step", type=int, default=d.max_encoder_tiles_per_step,
                    help="image tiles / video frames through the vision encoder per engine step (larger items "
                         "span several steps)")
@@ -171,6 +181,7 @@ def _load_engine(args):
     llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
+              gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=not args.no_prefix_caching, max_num_tiles=args.max_num_tiles,
               cuda_graphs=args.cuda_graphs, max_encoder_tiles_per_step=args.max_encoder_tiles_per_step,
               encoder_cache_tokens=args.encoder_cache_tokens,

@@ -329,3 +329,37 @@ def test_seeded_sampling_same_alone_and_batched(path, solo, media_dir):
                       [SamplingParams(temperature=1.0, seed=i, max_tokens=20) for i in range(2)] + [p]
                       + [SamplingParams(temperature=0, max_tokens=5)])
     assert batch[2].token_ids == alone
+
+
+def test_gpu_kv_budget_counts_weights_activations_and_other_users():
+    from plm_core.engine.core import GPU_MARGIN_BYTES, gpu_kv_budget
+
+    gib, m = 2**30, GPU_MARGIN_BYTES
+    # an 80 GiB card to itself: 16 GiB of weights (8B), 3 GiB reserved for a step and the encoder cache
+    assert gpu_kv_budget(80 * gib, 63 * gib, 16 * gib, 3 * gib, 0.9) == int(0.9 * 80 * gib) - 16 * gib - 3 * gib - m
+    # a second replica at 0.45 beside one already holding 0.45 of the card: its own share, not the first's
+    assert gpu_kv_budget(80 * gib, 41 * gib, 3 * gib, gib, 0.45) == int(0.45 * 80 * gib) - 3 * gib - gib - m
+    # other processes leave less free than the share: only what is free
+    assert gpu_kv_budget(80 * gib, 20 * gib, 3 * gib, gib, 0.9) == 20 * gib - gib - m
+    # weights beyond the share: nothing (plan_kv_blocks then refuses, with the numbers)
+    assert gpu_kv_budget(24 * gib, 7 * gib, 17 * gib, gib, 0.7) < 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_profile_step_runs_the_worst_case_step(path, device):
+    """The GPU KV budget's profiling step (a tile batch, then the last chunk of a full context) runs;
+    on CUDA it measures a positive peak, off CUDA nothing."""
+    import torch
+
+    from plm_core.config import load_model_config
+    from plm_core.engine.model_runner import profile_step_peak_bytes
+    from plm_core.model.perception_lm import build_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = load_model_config(path)
+    dev = torch.device(device)
+    model = build_model(cfg, device=dev, dtype=torch.float32)
+    got = profile_step_peak_bytes(model, cfg, num_tokens=48, num_tiles=3, num_logit_rows=4, context_len=100,
+                                  block_size=16, device=dev, dtype=torch.float32)
+    assert got is None if device == "cpu" else got > 0

@@ -19,11 +19,12 @@ from plm_core.config import EngineConfig, ModelConfig
 from plm_core.engine.block_manager import BlockManager
 from plm_core.engine.detokenizer import IncrementalDetokenizer
 from plm_core.engine.encoder_cache import EncoderCacheManager
-from plm_core.engine.model_runner import ModelRunner, kv_bytes_per_token
+from plm_core.engine.model_runner import ModelRunner, kv_bytes_per_token, profile_step_peak_bytes
 from plm_core.engine.request import Request, RequestStatus
 from plm_core.engine.sampler import Logprobs
 from plm_core.engine.scheduler import Scheduler, SchedulerConfig
 from plm_core.inputs import ProcessedPrompt
+from plm_core.model.perception_lm import build_model
 from plm_core.sampling import SamplingParams
 from plm_core.tokenizer import PLMTokenizer
 
@@ -61,22 +62,39 @@ class EngineStats:
     steps: int = 0
 
 
+GPU_MARGIN_BYTES = 1 << 30  # CUDA graphs, sampler copies, cuBLAS workspaces, allocator fragmentation
+
+
+def gpu_kv_budget(total: int, free: int, own: int, reserved: int, utilization: float) -> int:
+    """Bytes for the KV cache on a GPU: this engine's share, `utilization` of the card, less what it
+    already holds (`own`: the weights), `reserved` (a step's activations, the encoder cache) and a
+    fixed margin; never more than is free, so other processes on the card are respected."""
+    return min(int(utilization * total) - own, free) - reserved - GPU_MARGIN_BYTES
+
+
 def plan_kv_blocks(model_config: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
-                   max_model_len: int) -> int:
-    """Number of KV blocks: from engine.kv_cache_memory_gb, else 2 GiB on CPU or 85% of free GPU memory."""
+                   max_model_len: int, reserved_bytes: int = 0) -> int:
+    """Number of KV blocks: from engine.kv_cache_memory_gb, else 2 GiB on CPU; on a GPU, what
+    `gpu_kv_budget` leaves once the weights are loaded (`reserved_bytes`: see EngineCore)."""
     per_token = kv_bytes_per_token(model_config, dtype)
+    detail = ""
     if engine.kv_cache_memory_gb is not None:
         budget = engine.kv_cache_memory_gb * 2**30
     elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = max(0.0, free * 0.85 - 2 * 2**30)  # headroom for activations and the encoder
+        free, total = torch.cuda.mem_get_info(device)
+        own = torch.cuda.memory_reserved(device)
+        budget = max(0, gpu_kv_budget(total, free, own, reserved_bytes, engine.gpu_memory_utilization))
+        detail = (f" ({engine.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), "
+                  f"less {own / 2**30:.1f} GiB of weights, {reserved_bytes / 2**30:.1f} GiB for a step's "
+                  f"activations and the encoder cache, {GPU_MARGIN_BYTES / 2**30:.0f} GiB margin)")
     else:
         budget = 2 * 2**30
     blocks = int(budget // (per_token * engine.block_size))
     needed = math.ceil(max_model_len / engine.block_size) + 1
     if blocks < needed:
-        raise ValueError(f"the KV cache holds {blocks * engine.block_size} tokens, less than one request of "
-                         f"max_model_len={max_model_len}; give more memory or a smaller max_model_len")
+        raise ValueError(f"the KV cache holds {blocks * engine.block_size} tokens{detail}, less than one request of "
+                         f"max_model_len={max_model_len}; give more memory (--gpu-memory-utilization, "
+                         f"--kv-cache-memory-gb) or a smaller --max-model-len")
     return blocks
 
 
@@ -88,9 +106,21 @@ class EngineCore:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        num_blocks = plan_kv_blocks(model_config, engine, device, dtype, max_model_len)
         tiles_per_step = max(1, engine.max_encoder_tiles_per_step)
         encoder_tokens = engine.encoder_cache_tokens or max(65536, 2 * max_model_len)
+        if model is None:  # weights first, so that the GPU KV budget sees them in use
+            model = build_model(model_config, device=device, dtype=dtype)
+        reserved = 0
+        if device.type == "cuda" and engine.kv_cache_memory_gb is None:
+            step = profile_step_peak_bytes(model, model_config, num_tokens=engine.max_num_batched_tokens,
+                                           num_tiles=tiles_per_step, num_logit_rows=engine.max_num_seqs,
+                                           context_len=max_model_len, block_size=engine.block_size,
+                                           device=device, dtype=dtype)
+            encoder_cache = encoder_tokens * model_config.text.hidden_size * dtype.itemsize
+            reserved = step + encoder_cache
+            log.info("a worst-case step needs %.2f GiB of activations; the encoder cache up to %.2f GiB",
+                     step / 2**30, encoder_cache / 2**30)
+        num_blocks = plan_kv_blocks(model_config, engine, device, dtype, max_model_len, reserved)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
                             max_encoder_tiles_per_step=tiles_per_step),

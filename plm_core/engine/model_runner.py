@@ -39,6 +39,46 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * t.num_layers * t.num_kv_heads * t.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+@torch.inference_mode()
+def profile_step_peak_bytes(model: PerceptionLM, cfg: ModelConfig, *, num_tokens: int, num_tiles: int,
+                            num_logit_rows: int, context_len: int, block_size: int, device: torch.device,
+                            dtype: torch.dtype) -> int | None:
+    """Memory a worst-case step needs beyond the weights and the KV cache, measured by running one.
+
+    The step encodes `num_tiles` tiles, then prefills a `num_tokens` chunk at the end of a
+    `context_len` context (the largest attention it can meet) and takes `num_logit_rows` rows of
+    logits, over a throwaway KV cache just large enough, whose own size is not counted. Returns the
+    CUDA allocator's peak above what was allocated before, or None off CUDA (the step still runs,
+    which is how CPU tests check it).
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    tile = cfg.processor.tile_size
+    if num_tiles:
+        model.encode_media(torch.zeros(num_tiles, 3, tile, tile, device=device, dtype=dtype))
+    t = cfg.text
+    ctx = max(num_tokens, context_len)
+    blocks = -(-ctx // block_size)
+    shape = (blocks * block_size, t.num_kv_heads, t.head_dim)
+    kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+          for _ in range(t.num_layers)]
+    meta = build_metadata([list(range(blocks))], [ctx - num_tokens], [num_tokens], block_size, device)
+    embeds = torch.zeros(num_tokens, t.hidden_size, dtype=dtype, device=device)
+    positions = torch.arange(ctx - num_tokens, ctx, device=device)
+    rows = torch.arange(num_tokens - min(num_logit_rows, num_tokens), num_tokens, device=device)
+    model(embeds, positions, kv, meta, rows)
+    if not cuda:
+        return None
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - 2 * t.num_layers * kv[0][0].nbytes
+    del kv
+    torch.cuda.empty_cache()
+    return max(0, peak)
+
+
 class ModelRunner:
     """Runs steps of the model for the scheduler's outputs."""
 
