@@ -10,11 +10,13 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +31,7 @@ from server.protocol import (APIError, ChatCompletionRequest, completion_id, log
                              to_engine_inputs)
 
 log = logging.getLogger("plm_serve")
+STARTED = int(time.time())  # the model cards' `created`
 
 
 def _param_path(loc: tuple) -> str | None:
@@ -53,6 +56,8 @@ class ServerState:
     max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
     max_body_bytes: int = 64 << 20  # larger request bodies get 413 before they are parsed
     max_media_items: int = 8  # images + videos per request, checked before any fetch or decode
+    body_timeout_s: float = 30.0  # a request body not received within this gets 408 (no slot held meanwhile)
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*" for any)
     pending: int = 0
     draining: bool = False
     metrics: Metrics | None = None
@@ -106,8 +111,11 @@ def build_app(state: ServerState) -> FastAPI:
         return _error_response(APIError(500, "internal server error", type="server_error"))
 
     app.add_middleware(_APIKeyMiddleware, state=state)
+    if state.allowed_origins:  # added last, so it runs first: preflights need no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
@@ -115,18 +123,29 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready():
         if not state.ready:
             return JSONResponse({"status": "unavailable", "reason": state.not_ready_reason}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": state.served_model_name, "object": "model", "created": now(), "owned_by": "plm-serve"}
+    def model_card() -> dict:
+        card = {"id": state.served_model_name, "object": "model", "created": STARTED, "owned_by": "plm-serve"}
         if state.llm is not None:
             card["max_model_len"] = state.llm.max_model_len
-        return {"object": "list", "data": [card]}
+        return card
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != state.served_model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
+                                f"'{state.served_model_name}'", type="not_found_error", param="model",
+                           code="model_not_found")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -134,13 +153,22 @@ def build_app(state: ServerState) -> FastAPI:
             state.metrics.rejected.labels("not_ready").inc()
             raise APIError(503, f"the server is not ready ({state.not_ready_reason})", type="server_error",
                            headers={"Retry-After": "5"})
-        if state.pending >= state.max_pending:  # admission before any parsing or media work
+        if state.pending >= state.max_pending:  # refuse before reading a body when already full
+            state.metrics.rejected.labels("capacity").inc()
+            raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
+                           type="rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            req = await _parse(request, state.max_body_bytes, state.body_timeout_s)
+        except APIError:
+            state.metrics.rejected.labels("invalid").inc()
+            raise
+        if state.pending >= state.max_pending:  # admission once the body is in: a stalled upload holds no slot
             state.metrics.rejected.labels("capacity").inc()
             raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
                            type="rate_limit_error", headers={"Retry-After": "1"})
         state.pending += 1
         try:
-            response = await _chat(state, request)
+            response = await _chat(state, request, req)
         except BaseException as e:
             state.pending -= 1
             if isinstance(e, APIError) and e.status < 500:
@@ -182,10 +210,9 @@ async def _release_after(stream, state: ServerState):
         state.pending -= 1
 
 
-async def _chat(state: ServerState, request: Request):
-    """Parses, validates, preprocesses and runs one chat completion (JSON or SSE)."""
+async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest):
+    """Validates, preprocesses and runs one parsed chat completion (JSON or SSE)."""
     arrival = time.perf_counter()
-    req = await _parse(request, state.max_body_bytes)
     media_items = sum(1 for m in req.messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                       for p in m["content"] if isinstance(p, dict)
                       and p.get("type") in ("image_url", "video_url", "image", "video"))
@@ -198,20 +225,22 @@ async def _chat(state: ServerState, request: Request):
                        code="model_not_found")
     llm = state.llm
     prompt_len_cap = llm.max_model_len - 1
-    params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len)
+    params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len,
+                                     vocab_size=llm.model_config.text.vocab_size)
     try:
         messages = await state.fetcher.fetch_request_media(req.messages)
         prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap)
     except (PromptError, MediaError) as e:
-        raise APIError(400, str(e), param="messages") from None
+        raise APIError(400, str(e), param=_message_param(str(e))) from None
     n_prompt = len(prompt.prompt_token_ids)
     explicit = req.max_completion_tokens or req.max_tokens
     if explicit is None:
         params.max_tokens = llm.max_model_len - n_prompt
     elif n_prompt + explicit > llm.max_model_len:
+        name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
-                            f"has {n_prompt} tokens and max_tokens asks for {explicit} more",
-                       param="max_tokens")
+                            f"has {n_prompt} tokens and {name} asks for {explicit} more",
+                       param=name, code="context_length_exceeded")
     rid = completion_id()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -241,13 +270,47 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
+def _message_param(message: str) -> str:
+    """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`)."""
+    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?", message)
+    return m.group(0) if m else "messages"
+
+
+def _not_json_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _find_lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (valid JSON escapes, not Unicode text)."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(v, dict):
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{p}[{i}]") for i, x in enumerate(v))
+    return None
+
+
+async def _parse(request: Request, max_body_bytes: int, timeout_s: float) -> ChatCompletionRequest:
     try:
-        data = json.loads(await _read_body(request, max_body_bytes))
-    except (ValueError, UnicodeDecodeError):
+        body = await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    try:  # strict JSON: NaN and Infinity are not JSON; absurd nesting is refused, not a crash
+        data = json.loads(body, parse_constant=_not_json_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    bad = _find_lone_surrogate(data)
+    if bad is not None:
+        raise APIError(400, f"{bad} contains a lone surrogate escape, which is not Unicode text", param=bad)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:

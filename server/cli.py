@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat requests admitted at once; more get 429 with Retry-After")
     p.add_argument("--max-request-body-mb", type=float, default=64.0,
                    help="larger request bodies get 413 before parsing")
+    p.add_argument("--request-body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body, else 408; no admission slot is "
+                        "held while a body arrives")
+    p.add_argument("--allowed-origins", default=None,
+                   help="comma-separated browser origins allowed to call the API (CORS), or '*' for any "
+                        "(default: none; CORS preflights then get 405)")
     p.add_argument("--max-media-per-request", type=int, default=8,
                    help="images + videos per request (checked before any decode)")
     p.add_argument("--allowed-media-domains", default=None,
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or (args.model if not args.demo else f"plm-demo-{args.demo}")
     state = ServerState(served_model_name=name, api_key=args.api_key,
                         max_pending=args.max_pending_requests, max_body_bytes=int(args.max_request_body_mb * 2**20),
-                        max_media_items=args.max_media_per_request,
+                        max_media_items=args.max_media_per_request, body_timeout_s=args.request_body_timeout,
+                        allowed_origins=tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()),
                         fetcher=MediaFetcher(max_bytes=int(args.max_media_mb * 2**20), timeout_s=args.media_fetch_timeout,
                                              allow_private=args.allow_private_media_hosts,
                                              allowed_domains=[d.strip() for d in (args.allowed_media_domains or "").split(",")

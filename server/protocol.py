@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plm_core.processor import MediaOptions
 from plm_core.sampling import SamplingParams
@@ -33,23 +33,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields plm-serve reads; unknown fields are tolerated (as OpenAI-compatible servers do)."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-    model_config = ConfigDict(extra="allow")
+
+class ChatCompletionRequest(BaseModel):
+    """The fields plm-serve reads; unknown fields are tolerated (as OpenAI-compatible servers do).
+
+    Fields OpenAI's schema makes nullable take their default when sent as null."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -60,33 +65,53 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     user: str | None = None
     # plm-serve extensions: tile budget per image, frames per video
     max_num_tiles: int | None = Field(None, ge=1)
     num_frames: int | None = Field(None, ge=1)
     fps: float | None = Field(None, gt=0)
 
+    @field_validator("stream", "n", "logprobs", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+                     "skip_special_tokens", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction")
+
+UNSUPPORTED = {  # request field -> why this server cannot honour it
+    "tools": "PerceptionLM has no tool calling", "tool_choice": "PerceptionLM has no tool calling",
+    "functions": "PerceptionLM has no tool calling", "function_call": "PerceptionLM has no tool calling",
+    "audio": "PerceptionLM has no audio output", "prediction": "predicted outputs are not supported",
+}
 
 
-def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int) -> tuple[SamplingParams, MediaOptions]:
+def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, vocab_size: int
+                     ) -> tuple[SamplingParams, MediaOptions]:
     """Validated request -> engine types; raises APIError(400) for what the engine cannot honour."""
     extra = req.model_extra or {}
-    for name in UNSUPPORTED:
+    for name, why in UNSUPPORTED.items():
         if extra.get(name) not in (None, [], {}):
-            raise APIError(400, f"'{name}' is not supported by this server (PerceptionLM has no tool calling)",
-                           param=name)
+            raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name)
+    modalities = extra.get("modalities")
+    if modalities not in (None, ["text"]):
+        raise APIError(400, "only the 'text' output modality is supported", param="modalities")
     fmt = extra.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    try:
-        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
-    except ValueError:
-        raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for {key}", param="logit_bias")
+        bias[int(key)] = float(value)
     try:
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -104,10 +129,13 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int) -> 
             logit_bias=bias or None,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
             n=req.n,
         )
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        field = str(e).split(" ", 1)[0]  # SamplingParams names the field first ("min_tokens (5) must be ...")
+        raise APIError(400, str(e), param=field if field in ChatCompletionRequest.model_fields else None) from None
     return params, MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
 
 

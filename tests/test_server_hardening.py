@@ -1,0 +1,145 @@
+"""Requests found by black-box probing that crashed the server, got a 5xx, or differed from OpenAI.
+
+One real `python -m server` process on the tiny checkpoint; each case checks the status, the error
+envelope and `param`, and that the server still answers afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_proc import start_server, stop_server
+
+MODEL = "plm-test"
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def base():
+    proc, url = start_server("--max-pending-requests", "2", "--request-body-timeout", "2",
+                             "--allowed-origins", ORIGIN, model_name=MODEL)
+    yield url
+    stop_server(proc)
+
+
+def body(**change) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2, **change}
+
+
+def post(base: str, payload, **kw) -> httpx.Response:
+    if isinstance(payload, (bytes, str)):
+        return httpx.post(f"{base}/v1/chat/completions", content=payload,
+                          headers={"content-type": "application/json"}, timeout=60, **kw)
+    return httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=60, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, match: str = "") -> dict:
+    assert r.status_code == status, r.text[:400]
+    err = r.json()["error"]
+    assert err["param"] == param and match in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("raw", [
+    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": NaN}}',
+    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "x": ' + "[" * 5000 + "]" * 5000 + "}",
+], ids=["nan", "infinity", "deep-nesting"])
+def test_not_json_is_400(base, raw):
+    assert_error(post(base, raw), 400, None, "not valid JSON")
+    assert post(base, body()).status_code == 200
+
+
+def test_lone_surrogate_is_400_naming_the_spot(base):
+    raw = '{"model": "plm-test", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    assert_error(post(base, raw), 400, "messages[0].content", "lone surrogate")
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1])
+def test_seed_outside_int64_is_400_and_the_server_lives(base, seed):
+    assert_error(post(base, body(seed=seed, temperature=1)), 400, "seed")
+    assert httpx.get(f"{base}/ready").status_code == 200
+
+
+def test_largest_seed_with_several_choices(base):
+    r = post(base, body(seed=2**63 - 1, n=3, temperature=1))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+def test_nullable_fields_take_their_defaults(base):
+    r = post(base, body(n=None, stream=None, logprobs=None, ignore_eos=None, min_tokens=None, seed=None,
+                        stop=None, top_p=None, include_stop_str_in_output=None, skip_special_tokens=None))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+@pytest.mark.parametrize("bias, match", [({"5": 101}, "[-100, 100]"), ({"5": -1e9}, "[-100, 100]"),
+                                         ({"99999999": 1}, "not a token id"), ({"-1": 1}, "not a token id")])
+def test_logit_bias_outside_openai_range_is_400(base, bias, match):
+    assert_error(post(base, body(logit_bias=bias)), 400, "logit_bias", match)
+
+
+@pytest.mark.parametrize("change, param, match", [
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"modalities": ["text", "audio"]}, "modalities", "text"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no audio output"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "max_tokens"),
+])
+def test_unsupported_or_inconsistent_fields_name_the_field(base, change, param, match):
+    assert_error(post(base, body(**change)), 400, param, match)
+
+
+def test_context_overflow_has_openai_code_and_names_the_field_sent(base):
+    err = assert_error(post(base, body(max_tokens=None, max_completion_tokens=11_519)), 400, "max_completion_tokens")
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_model_retrieve_and_head(base):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    r = httpx.get(f"{base}/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.head(f"{base}/health").status_code == 200
+    assert httpx.head(f"{base}/ready").status_code == 200
+
+
+def test_cors_preflight_for_an_allowed_origin_only(base):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+    r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": ORIGIN, **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = post(base, body(), headers={"Origin": ORIGIN})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+
+
+def _stalled_upload(base: str, answers: list) -> None:
+    """Sends headers and the start of a 100 kB body, then nothing: what a slow-loris client does."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{\"model\"")
+        s.settimeout(30)
+        answers.append(s.recv(4096).split(b"\r\n", 1)[0])
+
+
+def test_stalled_uploads_hold_no_slot_and_time_out(base):
+    """With 2 admission slots, two stalled uploads neither lock out a valid request nor stay forever."""
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=_stalled_upload, args=(base, answers)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert post(base, body()).status_code == 200  # not 429
+    for t in threads:
+        t.join(30)
+    assert answers == [b"HTTP/1.1 408 Request Timeout"] * 2
