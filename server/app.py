@@ -297,11 +297,20 @@ def _find_lone_surrogate(value, path: str = "") -> str | None:
     return None
 
 
+INLINE_PARSE_BYTES = 256 << 10  # larger bodies (media as data: URLs) are parsed in a worker thread
+
+
 async def _parse(request: Request, max_body_bytes: int, timeout_s: float) -> ChatCompletionRequest:
     try:
         body = await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    if len(body) > INLINE_PARSE_BYTES:  # megabytes of JSON would stall every stream on the event loop
+        return await asyncio.to_thread(_validate_body, body)
+    return _validate_body(body)
+
+
+def _validate_body(body: bytes) -> ChatCompletionRequest:
     try:  # strict JSON: NaN and Infinity are not JSON; absurd nesting is refused, not a crash
         data = json.loads(body, parse_constant=_not_json_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
