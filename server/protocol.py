@@ -92,7 +92,7 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
     """Validated request -> engine types; raises APIError(400) for what the engine cannot honour."""
     extra = req.model_extra or {}
     for name, why in UNSUPPORTED.items():
-        if extra.get(name) not in (None, [], {}):
+        if extra.get(name) not in (None, [], {}) and not (name == "tool_choice" and extra[name] == "none"):
             raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name)
     modalities = extra.get("modalities")
     if modalities not in (None, ["text"]):

@@ -72,6 +72,12 @@ def test_largest_seed_with_several_choices(base):
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
 
 
+def test_tool_choice_none_without_tools_is_harmless(base):
+    """Some client libraries always send tool_choice; "none" asks for nothing this server lacks."""
+    assert post(base, body(tool_choice="none", tools=[])).status_code == 200
+    assert_error(post(base, body(tool_choice="auto")), 400, "tool_choice", "no tool calling")
+
+
 def test_nullable_fields_take_their_defaults(base):
     r = post(base, body(n=None, stream=None, logprobs=None, ignore_eos=None, min_tokens=None, seed=None,
                         stop=None, top_p=None, include_stop_str_in_output=None, skip_special_tokens=None))
