@@ -7,10 +7,12 @@ URL may be `data:`, a local path or `file://`), plus in-memory `{"type": "image"
 256 x tiles placeholder tokens (thumbnail + grid), each video to 256 x frames, images before videos
 within a message, and pixels equal to HF's. Unlike HF, string content is kept (HF's template drops a
 user message whose content is a plain string) and the tile budget can change per request or item.
+A system message after the first is rendered as its own system turn, as HF's template does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ from plm_core.inputs import MediaItem, ProcessedPrompt
 from plm_core.media import image as image_ops
 from plm_core.media import video as video_ops
 from plm_core.media.errors import MediaError
+from plm_core.media.image import DEFAULT_MAX_IMAGE_SIDE
 from plm_core.media.sources import read_media_url
+from plm_core.media.video import DEFAULT_MAX_DECODED_PIXELS
 from plm_core.tokenizer import PLMTokenizer
 
 
@@ -34,21 +38,27 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class MediaOptions:
-    """Per-request preprocessing settings; None means the server default."""
+    """Per-request preprocessing settings; None means the server default.
 
-    max_num_tiles: int | None = None  # tile budget per image (thumbnail not counted)
+    A media part's own settings win over these: a part's num_frames (or fps) replaces the request's
+    num_frames and fps for that video. num_frames and fps together on one level are an error.
+    """
+
+    max_num_tiles: int | None = None  # tile budget per image (thumbnail not counted), at most the model's
     num_frames: int | None = None  # frames sampled per video
     fps: float | None = None  # or: frames sampled per second of video (exclusive with num_frames)
 
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """Ceilings the processor enforces before decoding."""
+    """Ceilings the processor enforces before decoding (from headers), so bad input costs little."""
 
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # width x height of an image or a video frame
+    max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE  # longest side of an image or a video frame
     max_media_bytes: int | None = None
     max_video_frames: int = 64
     max_video_duration_s: float | None = None
+    max_video_decoded_pixels: int | None = DEFAULT_MAX_DECODED_PIXELS  # frames x width x height per video
     allowed_local_root: Path | None = None
     allow_local_files: bool = True
 
@@ -68,15 +78,42 @@ class _MediaRef:
 ROLES = ("system", "developer", "user", "assistant")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_tiles(value, name: str, ceiling: int) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise PromptError(f"{name} must be a positive integer")
+    if value is not None and value > ceiling:
+        raise PromptError(f"{name} must be at most {ceiling} (this model's tile budget per image), got {value}")
+
+
+def _check_num_frames(value, name: str) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise PromptError(f"{name} must be a positive integer")
+
+
+def _check_fps(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise PromptError(f"{name} must be a positive finite number")
+
+
 class PLMProcessor:
     """Conversation -> `ProcessedPrompt` for one checkpoint."""
 
     def __init__(self, config: ModelConfig, tokenizer: PLMTokenizer, *, max_num_tiles: int | None = None,
                  default_num_frames: int = 32, limits: MediaLimits | None = None):
+        """max_num_tiles: the default tile budget per image, at most the checkpoint's (36 for PLM),
+        which is also the most a request may ask for."""
         self.config = config
         self.pcfg = config.processor
         self.tokenizer = tokenizer
         self.max_num_tiles = max_num_tiles or self.pcfg.max_num_tiles
+        if not _is_int(self.max_num_tiles) or not 1 <= self.max_num_tiles <= self.pcfg.max_num_tiles:
+            raise ValueError(f"max_num_tiles must be an integer from 1 to the checkpoint's tile budget "
+                             f"{self.pcfg.max_num_tiles}, got {self.max_num_tiles!r}")
         self.default_num_frames = default_num_frames
         self.limits = limits or MediaLimits()
 
@@ -94,7 +131,10 @@ class PLMProcessor:
             if role not in ROLES:
                 raise PromptError(f"messages[{i}].role {role!r} is not supported (use system, user or assistant)")
             role = "system" if role == "developer" else role
-            texts, images, videos = self._parse_content(msg.get("content"), i)
+            content = msg.get("content")
+            if content is None and role == "assistant":  # OpenAI allows it (e.g. with a refusal)
+                content = []
+            texts, images, videos = self._parse_content(content, i)
             if role == "system" and i == 0:
                 if images or videos:
                     raise PromptError("messages[0]: a system message cannot contain images or videos")
@@ -107,8 +147,8 @@ class PLMProcessor:
             refs.extend(videos)
             parts = ([{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + texts)
             out.append({"role": role, "content": parts})
-        if out[-1]["role"] == "system":
-            raise PromptError("the conversation has no user message")
+        if all(m["role"] == "system" for m in out):
+            raise PromptError("the conversation has no user message (only system messages)")
         return out, refs
 
     def _parse_content(self, content, i: int):
@@ -157,8 +197,7 @@ class PLMProcessor:
             detail, max_tiles = part.get("detail"), part.get("max_num_tiles")
         if detail not in (None, "auto", "low", "high"):
             raise PromptError(f"{where}.image_url.detail must be 'auto', 'low' or 'high'")
-        if max_tiles is not None and (not isinstance(max_tiles, int) or max_tiles < 1):
-            raise PromptError(f"{where}.image_url.max_num_tiles must be a positive integer")
+        _check_tiles(max_tiles, f"{where}.image_url.max_num_tiles", self.pcfg.max_num_tiles)
         return _MediaRef("image", source, max_tiles, detail == "low", None, None, full_budget=detail == "high")
 
     def _video_ref(self, part: dict, where: str) -> _MediaRef:
@@ -176,11 +215,18 @@ class PLMProcessor:
                 raise PromptError(f"{where}: a video part needs 'video', 'url' or 'path'")
             num_frames, fps = part.get("num_frames"), part.get("fps")
         video_fps = part.get("video_fps") if part["type"] == "video" else None
-        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
-            raise PromptError(f"{where}: num_frames must be a positive integer")
-        if fps is not None and (not isinstance(fps, (int, float)) or fps <= 0):
-            raise PromptError(f"{where}: fps must be a positive number")
+        _check_num_frames(num_frames, f"{where}: num_frames")
+        _check_fps(fps, f"{where}: fps")
+        _check_fps(video_fps, f"{where}: video_fps")
+        if num_frames is not None and fps is not None:
+            raise PromptError(f"{where}: num_frames and fps are mutually exclusive; give one")
         return _MediaRef("video", source, None, False, num_frames, fps, video_fps)
+
+    def check_options(self, options: MediaOptions) -> None:
+        """Raises PromptError for request-level settings out of range (booleans are not integers)."""
+        _check_tiles(options.max_num_tiles, "max_num_tiles", self.pcfg.max_num_tiles)
+        _check_num_frames(options.num_frames, "num_frames")
+        _check_fps(options.fps, "fps")
 
     # -- media --------------------------------------------------------------------------------------
     def _source_bytes(self, source) -> bytes:
@@ -188,18 +234,26 @@ class PLMProcessor:
                               allow_local=self.limits.allow_local_files, max_bytes=self.limits.max_media_bytes)
 
     def load_image(self, ref: _MediaRef, options: MediaOptions) -> tuple[MediaItem, torch.Tensor]:
-        """Decodes one image; returns its item (counts, hash) and the RGB uint8 tensor [3, H, W]."""
+        """Decodes one image; returns its item (counts, hash) and the RGB uint8 tensor [3, H, W].
+
+        Sizes are checked before decoding (pixels, longest side); in-memory images have their
+        longest side checked, which bounds the cost of resizing them.
+        """
+        self.check_options(options)
         src = ref.source
         if isinstance(src, Image.Image):
+            image_ops.check_image_side(*src.size, self.limits.max_image_side)
             rgb = image_ops.pil_to_rgb_tensor(src)
             digest = image_ops.pil_content_hash(src)
         elif isinstance(src, (np.ndarray, torch.Tensor)):
             rgb = image_ops.array_to_rgb_tensor(src)
+            image_ops.check_image_side(rgb.shape[-1], rgb.shape[-2], self.limits.max_image_side)
             digest = image_ops.pil_content_hash(Image.fromarray(rgb.permute(1, 2, 0).numpy()))
         else:
             data = src if isinstance(src, (bytes, bytearray)) else self._source_bytes(src)
             digest = image_ops.image_content_hash(bytes(data))
-            img = image_ops.decode_image(bytes(data), max_pixels=self.limits.max_image_pixels)
+            img = image_ops.decode_image(bytes(data), max_pixels=self.limits.max_image_pixels,
+                                         max_side=self.limits.max_image_side)
             rgb = image_ops.pil_to_rgb_tensor(img)
         height, width = rgb.shape[-2:]
         if ref.thumbnail_only:
@@ -225,13 +279,21 @@ class PLMProcessor:
                                           mean=self.pcfg.image_mean, std=self.pcfg.image_std)
 
     def load_video(self, ref: _MediaRef, options: MediaOptions) -> tuple[MediaItem, torch.Tensor]:
-        """Decodes only the sampled frames of one video; returns its item and frames uint8 [F, 3, H, W]."""
-        num_frames = ref.num_frames or options.num_frames
-        fps = ref.fps or options.fps
+        """Decodes only the sampled frames of one video; returns its item and frames uint8 [F, 3, H, W].
+
+        The part's num_frames or fps, if it sets one, replaces the request's; else the request's;
+        else the server's default frame count. The decoded pixels (frames x width x height) are
+        checked against the limit before decoding.
+        """
+        self.check_options(options)
+        if ref.num_frames is not None or ref.fps is not None:
+            num_frames, fps = ref.num_frames, ref.fps
+        else:
+            num_frames, fps = options.num_frames, options.fps
+            if num_frames is not None and fps is not None:
+                raise PromptError("num_frames and fps are mutually exclusive; give one")
         if num_frames is None and fps is None:
             num_frames = self.default_num_frames
-        if num_frames is not None and fps is not None:
-            raise PromptError("num_frames and fps are mutually exclusive; give one")
         cap = self.limits.max_video_frames  # a request asking for more frames gets this many
         if num_frames is not None:
             num_frames = min(num_frames, cap)
@@ -252,7 +314,8 @@ class PLMProcessor:
             frames, info, indices = video_ops.decode_video_frames(
                 bytes(data), num_frames=num_frames, fps=fps, max_frames=cap, clamp_frames=True,
                 max_duration_s=self.limits.max_video_duration_s,
-                max_pixels_per_frame=self.limits.max_image_pixels)
+                max_pixels_per_frame=self.limits.max_image_pixels, max_side=self.limits.max_image_side,
+                max_decoded_pixels=self.limits.max_video_decoded_pixels)
             meta = {"total_frames": info.num_frames, "fps": info.fps, "width": info.width, "height": info.height}
         meta["frame_indices"] = list(indices)
         settings = ("frames", self.pcfg.video_size, "n" if fps is None else "fps", num_frames or fps)
@@ -269,6 +332,7 @@ class PLMProcessor:
                 max_prompt_len: int | None = None, add_generation_prompt: bool = True) -> ProcessedPrompt:
         """Messages -> token ids + media with pixels; raises PromptError/MediaError for bad input."""
         options = options or MediaOptions()
+        self.check_options(options)
         template_messages, refs = self.parse_messages(messages)
         text = self.tokenizer.render(template_messages, add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer.encode(text)

@@ -8,6 +8,8 @@ import sys
 import threading
 
 from plm_core.config import DEFAULT_MAX_IMAGE_PIXELS, EngineConfig
+from plm_core.media.image import DEFAULT_MAX_IMAGE_SIDE
+from plm_core.media.video import DEFAULT_MAX_DECODED_PIXELS
 
 log = logging.getLogger("plm_serve")
 
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image (width x height, read from the header before decoding); also per video frame")
     p.add_argument("--max-video-duration", type=float, default=3600.0,
                    help="longest video in seconds (read from the container before decoding); 0 = no limit")
+    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                   help="longest side in pixels of an image or video frame (read from the header before decoding)")
+    p.add_argument("--max-video-pixels", type=int, default=DEFAULT_MAX_DECODED_PIXELS,
+                   help="frames x width x height decoded per video, checked from the container before decoding "
+                        "(32 frames of 4K fit); larger requests are refused, asking for fewer frames")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="directory whose files clients may send as file:// URLs (default: none allowed)")
     p.add_argument("--api-key", default=None,
@@ -184,7 +191,8 @@ def _load_engine(args):
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     limits = MediaLimits(max_video_frames=args.max_num_frames, allowed_local_root=local,
                          allow_local_files=local is not None, max_image_pixels=args.max_image_pixels,
-                         max_video_duration_s=args.max_video_duration or None)
+                         max_video_duration_s=args.max_video_duration or None, max_image_side=args.max_image_side,
+                         max_video_decoded_pixels=args.max_video_pixels)
     llm = LLM(model, limits=limits, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,

@@ -69,8 +69,8 @@ class ChatCompletionRequest(BaseModel):
     skip_special_tokens: bool = True
     user: str | None = None
     # plm-serve extensions: tile budget per image, frames per video
-    max_num_tiles: int | None = Field(None, ge=1)
-    num_frames: int | None = Field(None, ge=1)
+    max_num_tiles: int | None = Field(None, ge=1, strict=True)
+    num_frames: int | None = Field(None, ge=1, strict=True)
     fps: float | None = Field(None, gt=0)
 
     @field_validator("stream", "n", "logprobs", "ignore_eos", "min_tokens", "include_stop_str_in_output",

@@ -369,3 +369,59 @@ def test_content_hashes():
     b.putpalette(palette[3:] + palette[:3])  # same indices, different colours
     assert I.pil_content_hash(a) != I.pil_content_hash(b)
     assert I.pil_content_hash(a.convert("RGB")) != I.pil_content_hash(a.convert("L"))
+
+
+# -- limits: longest side, tile budget; plain error messages ---------------------------------------
+
+def test_longest_side_checked_before_decoding():
+    with pytest.raises(MediaError, match="image size 1x40000 has a side longer than the limit of 32768 pixels"):
+        I.decode_image(_png_header_only(1, 40_000))  # the default; decoding this would fail differently
+    with pytest.raises(MediaError, match="image size 40000x1 has a side longer than the limit of 32768"):
+        I.decode_image(_png_header_only(40_000, 1))
+    with pytest.raises(MediaError, match="image size 300x20 has a side longer than the limit of 299"):
+        I.decode_image(png_bytes(random_image(300, 20)), max_side=299)
+    assert I.decode_image(png_bytes(random_image(300, 20)), max_side=300).size == (300, 20)
+    assert I.decode_image(png_bytes(Image.new("L", (1, 32768)))).size == (1, 32768)  # at the limit
+    assert I.decode_image(png_bytes(Image.new("L", (1, 40_000))), max_side=None).size == (1, 40_000)
+
+
+def test_elongated_image_at_the_side_limit_is_cheap_and_equals_hf():
+    img = random_image(3, 5000)
+    assert_close(ours_from_pil(img), hf_pixels(img))
+
+
+@pytest.mark.parametrize("budget", [1025, 10**7, 10**30])  # MAX_TILE_BUDGET is 1024
+def test_huge_tile_budgets_are_refused_at_once(budget):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(MediaError, match=f"over the largest supported budget of {I.MAX_TILE_BUDGET}"):
+        I.tile_grid(97, 61, 448, budget)
+    with pytest.raises(MediaError):
+        I._aspect_ratio_table(budget)
+    assert time.perf_counter() - start < 0.5
+    assert I.tile_grid(97, 61, 448, I.MAX_TILE_BUDGET) is not None  # the guard's own value still works
+
+
+@pytest.mark.parametrize("bad", [True, False, 4.0, "4", None])
+def test_tile_budget_must_be_an_integer(bad):
+    with pytest.raises(MediaError, match="max_num_tiles must be an integer"):
+        I.tile_grid(100, 100, 448, bad)
+    assert I.tile_grid(100, 100, 448, np.int64(4)) == I.tile_grid(100, 100, 448, 4)
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff" + bytes(10), b"GIF89a" + bytes(3)])
+def test_unidentified_image_message_is_plain(data):
+    with pytest.raises(MediaError) as exc:
+        I.decode_image(data)
+    text = str(exc.value)
+    assert "0x" not in text and "BytesIO" not in text and "<" not in text, text
+    assert text.startswith("could not decode image: not a valid ")
+
+
+def test_describe_drops_errno_and_object_reprs():
+    assert I._describe(OSError("cannot identify image file <_io.BytesIO object at 0x7f406048e840>")) == \
+        "cannot identify image file"
+    err = OSError(1094995529, "Invalid data found when processing input", "<none>")
+    assert I._describe(err) == "Invalid data found when processing input"
+    assert I._describe(ValueError("[Errno 5] broken: '<none>'")) == "broken"

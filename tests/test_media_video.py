@@ -326,3 +326,174 @@ def test_preprocess_video_rejects_bad_frames():
 def test_video_content_hash():
     assert V.video_content_hash(b"abc") == V.video_content_hash(bytearray(b"abc"))
     assert V.video_content_hash(b"abc") != V.video_content_hash(b"abd")
+
+
+# -- containers without a frame count (Matroska/WebM): HF parity -----------------------------------
+
+def write_av(path: Path, *, n: int = 60, fps: int = 30, codec: str = "libx264", audio_s: float = 0.0,
+             audio_codec: str = "aac", skip_pts: tuple[int, ...] = (), size=(64, 48)) -> Path:
+    """A video whose frames all differ, optionally with an audio track of audio_s seconds (longer
+    than the video) and with timestamps in skip_pts left out (a dropped frame)."""
+    container = av.open(str(path), mode="w")
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    if codec == "libx264":
+        stream.options = {"preset": "veryfast", "g": "10", "keyint_min": "10", "sc_threshold": "0"}
+    audio = container.add_stream(audio_codec, rate=48000) if audio_s else None
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    pts = [p for p in range(n + len(skip_pts)) if p not in skip_pts]
+    for i, p in enumerate(pts):
+        arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
+        frame = av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+        frame.pts, frame.time_base = p, Fraction(1, fps)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    if audio is not None:
+        samples, chunk = int(audio_s * 48000), 960
+        tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 48000)).astype(np.float32)
+        for k in range(0, samples - chunk + 1, chunk):
+            af = av.AudioFrame.from_ndarray(tone[None, k:k + chunk], format="flt", layout="mono")
+            af.sample_rate, af.pts, af.time_base = 48000, k, Fraction(1, 48000)
+            for packet in audio.encode(af):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    container.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def uncounted(tmp_path_factory) -> dict[str, Path]:
+    """Matroska/WebM files: no frame count in the header, audio longer than video, dropped frames."""
+    d = tmp_path_factory.mktemp("uncounted")
+    return {
+        "mkv_long_audio": write_av(d / "long_audio.mkv", n=60, audio_s=10.0),  # 2 s of video
+        "webm_long_audio": write_av(d / "long_audio.webm", n=60, codec="libvpx-vp9", audio_s=6.0,
+                                    audio_codec="libopus"),
+        "webm_dropped": write_av(d / "dropped.webm", n=60, codec="libvpx-vp9", skip_pts=(10,)),
+        "mkv_dropped": write_av(d / "dropped.mkv", n=40, skip_pts=(1,)),
+    }
+
+
+def hf_sample(path: Path, **kw) -> tuple[list[int], torch.Tensor]:
+    """HF's indices and frames: every frame decoded (HF's PyAV reader), sampled by its `sample_frames`."""
+    from transformers import PerceptionLMVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    frames = full_decode(str(path))
+    with av.open(str(path)) as container:
+        fps = float(container.streams.video[0].average_rate)
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, width=frames.shape[3], height=frames.shape[2])
+    indices = [int(i) for i in PerceptionLMVideoProcessor().sample_frames(meta, **kw)]
+    return indices, frames[indices]
+
+
+@pytest.mark.parametrize("kind", ["mkv_long_audio", "webm_long_audio", "webm_dropped", "mkv_dropped"])
+@pytest.mark.parametrize("kw", [{"num_frames": 8}, {"num_frames": 16}, {"num_frames": 32}, {"fps": 2.0}],
+                         ids=["n8", "n16", "n32", "fps2"])
+def test_uncounted_containers_equal_hf(uncounted, kind, kw):
+    path = uncounted[kind]
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # the case under test: no count in the header
+    total = len(full_decode(str(path)))
+    ref_indices, ref_frames = hf_sample(path, **kw)
+    frames, info, indices = V.decode_video_frames(path.read_bytes(), num_frames=kw.get("num_frames"),
+                                                  fps=kw.get("fps"))
+    assert info.num_frames == total
+    assert indices == ref_indices
+    assert torch.equal(frames, ref_frames)
+    assert_close(V.preprocess_video_frames(frames), hf_video_pixels(ref_frames))
+
+
+def test_uncounted_probe_is_the_video_streams_own(uncounted):
+    info = V.probe_video(uncounted["mkv_long_audio"])
+    assert info.num_frames == 60 and info.fps == 30.0
+    assert info.duration_s == pytest.approx(2.0, abs=0.05)  # not the 10 s of audio
+    assert V.probe_video(uncounted["webm_dropped"]).num_frames == 60
+
+
+def test_uncounted_regular_stream_still_seeks(uncounted):
+    path = uncounted["mkv_long_audio"]
+    assert check_decode(path, V.sample_frame_indices(60, num_frames=4)).mode == "seek"
+
+
+@pytest.mark.parametrize("kind", ["webm_dropped", "mkv_dropped"])
+def test_timestamp_gap_without_frame_count_decodes_in_order(uncounted, kind):
+    path = uncounted[kind]
+    total = len(full_decode(str(path)))
+    for n in (4, 8, 16):
+        assert check_decode(path, V.sample_frame_indices(total, num_frames=n)).mode == "sequential"
+
+
+def test_fewer_frames_than_packets_are_sampled_again(uncounted, monkeypatch):
+    path = uncounted["mkv_dropped"]
+    real = V._scan_packets
+
+    def overcount(stream, container):  # as if 5 packets held no frame
+        scan = real(stream, container)
+        return V._PacketScan(count=scan.count + 5, duration_s=scan.duration_s, regular=False)
+
+    monkeypatch.setattr(V, "_scan_packets", overcount)
+    # 32 of 45: the last index (43) lies past the 40 real frames, so the decode finds the real end
+    frames, info, indices = V.decode_video_frames(path, num_frames=32)
+    ref_indices, ref_frames = hf_sample(path, num_frames=32)
+    assert info.num_frames == 40 and indices == ref_indices and torch.equal(frames, ref_frames)
+
+
+# -- robustness of sampling and decoding limits ----------------------------------------------------
+
+def test_sampling_by_extreme_fps_is_clamped():
+    assert V.sample_frame_indices(100, num_frames=None, fps=1e308, video_fps=25.0) == list(range(100))
+    assert V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=1e-320) == list(range(100))
+    assert V.sample_frame_indices(100, num_frames=None, fps=1e-300, video_fps=25.0) == [0]
+    for bad in (float("nan"), float("inf"), -1.0, 0.0, True):
+        with pytest.raises(MediaError, match="fps must be a positive finite number"):
+            V.sample_frame_indices(100, num_frames=None, fps=bad, video_fps=25.0)
+    with pytest.raises(MediaError, match="frame rate is unknown"):
+        V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=float("nan"))
+    for bad in (True, 2.5, 0):
+        with pytest.raises(MediaError, match="num_frames must be a positive integer"):
+            V.sample_frame_indices(100, num_frames=bad)
+
+
+def test_decoded_pixel_budget_checked_before_decoding(videos, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded despite a limit")
+
+    path = videos["h264_mp4"]  # 64x48
+    monkeypatch.setattr(V, "_decode_indices", no_decoding)
+    with pytest.raises(MediaError, match=r"decoding 8 frames of 64x48 .* over the per-video limit of 24575; "
+                                         r"ask for fewer frames"):
+        V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48 - 1)
+    monkeypatch.undo()
+    frames, _, _ = V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48)
+    assert frames.shape == (8, 3, 48, 64)
+
+
+def test_longest_side_checked_before_decoding(videos, monkeypatch):
+    monkeypatch.setattr(V, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite a limit"))
+    with pytest.raises(MediaError, match="video frame size 64x48 has a side longer than the limit of 50"):
+        V.decode_video_frames(videos["h264_mp4"], max_side=50)
+
+
+def test_frames_come_back_as_a_view_of_one_buffer(videos):
+    """The decoded pixels are written into one [F, H, W, 3] buffer; the result is a view of it."""
+    path = videos["h264_mp4_long"]
+    for allow_seek in (True, False):
+        frames, _, _ = V._decode_indices(V._Source(path), [0, 40, 80, 120], allow_seek=allow_seek)
+        base = frames.permute(0, 2, 3, 1)  # [F, H, W, 3] memory
+        assert base.is_contiguous() and frames._base is not None and frames._base.shape == base.shape
+
+
+def test_errors_do_not_leak_internals(videos):
+    data = videos["h264_mp4"].read_bytes()
+    for cut in (data[:64], data[: len(data) // 2]):
+        with pytest.raises(MediaError) as exc:
+            V.decode_video_frames(cut)
+        text = str(exc.value)
+        assert "Errno" not in text and "<none>" not in text and "0x" not in text, text
+        assert text.startswith("unsupported or corrupt video: ")

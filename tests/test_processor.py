@@ -188,3 +188,65 @@ def test_detail_high_uses_the_models_budget_and_auto_the_servers(tiny_checkpoint
     assert tiles["low"] == 1 and tiles["auto"] <= 3 < tiles["high"]
     asked = proc.process(_user({"type": "image_url", "image_url": {"url": url, "detail": "high", "max_num_tiles": 4}}))
     assert asked.media[0].num_tiles <= 5  # an explicit budget wins over detail
+
+
+# -- frame settings: the part's own win over the request's -----------------------------------------
+
+def _video_bytes(tmp_path) -> bytes:
+    from media_sets import write_synthetic_video
+
+    return write_synthetic_video(tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10).read_bytes()  # 3 s
+
+
+def test_part_frame_settings_override_the_request(processor, tmp_path):
+    video = _video_bytes(tmp_path)
+    by_part_n = processor.process(_user({"type": "video", "video": video, "num_frames": 4}), MediaOptions(fps=2.0))
+    assert by_part_n.media[0].meta["frame_indices"] == [0, 7, 15, 22]
+    by_part_fps = processor.process(_user({"type": "video", "video": video, "fps": 1.0}), MediaOptions(num_frames=9))
+    assert by_part_fps.media[0].meta["frame_indices"] == [0, 10, 20]  # 3 s at 1 fps
+    by_request = processor.process(_user({"type": "video", "video": video}), MediaOptions(fps=1.0))
+    assert by_request.media[0].meta["frame_indices"] == [0, 10, 20]
+
+
+def test_num_frames_and_fps_on_one_level_are_refused(processor, tmp_path):
+    video = _video_bytes(tmp_path)
+    with pytest.raises(PromptError, match=r"content\[0\]: num_frames and fps are mutually exclusive"):
+        processor.process(_user({"type": "video", "video": video, "num_frames": 4, "fps": 1.0}))
+    with pytest.raises(PromptError, match="num_frames and fps are mutually exclusive"):
+        processor.process(_user({"type": "video", "video": video}), MediaOptions(num_frames=4, fps=1.0))
+
+
+# -- message shapes OpenAI allows ------------------------------------------------------------------
+
+def _hf_ids(checkpoint, messages) -> list[int]:
+    from hf_reference import hf_inputs
+
+    return hf_inputs(str(checkpoint), messages)["input_ids"][0].tolist()
+
+
+def test_assistant_content_null_is_empty_text(processor, tiny_checkpoint):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "refusal": "no"},
+            {"role": "user", "content": "again"}]
+    p = processor.process(msgs)
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>" in p.prompt_text
+    as_empty = [msgs[0], {"role": "assistant", "content": []}, msgs[2]]
+    assert p.prompt_token_ids == processor.process(as_empty).prompt_token_ids == _hf_ids(tiny_checkpoint, as_empty)
+    with pytest.raises(PromptError, match=r"messages\[0\].content is missing"):
+        processor.process([{"role": "user", "content": None}])  # only the assistant's may be null
+
+
+def test_system_message_after_the_user_is_its_own_turn_as_in_hf(processor, tiny_checkpoint):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "system", "content": [{"type": "text", "text": "answer in French"}]}]
+    p = processor.process(msgs)
+    assert p.prompt_text.endswith("<|start_header_id|>system<|end_header_id|>\n\nanswer in French<|eot_id|>"
+                                  "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert p.prompt_token_ids == _hf_ids(tiny_checkpoint, msgs)
+    # string content is kept (HF's template would render an empty turn for it)
+    as_string = processor.process([msgs[0], {"role": "system", "content": "answer in French"}])
+    assert as_string.prompt_token_ids == p.prompt_token_ids
+
+
+def test_only_system_messages_have_no_user_message(processor):
+    with pytest.raises(PromptError, match="no user message"):
+        processor.process([{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}])

@@ -149,3 +149,57 @@ def test_stalled_uploads_hold_no_slot_and_time_out(base):
     for t in threads:
         t.join(30)
     assert answers == [b"HTTP/1.1 408 Request Timeout"] * 2
+
+
+def _png(size) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _mp4(tmp_path) -> str:
+    import base64
+
+    from media_sets import write_synthetic_video
+
+    data = write_synthetic_video(tmp_path / "clip.mp4", frames=12, size=(64, 48)).read_bytes()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("where", ["request", "part"])
+def test_absurd_tile_budget_is_refused_at_once(base, where):
+    image = {"url": _png((64, 48))}
+    change = {"max_num_tiles": 10**30}
+    if where == "part":
+        image, change = dict(image, max_num_tiles=10**30), {}
+    t0 = time.perf_counter()
+    r = post(base, body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image}]}], **change))
+    assert r.status_code == 400 and time.perf_counter() - t0 < 5, r.text[:300]
+    assert "at most 36" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("where", ["request", "part"])
+def test_absurd_fps_is_400_not_500(base, tmp_path, where):
+    video = {"url": _mp4(tmp_path)}
+    change = {"fps": 1e308}
+    if where == "part":
+        video, change = dict(video, fps=1e308), {}
+    r = post(base, body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": video}]}], **change))
+    assert r.status_code in (200, 400), r.text[:300]  # every frame up to the ceiling, or refused; never a 5xx
+
+
+def test_elongated_image_is_refused_before_decoding(base):
+    r = post(base, body(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                                 "image_url": {"url": _png((1, 40_000))}}]}]))
+    err = assert_error(r, 400, "messages", "longer than the limit of 32768")
+    assert "0x" not in err["message"]
+
+
+def test_boolean_frame_and_tile_counts_are_400(base):
+    assert_error(post(base, body(num_frames=True)), 400, "num_frames")
+    assert_error(post(base, body(max_num_tiles=True)), 400, "max_num_tiles")

@@ -7,6 +7,8 @@ import hashlib
 import io
 import math
 import mmap
+import operator
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,6 +23,13 @@ from plm_core.media.errors import MediaError
 _FORMAT_NAMES = "PNG, JPEG, GIF, WebP, BMP or TIFF"
 _EXIF_ORIENTATION = 0x0112
 _RESCALE_FACTOR = 1 / 255  # HF's default `rescale_factor`
+# The longest image side decoded by default. The antialiased resize of a very elongated image costs
+# about 1 us and 200 bytes per pixel of its long side (a 46 KB 1x12,000,000 PNG: 10 s and 2 GB).
+DEFAULT_MAX_IMAGE_SIDE = 32768
+# The largest tile budget any grid is computed for: enumerating the grids costs O(n^1.5) (PLM uses 36).
+MAX_TILE_BUDGET = 1024
+# Object reprs, errnos and placeholder file names in library messages say nothing about the input.
+_NOISE = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\[Errno -?\d+\]\s*|:\s*'<none>'")
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -44,19 +53,27 @@ def _sniff_format(head: bytes) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """A short, printable description of a decoder error that cannot echo the input's bytes."""
-    text = str(exc)
+    """A short, printable description of a decoder error that cannot echo the input's bytes.
+
+    FFmpeg errors give their plain message (no errno, no file name); object reprs such as
+    `<_io.BytesIO object at 0x...>` are dropped.
+    """
+    strerror = getattr(exc, "strerror", None)
+    text = strerror if isinstance(strerror, str) and strerror else str(exc)
+    text = _NOISE.sub("", text).strip()
     if not text or "b'" in text or 'b"' in text or "\\x" in text or not text.isprintable():
         return type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None, exif_transpose: bool = True) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None = None, max_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+                 exif_transpose: bool = True) -> Image.Image:
     """Decodes PNG/JPEG/GIF/WebP/BMP/TIFF bytes to a loaded PIL image (first frame if animated).
 
-    The size is checked against `max_pixels` (and Pillow's decompression-bomb limit) from the header,
-    before any pixel data is decoded. With `exif_transpose`, an EXIF orientation tag is applied, as
-    HF's `load_image` does for paths and URLs. Raises MediaError for anything unusable.
+    The size is checked against `max_pixels` (default: Pillow's decompression-bomb limit) and the
+    longest side against `max_side` (None: no limit) from the header, before any pixel data is
+    decoded. With `exif_transpose`, an EXIF orientation tag is applied, as HF's `load_image` does
+    for paths and URLs. Raises MediaError for anything unusable.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MediaError(f"image data must be bytes, got {type(data).__name__}")
@@ -70,12 +87,15 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, exif_transpose: 
         img = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large to decode safely ({_describe(e)})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:
+        raise MediaError(f"could not decode image: not a valid {fmt} file (corrupt or truncated)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(f"could not decode image: {_describe(e)}") from None
     width, height = img.size
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit is not None and width * height > limit:
         raise MediaError(f"image is {width}x{height} = {width * height} pixels, over the limit of {limit}")
+    check_image_side(width, height, max_side)
     if width < 1 or height < 1:
         raise MediaError(f"image has an empty size {width}x{height}")
     try:
@@ -87,6 +107,12 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, exif_transpose: 
     except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, struct.error...)
         raise MediaError(f"could not decode image: {_describe(e)}") from None
     return img
+
+
+def check_image_side(width: int, height: int, max_side: int | None, what: str = "image") -> None:
+    """Raises MediaError if the longest side is over max_side (None: no limit)."""
+    if max_side is not None and max(width, height) > max_side:
+        raise MediaError(f"{what} size {width}x{height} has a side longer than the limit of {max_side} pixels")
 
 
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
@@ -162,13 +188,28 @@ def _factors(n: int) -> list[int]:
     return sorted(set(small) | {n // i for i in small})
 
 
-@functools.lru_cache(maxsize=64)
+def _tile_budget(max_num_tiles: int) -> int:
+    """The budget as an int; refuses booleans, non-integers and budgets over MAX_TILE_BUDGET."""
+    if isinstance(max_num_tiles, bool):
+        raise MediaError("max_num_tiles must be an integer, not a boolean")
+    try:
+        budget = operator.index(max_num_tiles)
+    except TypeError:
+        raise MediaError(f"max_num_tiles must be an integer, got {type(max_num_tiles).__name__}") from None
+    if budget > MAX_TILE_BUDGET:
+        raise MediaError(f"max_num_tiles {budget} is over the largest supported budget of {MAX_TILE_BUDGET}")
+    return budget
+
+
+@functools.lru_cache(maxsize=64, typed=True)
 def _aspect_ratio_table(max_num_tiles: int) -> tuple[tuple[float, tuple[tuple[int, int], ...]], ...]:
     """(ratio n_w/n_h, grids with that ratio) for every grid of at most max_num_tiles tiles.
 
     The order is HF's and decides ties: tile counts from max_num_tiles down, within a count the
-    width factors ascending; a ratio keeps the place where it first appeared.
+    width factors ascending; a ratio keeps the place where it first appeared. The work grows as
+    n^1.5, so budgets over MAX_TILE_BUDGET are refused.
     """
+    max_num_tiles = _tile_budget(max_num_tiles)
     table: dict[float, list[tuple[int, int]]] = {}
     for count in range(max_num_tiles, 0, -1):
         for n_w in _factors(count):
@@ -214,15 +255,16 @@ def _closest_aspect_ratio(width: int, height: int, max_num_tiles: int) -> tuple[
     return max(grids, key=lambda g: g[1])
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096, typed=True)  # typed: True is not a cached budget of 1
 def tile_grid(width: int, height: int, tile_size: int, max_num_tiles: int) -> tuple[int, int]:
     """(n_w, n_h) tiles for an image, as HF's PerceptionLM resize picks them, honoring this budget.
 
     The largest canvas the image fits into without downscaling wins; if none fits, the closest
-    aspect ratio. A budget of 1 or less gives (1, 1).
+    aspect ratio. A budget of 1 or less gives (1, 1); one over MAX_TILE_BUDGET is a MediaError.
     """
     if width < 1 or height < 1:
         raise MediaError(f"image has an empty size {width}x{height}")
+    max_num_tiles = _tile_budget(max_num_tiles)
     if max_num_tiles <= 1:
         return 1, 1
     grid = _fit_to_canvas(width, height, tile_size, max_num_tiles)

@@ -6,11 +6,12 @@ import functools
 import hashlib
 import io
 import math
+import numbers
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import av
@@ -19,7 +20,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from plm_core.media.errors import MediaError
-from plm_core.media.image import _as_triple, _describe, _fused_mean_std, _normalize_into, _resize, empty_output
+from plm_core.media.image import (_as_triple, _describe, _fused_mean_std, _normalize_into, _resize, check_image_side,
+                                   empty_output)
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike
 
@@ -27,15 +29,17 @@ VideoSource = bytes | bytearray | memoryview | str | os.PathLike
 # sequences and other protocol-following demuxers are never probed on untrusted input.
 _SEEKABLE_FORMATS = {"mov", "matroska", "avi"}  # demuxers with an index: seeking lands on keyframes
 _MAX_SEEK_RETRIES = 8
+# Frames x width x height decoded per video by default: 32 frames of 4K (3840x2160) fit, 64 do not.
+DEFAULT_MAX_DECODED_PIXELS = 2**28
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     """What the container says about its first video stream, read without decoding frames."""
 
-    num_frames: int  # from the stream header, else estimated as duration * average frame rate
+    num_frames: int  # from the stream header, else counted from the demuxed packets (MKV/WebM, MPEG-TS)
     fps: float  # average frame rate (what HF's PyAV reader uses)
-    duration_s: float
+    duration_s: float  # the video stream's own duration (not the container's, which may be audio's)
     width: int
     height: int
     codec: str
@@ -52,6 +56,23 @@ class _DecodeStats:
 
 class _Unreliable(Exception):
     """Timestamps cannot be trusted to give frame numbers: decode sequentially instead."""
+
+
+class _StreamEnded(MediaError):
+    """The stream held fewer frames than the indices asked for; `frames` is how many it held."""
+
+    def __init__(self, wanted: int, frames: int):
+        super().__init__(f"unsupported or corrupt video: it ended before frame {wanted}")
+        self.frames = frames
+
+
+@dataclass(frozen=True)
+class _PacketScan:
+    """The video stream's packets, demuxed without decoding, for containers with no frame count."""
+
+    count: int  # packets that carry a frame (not empty, not flagged discard): one decoded frame each
+    duration_s: float  # from the first timestamp to the end of the last frame
+    regular: bool  # every timestamp sits on the constant-rate grid, numbering the frames 0..count-1
 
 
 # -- opening --------------------------------------------------------------------------------------
@@ -91,6 +112,7 @@ class _Source:
         self.format = _sniff_container(head)
         if self.format is None:
             raise MediaError("unsupported or corrupt video: not an MP4/MOV, WebM/MKV, AVI or MPEG-TS file")
+        self._scan: _PacketScan | None = None  # demuxed on demand, once
 
     def open(self) -> av.container.InputContainer:
         try:
@@ -99,6 +121,18 @@ class _Source:
         except (av.FFmpegError, OSError, ValueError) as e:
             raise MediaError(f"unsupported or corrupt video: {_describe(e)}") from None
 
+    def scan(self) -> _PacketScan:
+        """The video stream's packets (demuxed once, decoded never); see _scan_packets."""
+        if self._scan is None:
+            container = self.open()
+            try:
+                self._scan = _scan_packets(_video_stream(container), container)
+            except (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError) as e:
+                raise MediaError(f"unsupported or corrupt video: {_describe(e)}") from None
+            finally:
+                container.close()
+        return self._scan
+
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     if not container.streams.video:
@@ -106,10 +140,42 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
     return container.streams.video[0]
 
 
-def _read_info(container: av.container.InputContainer, stream) -> VideoInfo:
+def _scan_packets(stream, container: av.container.InputContainer) -> _PacketScan:
+    """Counts the video packets that carry a frame and checks their timestamps against the grid.
+
+    For containers without a frame count (Matroska/WebM, MPEG-TS): what torchcodec's exact mode,
+    HF's default reader, counts, and what a full decode yields (one frame per packet). The
+    container's duration is no substitute: it covers the longest stream, often the audio.
+    """
+    stamps: list[int] = []
+    count, end, untimed = 0, None, False
+    for packet in container.demux(stream):
+        if not packet.size or packet.is_discard:  # flush packets; priming frames the decoder drops
+            continue
+        count += 1
+        if packet.pts is None:
+            untimed = True
+            continue
+        stamps.append(packet.pts)
+        stop = packet.pts + (packet.duration or 0)
+        end = stop if end is None else max(end, stop)
+    tb, rate = stream.time_base, stream.average_rate
+    duration = float((end - min(stamps)) * tb) if stamps and tb else 0.0
+    regular = bool(stamps) and not untimed and bool(rate) and bool(tb)
+    if regular:
+        stamps.sort()
+        step, anchor = float(1 / (Fraction(rate) * Fraction(tb))), stamps[0]
+        regular = all(abs((pts - anchor) / step - k) <= 0.25 for k, pts in enumerate(stamps))
+    return _PacketScan(count=count, duration_s=duration, regular=regular)
+
+
+def _read_info(container: av.container.InputContainer, stream, scan: _PacketScan | None = None) -> VideoInfo:
+    """The stream's metadata; `scan` supplies frame count and duration where the header has none."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
-    if stream.duration and stream.time_base:
+    if scan is not None:
+        duration = scan.duration_s
+    elif stream.duration and stream.time_base:
         duration = float(stream.duration * stream.time_base)
     elif container.duration:
         duration = container.duration / av.time_base
@@ -117,22 +183,36 @@ def _read_info(container: av.container.InputContainer, stream) -> VideoInfo:
         duration = stream.frames / fps if stream.frames and fps else 0.0
     num_frames = int(stream.frames or 0)
     if num_frames <= 0:
-        num_frames = math.floor(duration * fps + 1e-3) if fps else 0
+        num_frames = scan.count if scan is not None else (math.floor(duration * fps + 1e-3) if fps else 0)
     codec = stream.codec_context.name if stream.codec_context else ""
     return VideoInfo(num_frames=num_frames, fps=fps, duration_s=duration,
                      width=int(stream.width or 0), height=int(stream.height or 0), codec=codec)
 
 
-def probe_video(source: VideoSource) -> VideoInfo:
-    """Frame count, rate, duration, size and codec of the first video stream; decodes nothing."""
-    container = _Source(source).open()
+def _open_info(src: _Source) -> VideoInfo:
+    """The first video stream's info; containers without a frame count have their packets counted."""
+    container = src.open()
     try:
-        return _read_info(container, _video_stream(container))
+        stream = _video_stream(container)
+        return _read_info(container, stream, None if stream.frames else src.scan())
     finally:
         container.close()
 
 
+def probe_video(source: VideoSource) -> VideoInfo:
+    """Frame count, rate, duration, size and codec of the first video stream; decodes nothing.
+
+    Where the container has no frame count (Matroska/WebM, MPEG-TS), the packets are demuxed and
+    counted, so the count and duration are the video stream's own, whatever the audio's length.
+    """
+    return _open_info(_Source(source))
+
+
 # -- sampling -------------------------------------------------------------------------------------
+
+def _is_positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
 
 def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps: float | None = None,
                          video_fps: float | None = None) -> list[int]:
@@ -140,22 +220,24 @@ def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps:
 
     num_frames and fps are exclusive (pass num_frames=None with fps); neither gives every frame.
     Asking for more frames than the video has gives every frame once (HF raises instead), so a
-    clip shorter than the default 32 frames still works.
+    clip shorter than the default 32 frames still works. fps and video_fps must be positive finite
+    numbers and num_frames a positive integer (booleans are refused).
     """
     if num_frames is not None and fps is not None:
         raise MediaError("num_frames and fps are mutually exclusive; give one (num_frames=None with fps)")
     if total_frames <= 0:
         raise MediaError("video has no frames")
     if fps is not None:
-        if fps <= 0:
-            raise MediaError(f"fps must be positive, got {fps}")
-        if not video_fps:
+        if not _is_positive_finite(fps):
+            raise MediaError(f"fps must be a positive finite number, got {fps!r}")
+        if not _is_positive_finite(video_fps):
             raise MediaError("the video's frame rate is unknown, so frames cannot be sampled by fps")
-        num_frames = max(1, int(total_frames / video_fps * fps))
+        wanted = total_frames / video_fps * fps  # a float, inf at worst: clamp before int()
+        num_frames = max(1, int(min(wanted, total_frames)))
     if num_frames is None:
         return list(range(total_frames))
-    if num_frames <= 0:
-        raise MediaError(f"num_frames must be positive, got {num_frames}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames <= 0:
+        raise MediaError(f"num_frames must be a positive integer, got {num_frames!r}")
     num_frames = min(num_frames, total_frames)
     return [i * total_frames // num_frames for i in range(num_frames)]
 
@@ -164,7 +246,8 @@ def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps:
 
 def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps: float | None = None,
                         max_frames: int | None = None, max_duration_s: float | None = None,
-                        max_pixels_per_frame: int | None = None,
+                        max_pixels_per_frame: int | None = None, max_side: int | None = None,
+                        max_decoded_pixels: int | None = None,
                         clamp_frames: bool = False) -> tuple[torch.Tensor, VideoInfo, list[int]]:
     """Decodes only the HF-sampled frames: (uint8 [F, 3, H, W], info, frame indices).
 
@@ -172,67 +255,124 @@ def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps
 
     Limits are checked from the metadata before any frame is decoded: max_frames caps the number of
     sampled frames (over it: an error, or with clamp_frames, max_frames frames sampled uniformly),
-    max_duration_s the video's length, max_pixels_per_frame its width * height.
-    Frame i is the i-th frame a full sequential decode yields, as in HF's PyAV reader.
+    max_duration_s the video's length, max_pixels_per_frame its width * height, max_side its longest
+    side, and max_decoded_pixels the frames to decode times width * height.
+    Frame i is the i-th frame a full sequential decode yields, as in HF's PyAV reader. Where the
+    container has no frame count (Matroska/WebM, MPEG-TS) the packets are counted first (one frame
+    each), and the frames are decoded in order unless every timestamp sits on the constant-rate
+    grid; if the stream then ends before a sampled index (packets without a frame), the frames are
+    sampled again over those it held.
     """
     src = _Source(source)
-    container = src.open()
-    try:
-        stream = _video_stream(container)
-        info = _read_info(container, stream)
-        info_is_estimate = not stream.frames
-    finally:
-        container.close()
+    info = _open_info(src)
     if max_duration_s is not None and info.duration_s > max_duration_s:
         raise MediaError(f"video is {info.duration_s:.1f} s long, over the limit of {max_duration_s:g} s")
     if max_pixels_per_frame is not None and info.width * info.height > max_pixels_per_frame:
         raise MediaError(f"video frames are {info.width}x{info.height}, over the limit of "
                          f"{max_pixels_per_frame} pixels")
-    indices = sample_frame_indices(info.num_frames, num_frames=num_frames, fps=fps, video_fps=info.fps)
-    if max_frames is not None and len(indices) > max_frames and clamp_frames:
-        indices = sample_frame_indices(info.num_frames, num_frames=max_frames, video_fps=info.fps)
-    if max_frames is not None and len(indices) > max_frames:
-        raise MediaError(f"video would sample {len(indices)} frames, over the limit of {max_frames}")
-    frames, indices, _ = _decode_indices(src, indices, clamp_at_end=info_is_estimate)
+    check_image_side(info.width, info.height, max_side, what="video frame")
+    if info.num_frames <= 0:
+        raise MediaError("unsupported or corrupt video: no video frames found (the file may be truncated)")
+
+    def choose(total: int) -> list[int]:
+        indices = sample_frame_indices(total, num_frames=num_frames, fps=fps, video_fps=info.fps)
+        if max_frames is not None and len(indices) > max_frames and clamp_frames:
+            indices = sample_frame_indices(total, num_frames=max_frames, video_fps=info.fps)
+        if max_frames is not None and len(indices) > max_frames:
+            raise MediaError(f"video would sample {len(indices)} frames, over the limit of {max_frames}")
+        return indices
+
+    indices = choose(info.num_frames)
+    check_decoded_pixels(len(indices), info.width, info.height, max_decoded_pixels)
+    try:
+        frames, indices, _ = _decode_indices(src, indices, max_decoded_pixels=max_decoded_pixels)
+    except _StreamEnded as e:
+        if src._scan is None or e.frames < 1:  # a frame count from the header is not second-guessed
+            raise
+        info = replace(info, num_frames=e.frames)
+        frames, indices, _ = _decode_indices(src, choose(e.frames), allow_seek=False,
+                                             max_decoded_pixels=max_decoded_pixels)
     return frames, info, indices
 
 
-def _decode_indices(src: _Source, indices: Sequence[int], *, clamp_at_end: bool = False,
-                    allow_seek: bool = True) -> tuple[torch.Tensor, list[int], _DecodeStats]:
+def check_decoded_pixels(frames: int, width: int, height: int, limit: int | None) -> None:
+    """Raises MediaError if decoding this many frames of this size is over the pixel budget."""
+    if limit is not None and frames * width * height > limit:
+        raise MediaError(f"decoding {frames} frames of {width}x{height} would take {frames * width * height} "
+                         f"pixels, over the per-video limit of {limit}; ask for fewer frames (num_frames or fps) "
+                         "or send a smaller video")
+
+
+class _FrameSink:
+    """The wanted frames' RGB pixels, written as they are decoded into one uint8 [F, H, W, 3] buffer.
+
+    Slot k holds the k-th wanted index. The buffer is allocated at the first frame, from its size,
+    so no frame is held twice; decoders on several threads fill disjoint slots.
+    """
+
+    def __init__(self, wanted: list[int], max_decoded_pixels: int | None = None):
+        self.slots = {i: k for k, i in enumerate(wanted)}
+        self.max_decoded_pixels = max_decoded_pixels
+        self.buffer: torch.Tensor | None = None  # [F, H, W, 3]
+        self.filled: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.filled
+
+    def __len__(self) -> int:
+        return len(self.filled)
+
+    def put(self, index: int, rgb: np.ndarray) -> None:
+        """Stores frame `index` ([H, W, 3] uint8); every frame must have the first one's size."""
+        with self._lock:
+            if self.buffer is None:
+                h, w = rgb.shape[:2]
+                check_decoded_pixels(len(self.slots), w, h, self.max_decoded_pixels)
+                self.buffer = torch.empty((len(self.slots), h, w, 3), dtype=torch.uint8)
+            elif tuple(rgb.shape) != tuple(self.buffer.shape[1:]):
+                raise MediaError("unsupported video: the frame size changes within the stream")
+        self.buffer[self.slots[index]].copy_(torch.from_numpy(rgb))
+        self.filled.add(index)
+
+    def frames(self, indices: list[int]) -> torch.Tensor:
+        """uint8 [len(indices), 3, H, W] (channels-last memory); copies only for repeats or reordering."""
+        order = [self.slots[i] for i in indices]
+        out = self.buffer if order == list(range(len(self.slots))) else self.buffer[torch.tensor(order)]
+        return out.permute(0, 3, 1, 2)
+
+
+def _decode_indices(src: _Source, indices: Sequence[int], *, allow_seek: bool = True,
+                    max_decoded_pixels: int | None = None) -> tuple[torch.Tensor, list[int], _DecodeStats]:
     """Frames at these indices (any order, repeats allowed) -> (uint8 [F, 3, H, W], indices, stats).
 
-    If the stream ends early, indices past its end become its last frame when clamp_at_end (the
-    frame count was an estimate), else it is an error.
+    If the stream ends before the last index, raises _StreamEnded (a MediaError) with the number of
+    frames it held. max_decoded_pixels bounds the buffer from the first decoded frame's real size.
     """
     wanted = sorted(set(indices))
     stats = _DecodeStats()
-    got: dict[int, np.ndarray] | None = None
+    sink = _FrameSink(wanted, max_decoded_pixels)
+    done = False
     try:
         if allow_seek and src.format in _SEEKABLE_FORMATS:
             try:
-                got, stats.mode = _decode_seeking(src, wanted, stats), "seek"
+                _decode_seeking(src, wanted, sink, stats)
+                done, stats.mode = True, "seek"
             except _Unreliable:
-                pass  # stats keep the work the attempt cost
-        if got is None:
-            got, stats.mode = _decode_sequential(src, wanted, stats), "sequential"
+                sink.filled.clear()  # stats keep the work the attempt cost; slots are rewritten
+        if not done:
+            frames_in_stream = _decode_sequential(src, wanted, sink, stats)
+            stats.mode = "sequential"
+            if len(sink) < len(wanted):
+                if not len(sink):
+                    raise MediaError("unsupported or corrupt video: no frame could be decoded")
+                raise _StreamEnded(wanted[len(sink)], frames_in_stream)
+    except MediaError:
+        raise
     except (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError) as e:
         raise MediaError(f"unsupported or corrupt video: {_describe(e)}") from None
     indices = list(indices)
-    if len(got) < len(wanted):
-        last = max(got, default=None)
-        if last is None:
-            raise MediaError("unsupported or corrupt video: no frame could be decoded")
-        if not clamp_at_end:
-            raise MediaError(f"unsupported or corrupt video: it ended before frame {wanted[len(got)]}")
-        indices = [i if i in got else last for i in indices]
-    shapes = {a.shape for a in got.values()}
-    if len(shapes) != 1:
-        raise MediaError("unsupported video: the frame size changes within the stream")
-    h, w, _ = shapes.pop()
-    out = torch.empty((len(indices), h, w, 3), dtype=torch.uint8)  # [F, H, W, 3]
-    for k, i in enumerate(indices):
-        out[k].copy_(torch.from_numpy(got[i]))
-    return out.permute(0, 3, 1, 2), indices, stats  # [F, 3, H, W], channels-last memory
+    return sink.frames(indices), indices, stats
 
 
 def _to_rgb(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
@@ -249,22 +389,26 @@ def _configure_decoder(stream, threads: int = 0) -> None:
         stream.thread_count = threads
 
 
-def _decode_sequential(src: _Source, wanted: list[int], stats: _DecodeStats) -> dict[int, np.ndarray]:
-    """Decodes from the start, counting frames, and stops after the last wanted index (HF's way)."""
+def _decode_sequential(src: _Source, wanted: list[int], sink: _FrameSink, stats: _DecodeStats) -> int:
+    """Decodes from the start, counting frames, and stops after the last wanted index (HF's way).
+
+    Returns the number of frames decoded: the stream's length if it ended before the last index.
+    """
     container = src.open()
     try:
         stream = _video_stream(container)
         _configure_decoder(stream)
         need, last = set(wanted), wanted[-1]
         reformatter = VideoReformatter()
-        got: dict[int, np.ndarray] = {}
+        count = 0
         for i, frame in enumerate(container.decode(stream)):
             stats.decoded += 1
+            count = i + 1
             if i in need:
-                got[i] = _to_rgb(reformatter, frame)
+                sink.put(i, _to_rgb(reformatter, frame))
             if i >= last:
                 break
-        return got
+        return count
     finally:
         container.close()
 
@@ -304,17 +448,21 @@ class _Run:
     targets: list[int]
 
 
-def _decode_seeking(src: _Source, wanted: list[int], stats: _DecodeStats) -> dict[int, np.ndarray]:
+def _decode_seeking(src: _Source, wanted: list[int], sink: _FrameSink, stats: _DecodeStats) -> None:
     """Decodes the wanted frames, seeking past stretches without any and skipping unneeded B-frames.
 
     A demux-only container plans the work: the keyframe before each wanted frame, grouped into runs
     that each start at a keyframe beyond the previous run's end. Contiguous groups of runs go to up
     to torch.get_num_threads() decoders in parallel. Frame numbers come from timestamps; anything
-    off the constant-rate grid, out of order or missing raises _Unreliable.
+    off the constant-rate grid, out of order or missing raises _Unreliable. Without a frame count
+    in the header (Matroska/WebM) a gap in the timestamps would go unnoticed between two decoded
+    frames, so every packet's timestamp is checked against the grid first.
     """
     probe = src.open()
     try:
         stream = _video_stream(probe)
+        if not stream.frames and not src.scan().regular:
+            raise _Unreliable
         clock = _FrameClock(stream)
         clock.anchor = _first_pts(probe, stream)
         runs = _plan_runs(probe, stream, clock, wanted)
@@ -323,7 +471,6 @@ def _decode_seeking(src: _Source, wanted: list[int], stats: _DecodeStats) -> dic
     workers = min(torch.get_num_threads(), os.cpu_count() or 1, len(runs))
     parts = _split_runs(runs, workers)
     need = set(wanted)
-    results: list[dict[int, np.ndarray]] = [{} for _ in parts]
     decoded = [0] * len(parts)
     seeks = [0] * len(parts)
 
@@ -331,22 +478,23 @@ def _decode_seeking(src: _Source, wanted: list[int], stats: _DecodeStats) -> dic
         dec = _Decoder(src, clock, need, threads=1 if len(parts) > 1 else 0)  # one thread per decoder
         try:
             if k == 0:
-                dec.start(results[0])  # checks that frame 0 sits where the grid says
+                dec.start(sink)  # checks that frame 0 sits where the grid says
             for run in parts[k]:
                 if run.keyframe > dec.current + 1:
                     dec.seek(run)
                     seeks[k] += 1
                 for target in run.targets:
-                    if target not in results[k]:
-                        results[k][target] = dec.decode(target)
+                    if target not in sink:  # each target belongs to one part's runs
+                        sink.put(target, dec.decode(target))
         finally:
             decoded[k] = dec.decoded
             dec.close()
 
-    _run_parallel([functools.partial(work, k) for k in range(len(parts))])
-    stats.decoded += sum(decoded)
-    stats.seeks += sum(seeks)
-    return {i: a for part in results for i, a in part.items()}
+    try:
+        _run_parallel([functools.partial(work, k) for k in range(len(parts))])
+    finally:
+        stats.decoded += sum(decoded)
+        stats.seeks += sum(seeks)
 
 
 def _first_pts(probe, stream) -> int:
@@ -435,13 +583,13 @@ class _Decoder:
                 self.decoded += 1
                 yield frame
 
-    def start(self, got: dict[int, np.ndarray]) -> None:
+    def start(self, sink: _FrameSink) -> None:
         """Decodes frame 0 from the start of the stream and checks its timestamp is the anchor."""
         first = next(self.frames, None)
         if first is None or first.pts != self.clock.anchor:
             raise _Unreliable
         if 0 in self.need:
-            got[0] = _to_rgb(self.reformatter, first)
+            sink.put(0, _to_rgb(self.reformatter, first))
         self.current = self.last = 0
 
     def seek(self, run: _Run) -> None:
@@ -473,7 +621,10 @@ _POOL_LOCK = threading.Lock()
 
 
 def _run_parallel(tasks: list) -> None:
-    """Runs the tasks on the calling thread plus up to torch.get_num_threads() - 1 pool threads."""
+    """Runs the tasks on the calling thread plus up to torch.get_num_threads() - 1 pool threads.
+
+    Returns (or raises the first error) only when every task has finished.
+    """
     global _POOL
     extra = min(torch.get_num_threads(), len(tasks), os.cpu_count() or 1) - 1
     if extra <= 0:
@@ -495,11 +646,18 @@ def _run_parallel(tasks: list) -> None:
             task()
 
     futures = [_POOL.submit(drain) for _ in range(extra)]
+    error: BaseException | None = None
     try:
         drain()
-    finally:
-        for f in futures:
+    except BaseException as e:  # re-raised once every pool thread is done with the shared output
+        error = e
+    for f in futures:
+        try:
             f.result()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 # -- pixels ---------------------------------------------------------------------------------------

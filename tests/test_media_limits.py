@@ -1,0 +1,182 @@
+"""Processor limits on client-chosen settings and media sizes: refused early, with a plain message."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from plm_core.config import load_model_config
+from plm_core.media import image as image_ops
+from plm_core.media import video as video_ops
+from plm_core.media.errors import MediaError
+from plm_core.processor import MediaLimits, MediaOptions, PLMProcessor, PromptError
+from plm_core.tokenizer import PLMTokenizer
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _make(checkpoint, **kwargs) -> PLMProcessor:
+    cfg = load_model_config(checkpoint)
+    tok = PLMTokenizer(checkpoint, cfg.chat_template, bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids)
+    return PLMProcessor(cfg, tok, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return _make(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def video_url(tmp_path_factory) -> str:
+    from media_sets import write_synthetic_video
+
+    path = write_synthetic_video(tmp_path_factory.mktemp("v") / "v.mp4", frames=30, size=(64, 48), fps=10)
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _png_url(size=(97, 61), mode="RGB") -> str:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(**spec) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url(), **spec}},
+                                         {"type": "text", "text": "x"}]}]
+
+
+def _video(url: str, **spec) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, **spec}},
+                                         {"type": "text", "text": "x"}]}]
+
+
+# -- max_num_tiles: at most the checkpoint's budget, an integer -------------------------------------
+
+@pytest.mark.parametrize("tiles", [37, 300_000, 10**7, 10**30])
+def test_tile_budget_over_the_models_is_refused_at_once(processor, tiles):
+    assert processor.pcfg.max_num_tiles == 36
+    start = time.perf_counter()
+    with pytest.raises(PromptError, match=f"max_num_tiles must be at most 36 .*got {tiles}"):
+        processor.process(_image(), MediaOptions(max_num_tiles=tiles))
+    with pytest.raises(PromptError, match=r"image_url\.max_num_tiles must be at most 36"):
+        processor.process(_image(max_num_tiles=tiles))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_tile_budget_up_to_the_models_is_honored(processor):
+    full = processor.process(_image(max_num_tiles=36)).media[0]
+    assert full.num_tiles == image_ops.num_image_tiles(97, 61, tile_size=56, max_num_tiles=36)
+    assert processor.process(_image(), MediaOptions(max_num_tiles=36)).media[0].num_tiles == full.num_tiles
+
+
+@pytest.mark.parametrize("bad", [True, 0, -1, 2.0, "4"])
+def test_tile_budget_must_be_a_positive_integer(processor, bad):
+    with pytest.raises(PromptError, match="max_num_tiles must be a positive integer"):
+        processor.process(_image(max_num_tiles=bad))
+    with pytest.raises(PromptError, match="max_num_tiles must be a positive integer"):
+        processor.process(_image(), MediaOptions(max_num_tiles=bad))
+
+
+def test_server_default_budget_is_bounded_by_the_checkpoint(tiny_checkpoint):
+    with pytest.raises(ValueError, match="tile budget 36"):
+        _make(tiny_checkpoint, max_num_tiles=37)
+    assert _make(tiny_checkpoint, max_num_tiles=36).max_num_tiles == 36
+
+
+# -- fps and num_frames: finite positive numbers, integers -----------------------------------------
+
+@pytest.mark.parametrize("fps", [NAN, INF, -INF, 1e308 * 10, 0, -1.0, True, "2"])
+def test_bad_fps_is_a_prompt_error(processor, video_url, fps):
+    with pytest.raises(PromptError, match="fps must be a positive finite number"):
+        processor.process(_video(video_url, fps=fps))
+    with pytest.raises(PromptError, match="fps must be a positive finite number"):
+        processor.process(_video(video_url), MediaOptions(fps=fps))
+
+
+def test_huge_finite_fps_takes_every_frame_up_to_the_ceiling(tiny_checkpoint, video_url):
+    proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_frames=8))
+    for item in (proc.process(_video(video_url, fps=1e308)).media[0],
+                 proc.process(_video(video_url), MediaOptions(fps=1e308)).media[0]):
+        assert item.meta["frame_indices"] == video_ops.sample_frame_indices(30, num_frames=8)
+
+
+@pytest.mark.parametrize("bad", [True, False, 0, 2.5, "4"])
+def test_num_frames_must_be_a_positive_integer(processor, video_url, bad):
+    with pytest.raises(PromptError, match="num_frames must be a positive integer"):
+        processor.process(_video(video_url, num_frames=bad))
+    with pytest.raises(PromptError, match="num_frames must be a positive integer"):
+        processor.process(_video(video_url), MediaOptions(num_frames=bad))
+
+
+def test_in_memory_video_fps_must_be_finite(processor):
+    import numpy as np
+
+    frames = np.zeros((10, 8, 8, 3), dtype=np.uint8)
+    with pytest.raises(PromptError, match="video_fps must be a positive finite number"):
+        processor.process([{"role": "user", "content": [{"type": "video", "video": frames, "fps": 1.0,
+                                                         "video_fps": INF}]}])
+
+
+# -- sizes: longest image side, decoded pixels per video -------------------------------------------
+
+def test_elongated_image_is_refused_before_decoding(tiny_checkpoint, monkeypatch):
+    from PIL import ImageFile
+
+    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 2000), "L")}}]}]
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded despite the side limit"))
+    with pytest.raises(MediaError, match="image size 1x2000 has a side longer than the limit of 1000 pixels"):
+        proc.process(msgs)
+
+
+def test_elongated_in_memory_image_is_refused(tiny_checkpoint):
+    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
+    with pytest.raises(MediaError, match="side longer than the limit of 1000"):
+        proc.process([{"role": "user", "content": [{"type": "image", "image": Image.new("L", (2000, 1))}]}])
+
+
+def test_default_side_limit_keeps_normal_images(processor):
+    assert MediaLimits().max_image_side == image_ops.DEFAULT_MAX_IMAGE_SIDE == 32768
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 4000), "L")}}]}]
+    assert processor.process(msgs).media[0].num_tiles > 1
+
+
+def test_default_decoded_pixel_budget_admits_32_frames_of_4k():
+    budget = MediaLimits().max_video_decoded_pixels
+    assert budget == video_ops.DEFAULT_MAX_DECODED_PIXELS
+    assert 32 * 3840 * 2160 <= budget < 64 * 3840 * 2160
+    assert 64 * 4096 * 4096 > budget  # the probe's 57 KB video that decoded to 3.2 GB
+
+
+def test_decoded_pixel_budget_is_checked_before_decoding(tiny_checkpoint, video_url, monkeypatch):
+    proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_decoded_pixels=8 * 64 * 48))
+    assert proc.process(_video(video_url, num_frames=8)).media[0].num_tiles == 8
+    monkeypatch.setattr(video_ops, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite the budget"))
+    with pytest.raises(MediaError, match=r"decoding 9 frames of 64x48 .* over the per-video limit of 24576; "
+                                         r"ask for fewer frames"):
+        proc.process(_video(video_url, num_frames=9))
+
+
+def test_video_side_limit(tiny_checkpoint, video_url):
+    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=50))
+    with pytest.raises(MediaError, match="video frame size 64x48 has a side longer than the limit of 50"):
+        proc.process(_video(video_url, num_frames=2))
+
+
+# -- messages say what is wrong with the input, nothing about the server ---------------------------
+
+@pytest.mark.parametrize("url", [
+    "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(),
+    "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + bytes(56)).decode(),
+])
+def test_media_errors_do_not_leak_internals(processor, url):
+    kind = "image_url" if url.startswith("data:image") else "video_url"
+    with pytest.raises(MediaError) as exc:
+        processor.process([{"role": "user", "content": [{"type": kind, kind: {"url": url}}]}])
+    text = str(exc.value)
+    for leak in ("0x", "BytesIO", "Errno", "<none>", "<"):
+        assert leak not in text, text
