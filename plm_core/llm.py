@@ -19,7 +19,7 @@ from plm_core.engine.core import EngineCore
 from plm_core.engine.sampler import Logprobs
 from plm_core.inputs import ProcessedPrompt
 from plm_core.processor import MediaLimits, MediaOptions, PLMProcessor
-from plm_core.sampling import SamplingParams
+from plm_core.sampling import SEED_MAX, SamplingParams
 from plm_core.tokenizer import PLMTokenizer
 
 log = logging.getLogger("plm_core")
@@ -79,8 +79,16 @@ def pick_device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[to
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The params of choice `index` of an n-choice request: n=1 and, with a seed, seed + index."""
-    seed = None if params.seed is None else params.seed + index
+    """The params of choice `index` of an n-choice request: n=1 and, with a seed, seed + index.
+
+    seed + index past SEED_MAX wraps around by 2**64 (to 0, 1, ...): torch reads seeds modulo 2**64,
+    so that is the generator seed + index stands for, and the seed stays in the range torch accepts.
+    """
+    seed = None
+    if params.seed is not None:
+        seed = params.seed + index
+        if seed > SEED_MAX:
+            seed -= 2**64
     return replace(params, n=1, seed=seed)
 
 
@@ -137,29 +145,35 @@ class LLM:
         t0 = time.perf_counter()
         results: list[RequestOutput] = []
         by_id: dict[str, tuple[RequestOutput, int]] = {}
-        for prompt, p in zip(prompts, params):
-            rid = f"offline-{next(self._ids)}"
-            out = RequestOutput(rid, prompt.prompt_token_ids, [])
-            results.append(out)
-            for i in range(p.n):
-                out.outputs.append(CompletionOutput(i, "", [], "", logprobs=[] if p.logprobs is not None else None))
-                child = f"{rid}#{i}"
-                by_id[child] = (out, i)
-                self.engine.add_request(child, prompt, choice_params(p, i), prefix_parent=f"{rid}#0" if i else None)
         first_token: dict[str, float] = {}
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
-                out, i = by_id[delta.request_id]
-                first_token.setdefault(out.request_id, time.perf_counter() - t0)
-                c = out.outputs[i]
-                c.text += delta.new_text
-                c.token_ids.extend(delta.new_token_ids)
-                if c.logprobs is not None:
-                    c.logprobs.extend(delta.new_logprobs)
-                out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
-                if delta.finished:
-                    c.finish_reason, c.stop_reason = delta.finish_reason, delta.stop_reason
-                    out.metrics["e2e_s"] = time.perf_counter() - t0
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"offline-{next(self._ids)}"
+                out = RequestOutput(rid, prompt.prompt_token_ids, [])
+                results.append(out)
+                for i in range(p.n):
+                    lps = [] if p.logprobs is not None else None
+                    out.outputs.append(CompletionOutput(i, "", [], "", logprobs=lps))
+                    child = f"{rid}#{i}"
+                    self.engine.add_request(child, prompt, choice_params(p, i), prefix_parent=f"{rid}#0" if i else None)
+                    by_id[child] = (out, i)
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    out, i = by_id[delta.request_id]
+                    first_token.setdefault(out.request_id, time.perf_counter() - t0)
+                    c = out.outputs[i]
+                    c.text += delta.new_text
+                    c.token_ids.extend(delta.new_token_ids)
+                    if c.logprobs is not None:
+                        c.logprobs.extend(delta.new_logprobs)
+                    out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
+                    if delta.finished:
+                        c.finish_reason, c.stop_reason = delta.finish_reason, delta.stop_reason
+                        out.metrics["e2e_s"] = time.perf_counter() - t0
+        except BaseException:  # a rejected request (e.g. a prompt too long), an error or Ctrl-C: leave none queued
+            for child in by_id:
+                self.engine.abort(child)
+            raise
         for out in results:
             out.metrics.update(prompt_tokens=len(out.prompt_token_ids), ttft_s=first_token.get(out.request_id),
                                completion_tokens=sum(len(c.token_ids) for c in out.outputs))

@@ -29,7 +29,7 @@ from plm_core.media.errors import MediaError
 from plm_core.media.image import DEFAULT_MAX_IMAGE_SIDE
 from plm_core.media.sources import read_media_url
 from plm_core.media.video import DEFAULT_MAX_DECODED_PIXELS
-from plm_core.tokenizer import PLMTokenizer
+from plm_core.tokenizer import InvalidTextError, PLMTokenizer
 
 
 class PromptError(ValueError):
@@ -335,7 +335,10 @@ class PLMProcessor:
         self.check_options(options)
         template_messages, refs = self.parse_messages(messages)
         text = self.tokenizer.render(template_messages, add_generation_prompt=add_generation_prompt)
-        ids = self.tokenizer.encode(text)
+        try:
+            ids = self.tokenizer.encode(text)
+        except InvalidTextError as e:
+            raise PromptError(str(e)) from None
 
         loaded: list[tuple[MediaItem, torch.Tensor]] = []
         for ref in refs:

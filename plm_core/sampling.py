@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 
-import torch
-
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-LOGIT_BIAS_LIMIT = 100.0  # OpenAI clamps logit_bias values to [-100, 100]
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts logit_bias values in [-100, 100] and rejects the rest
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts (it reads seeds modulo 2**64)
 _GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
+
+
+def _integer(name: str, value) -> int:
+    """value as a plain int (ints, numpy integers); ValueError for floats, strings and the rest."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _finite(name: str, value) -> float:
+    """value as a finite float; ValueError for NaN, infinities and non-numbers."""
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens for one request (vLLM's names and defaults where they exist)."""
+    """How to pick tokens for one request (vLLM's names and defaults where they exist).
+
+    Every field is checked here (token ids against the vocabulary in EngineCore.add_request), so that
+    a request the engine accepts can never make a step fail.
+    """
 
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables top-k
-    seed: int | None = None
+    seed: int | None = None  # in [-2**63, 2**64 - 1]
     max_tokens: int = 16
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -27,14 +48,18 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt + output tokens
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, clamped to [-100, 100]
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit; values in [-100, 100]
     stop: list[str] | str | None = None  # stop strings; normalised to a list
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop/eos token's text) in the text
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k (0..20)
     skip_special_tokens: bool = True
-    min_tokens: int = 0  # eos and stop tokens are masked until this many tokens are generated
+    min_tokens: int = 0  # eos, stop tokens and stop strings do not end the output before this many tokens
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, _finite(name, getattr(self, name)))
+        for name in ("top_k", "max_tokens", "n", "min_tokens"):
+            setattr(self, name, _integer(name, getattr(self, name)))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -53,14 +78,20 @@ class SamplingParams:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed)
+            if not SEED_MIN <= self.seed <= SEED_MAX:
+                raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        stop_token_ids = () if self.stop_token_ids is None else self.stop_token_ids
+        self.stop_token_ids = [_integer("stop_token_ids", t) for t in stop_token_ids]
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
 
@@ -77,12 +108,15 @@ class SamplingParams:
             bias = {}
             for token, value in self.logit_bias.items():
                 try:
-                    token_id = int(token)
+                    token_id = int(token) if isinstance(token, str) else operator.index(token)
                 except (TypeError, ValueError):
                     raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
                 if token_id < 0:
                     raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id}")
-                bias[token_id] = min(max(float(value), -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+                value = _finite(f"logit_bias[{token_id}]", value)
+                if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token_id}")
+                bias[token_id] = value
             self.logit_bias = bias
 
     @property

@@ -3,6 +3,8 @@
 Rendering follows transformers' `apply_chat_template` (sandboxed Jinja, trim_blocks, lstrip_blocks),
 and the rendered text is encoded without adding special tokens, so the prompt has exactly the one
 BOS the template writes (rendering and then calling the tokenizer with defaults would add a second).
+`token_bytes` gives a token's raw bytes (OpenAI's logprobs `bytes`), which a byte-level token that
+splits a character has, though alone it decodes to U+FFFD.
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from plm_core.config import ConfigError
+
+
+class InvalidTextError(ValueError):
+    """Text that cannot be tokenized: it is not valid Unicode (a lone surrogate, such as JSON's "\\ud800")."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte to the printable character that byte-level BPE vocabularies spell it with."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_CHAR_OF_BYTE = bytes_to_unicode()
+_BYTE_OF_CHAR = {c: b for b, c in _CHAR_OF_BYTE.items()}  # the inverse: vocabulary character -> byte
 
 
 def _raise(message: str):
@@ -48,6 +71,8 @@ class PLMTokenizer:
             self._template = env.from_string(chat_template)
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"the checkpoint's chat template does not parse: {e}") from e
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}  # id -> text
+        self._token_bytes: dict[int, bytes] = {}  # cache of token_bytes(); filled as tokens are asked for
 
     @cached_property
     def vocab_size(self) -> int:
@@ -66,7 +91,52 @@ class PLMTokenizer:
                                      bos_token=self.bos_token, eos_token=eos)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text, without special tokens added; InvalidTextError (a ValueError) for invalid Unicode."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidTextError(f"the text contains a lone surrogate ({text[e.start]!r} at character "
+                                       f"{e.start}), which is not valid Unicode") from None
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def is_byte_level(self) -> bool:
+        """True for byte-level BPE vocabularies (Llama 3's, GPT-2's): tokens spelled in GPT-2's byte alphabet."""
+        ids = {c: self._tok.token_to_id(c) for c in _BYTE_OF_CHAR}
+        if None in ids.values():
+            return False
+        # and its decoder must read it that way: "Ġ" is a space, "Ã" + "©" is "é"
+        space, e_acute = [ids[_CHAR_OF_BYTE[b]] for b in b" "], [ids[_CHAR_OF_BYTE[b]] for b in "é".encode()]
+        return self._tok.decode(space) == " " and self._tok.decode(e_acute) == "é"
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: part of a UTF-8 character for byte-level tokens that split one, the
+        UTF-8 text of special and added tokens, b"" for ids outside the vocabulary. The bytes of a sequence's
+        tokens concatenate to the UTF-8 of its decoded text (without skipping special tokens)."""
+        cached = self._token_bytes.get(token_id)
+        if cached is None:
+            cached = self._compute_token_bytes(token_id)
+            if 0 <= token_id < self.vocab_size:  # at most one entry per token of the vocabulary
+                self._token_bytes[token_id] = cached
+        return cached
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone; a token holding part of a UTF-8 character shows U+FFFD for it."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        token = self._tok.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        if token is None:
+            return b""
+        if self.is_byte_level:
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in token)
+            except KeyError:  # not spelled in the byte alphabet: the decoder, too, takes such a token as it is
+                return token.encode()
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()

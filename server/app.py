@@ -332,11 +332,6 @@ def _choices(state: ServerState, rid: str, prompt, params):
     return [(i, state.engine.generate(f"{rid}-{i}", prompt, choice_params(params, i))) for i in range(params.n)]
 
 
-def _token_text(state: ServerState):
-    tok = state.llm.tokenizer
-    return lambda t: tok.decode([t], skip_special_tokens=False)
-
-
 class _Timer:
     """Records TTFT, inter-token latency and end-to-end latency of one choice."""
 
@@ -373,13 +368,14 @@ async def _complete(state: ServerState, rid: str, prompt, params, arrival: float
         results = await asyncio.gather(*(run(i, g) for i, g in _choices(state, rid, prompt, params)))
     except EngineDeadError as e:
         raise APIError(500, f"the engine failed: {e}", type="server_error") from None
-    token_text = _token_text(state)
+    except ValueError as e:  # the engine refused the request before running it
+        raise APIError(400, str(e)) from None
     choices = []
     for i, text, ids, lps, finish in results:
         choice = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                   "finish_reason": finish if finish in ("stop", "length") else "stop", "logprobs": None}
         if params.logprobs is not None:
-            choice["logprobs"] = {"content": logprobs_content(lps, token_text), "refusal": None}
+            choice["logprobs"] = {"content": logprobs_content(lps, state.llm.tokenizer), "refusal": None}
         choices.append(choice)
     completion = sum(len(r[2]) for r in results)
     n_prompt = len(prompt.prompt_token_ids)
@@ -396,7 +392,6 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
     created, model = now(), state.served_model_name
     timers = [_Timer(state.metrics, arrival) for _ in range(params.n)]
     queue: asyncio.Queue = asyncio.Queue()
-    token_text = _token_text(state)
 
     async def pump(i, gen):
         try:
@@ -436,7 +431,8 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
             choice = {"index": i, "delta": {"content": d.new_text} if d.new_text else {},
                       "logprobs": None, "finish_reason": None}
             if params.logprobs is not None:
-                choice["logprobs"] = {"content": logprobs_content(d.new_logprobs, token_text), "refusal": None}
+                choice["logprobs"] = {"content": logprobs_content(d.new_logprobs, state.llm.tokenizer),
+                                      "refusal": None}
             if d.finished:
                 choice["finish_reason"] = d.finish_reason if d.finish_reason in ("stop", "length") else "stop"
             if choice["delta"] or choice["finish_reason"] or params.logprobs is not None:

@@ -147,14 +147,14 @@ def now() -> int:
     return int(time.time())
 
 
-def logprobs_content(entries, token_text) -> list[dict]:
-    """OpenAI's `logprobs.content` from engine Logprobs entries; token_text maps an id to its text."""
-    out = []
-    for lp in entries:
-        if lp is None:
-            continue
-        text = token_text(lp.token_id)
-        out.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
-                    "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
-                                     for t, v in lp.top]})
-    return out
+def logprobs_content(entries, tokenizer) -> list[dict]:
+    """OpenAI's `logprobs.content` from engine Logprobs entries: each token's text alone and its raw
+    bytes (a token holding part of a multi-byte character has U+FFFD as text, but its true bytes, so
+    the bytes of all tokens join into the content's UTF-8)."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
+                "bytes": list(tokenizer.token_bytes(token_id))}
+
+    return [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+            for lp in entries if lp is not None]

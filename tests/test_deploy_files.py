@@ -350,10 +350,15 @@ def test_compose_replicas_match_the_server(compose, dockerfile):
     assert "hf-cache" in compose["volumes"]
 
 
+def server_routes() -> set[str]:
+    from server.app import ServerState, build_app
+
+    return {route.path for route in build_app(ServerState("x")).routes}
+
+
 def test_compose_traefik_settings(compose):
     labels = compose["services"]["plm-cpu"]["labels"]
-    app = (REPO / "server" / "app.py").read_text()
-    assert labels[LB_LABEL + "healthCheck.path"] == "/ready" and '@app.get("/ready")' in app
+    assert labels[LB_LABEL + "healthCheck.path"] == "/ready" and "/ready" in server_routes()
     assert labels[LB_LABEL + "strategy"] == "wrr"
     assert float(labels[LB_LABEL + "responseForwarding.flushInterval"]) < 0, "flush every write"
     dynamic = load(DEPLOY / "traefik" / "dynamic.yml")["http"]
@@ -457,6 +462,7 @@ def test_k8s_deployment_probes_and_shutdown(k8s, dockerfile):
     probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert probes["readinessProbe"]["path"] == "/ready"
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/health"
+    assert {"/ready", "/health"} <= server_routes()
     assert all(ports[p["port"]] == args.port for p in probes.values())
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"

@@ -8,6 +8,7 @@ import pytest
 
 from plm_core.engine.detokenizer import IncrementalDetokenizer
 from plm_core.testing.tokenizer import build_llama3_style_tokenizer
+from plm_core.tokenizer import bytes_to_unicode
 
 EOT, IMAGE = 128009, 128002
 PIECES = ["Hello", " world", ".", " The", " cat", " 😀", "😀", " 你好", "世界", " café", " naïve", " 🚀🌍", "\n",
@@ -19,26 +20,13 @@ def tok():
     return build_llama3_style_tokenizer()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which byte-level BPE tokens are spelled in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
 
 
 @pytest.fixture(scope="module")
 def byte_ids(tok) -> dict[int, int]:
     """byte value -> the id of its single-byte token."""
-    ids = {b: tok.token_to_id(c) for b, c in _bytes_to_unicode().items()}
+    ids = {b: tok.token_to_id(c) for b, c in bytes_to_unicode().items()}
     assert None not in ids.values()
     return ids
 
@@ -70,9 +58,9 @@ def stream(tok, ids, **kw) -> tuple[list[str], IncrementalDetokenizer]:
     return deltas, d
 
 
-def stopped(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
-    """Reference: cut text at the first stop string completed reading character by character."""
-    for end in range(1, len(text) + 1):
+def stopped(text: str, stops: list[str], include: bool, after: int = 0) -> tuple[str, str | None]:
+    """Reference: cut text at the first stop string completed reading character by character (past `after`)."""
+    for end in range(after + 1, len(text) + 1):
         hits = [s for s in stops if text[:end].endswith(s)]
         if hits:
             s = max(hits, key=len)
@@ -214,3 +202,52 @@ def test_random_sequences_with_stop_strings(tok, byte_ids):
 def test_empty_stop_string_rejected(tok):
     with pytest.raises(ValueError):
         IncrementalDetokenizer(tok, stop=[""])
+
+
+# -- min_tokens and stop tokens (vLLM's rules) ---------------------------------------------------------
+def test_min_tokens_hold_back_stop_strings(tok):
+    ids = encode(tok, "a#b#c#d")  # one character per token
+    assert len(ids) == 7
+    for min_tokens, expected in [(0, "a"), (1, "a"), (2, "a#b"), (4, "a#b#c"), (6, "a#b#c#d"), (7, "a#b#c#d")]:
+        deltas, d = stream(tok, ids, stop=["#"], min_tokens=min_tokens)
+        assert "".join(deltas) == expected == d.text, min_tokens
+        assert d.stop_reason == (None if expected == "a#b#c#d" else "#")
+
+
+def test_stop_string_begun_within_min_tokens_counts_once_completed_after(tok):
+    ids = encode(tok, "The dog")
+    assert [tok.decode([i]) for i in ids] == ["The", " dog"]
+    deltas, d = stream(tok, ids, stop=["e d"], min_tokens=1)  # "e" from token 1, " d" from token 2
+    assert "".join(deltas) == "Th" and d.stop_reason == "e d"
+    deltas, d = stream(tok, ids, stop=["The"], min_tokens=1)  # completed by token 1: ordinary text
+    assert "".join(deltas) == "The dog" and d.stop_reason is None
+
+
+def test_random_sequences_with_stop_strings_and_min_tokens(tok, byte_ids):
+    rng = random.Random(3)
+    for _ in range(300):
+        text = random_text(rng)
+        ids = shattered(tok, byte_ids, text, rng)
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text))
+            stops.append(text[i:i + rng.randint(1, 6)] if rng.random() < 0.8 else rng.choice(PIECES))
+        include, min_tokens = rng.random() < 0.5, rng.randint(0, len(ids))
+        deltas, d = stream(tok, ids, stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens)
+        # the text of the first min_tokens tokens, less a character they leave unfinished
+        boundary = len(tok.decode(ids[:min_tokens]).rstrip("\ufffd"))
+        expected, reason = stopped(text, stops, include, after=boundary)
+        assert "".join(deltas) == expected == d.text, (text, stops, min_tokens)
+        assert d.stop_reason == reason
+
+
+def test_flush_keeps_the_stop_token_text(tok):
+    ids = encode(tok, "The dog")
+    for skip, expected in [(False, "The dog<|eot_id|>"), (True, "The dog")]:
+        d = IncrementalDetokenizer(tok, skip_special_tokens=skip, stop=["eot", "g<"], include_stop_str_in_output=True)
+        deltas = [d.add(i) for i in ids] + [d.flush(EOT)]
+        # the stop token's own text is not searched for stop strings (vLLM's rule)
+        assert "".join(deltas) == expected == d.text and d.stop_reason is None and d.finished
+    d = IncrementalDetokenizer(tok)
+    deltas = [d.add(i) for i in encode(tok, "ab")] + [d.flush(encode(tok, "!")[0])]
+    assert "".join(deltas) == "ab!"

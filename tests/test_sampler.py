@@ -40,7 +40,8 @@ def probs_logits(probs) -> list[float]:
     dict(frequency_penalty=2.1), dict(frequency_penalty=-3), dict(repetition_penalty=0),
     dict(repetition_penalty=-1), dict(logprobs=-1), dict(logprobs=21), dict(min_tokens=-1),
     dict(min_tokens=20, max_tokens=10), dict(stop=[""]), dict(stop=["ok", ""]), dict(logit_bias={"x": 1.0}),
-    dict(logit_bias={-1: 1.0}), dict(seed=1.5), dict(stop_token_ids=[-1]),
+    dict(logit_bias={-1: 1.0}), dict(seed=1.5), dict(stop_token_ids=[-1]), dict(logit_bias={5: 100.5}),
+    dict(logit_bias={5: -101}), dict(seed=2**64), dict(seed=-2**63 - 1),
 ])
 def test_params_validation_errors(kw):
     with pytest.raises(ValueError):
@@ -56,7 +57,7 @@ def test_params_defaults_and_normalisation():
         (1.0, 1.0, 0, None, 16, [], False)
     assert SamplingParams(stop="###").stop == ["###"]
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(logit_bias={"5": 250, 6: -1000, 7: 3}).logit_bias == {5: 100.0, 6: -100.0, 7: 3.0}
+    assert SamplingParams(logit_bias={"5": 100, 6: -100, 7: 3}).logit_bias == {5: 100.0, 6: -100.0, 7: 3.0}
     assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams(temperature=0.5).greedy
@@ -304,3 +305,44 @@ def test_cuda_greedy_and_logprobs_match_cpu():
     cuda = BatchSampler()(logits.cuda(), [state("cuda", **k) for k in kinds])
     assert cpu[0] == cuda[0]
     assert cpu[1][0].rank == cuda[1][0].rank and cpu[1][0].logprob == pytest.approx(cuda[1][0].logprob, abs=1e-5)
+
+
+# -- values that pass validation never fail (or go NaN) in a step ------------------------------------
+def test_seeds_at_the_ends_of_the_range_seed_like_torch():
+    """torch reads seeds modulo 2**64: -1 and 2**64 - 1 are one generator, and neither raises."""
+    assert torch.equal(state(seed=-1).generator.get_state(), state(seed=2**64 - 1).generator.get_state())
+    assert torch.equal(state(seed=-2**63).generator.get_state(), state(seed=2**63).generator.get_state())
+    params = SamplingParams(seed=5)
+    params.seed = 2**70 + 5  # changed after validation: still no error inside the engine
+    s = SamplingState.create(params, [], [], (), "cpu")
+    assert torch.equal(s.generator.get_state(), state(seed=5).generator.get_state())
+
+
+def test_extreme_legal_values_never_raise():
+    vocab = len(ROW)
+    extremes = [
+        dict(seed=2**64 - 1), dict(seed=-2**63), dict(temperature=1e300), dict(temperature=1e-5),
+        dict(top_k=10**30), dict(top_k=10**30, top_p=1e-300), dict(min_p=1.0), dict(repetition_penalty=1e-300),
+        dict(repetition_penalty=1e300), dict(stop_token_ids=[2**70, 0], min_tokens=3),
+        dict(logit_bias={2**70: 100, 0: -100, 1: 100}, min_tokens=2, stop_token_ids=[1]),
+        dict(stop_token_ids=list(range(vocab)), eos=tuple(range(vocab)), min_tokens=2),  # every token masked
+        dict(presence_penalty=2, frequency_penalty=-2, logprobs=20, top_k=-1), dict(temperature=0, logprobs=0),
+    ]
+    states = [state(prompt=[0, 2, 2**40], output=[1, 1], **kw) for kw in extremes]
+    tokens, logprobs = run([ROW] * len(states), *states)
+    assert all(0 <= t < vocab for t in tokens)
+    assert logprobs[-2] is not None and len(logprobs[-2].top) == vocab
+
+
+def test_extreme_repetition_penalty_never_makes_nan():
+    # a penalty beyond fp32's range must not become 0 or inf (logit 0 * inf = NaN wins the argmax)
+    greedy = state(temperature=0, prompt=[0], repetition_penalty=1e300)
+    assert run([[0.0, 1.0, 2.0]], greedy)[0] == [2]
+    # tiny: the seen tokens 2 and 3 both grow past fp32's range (inf - inf = NaN in softmax); both stay likely
+    assert set(draws([0.5, 1.0, 5.0, 6.0], n=100, prompt=[2, 3], repetition_penalty=1e-300)) == {2, 3}
+
+
+def test_infinite_temperature_is_uniform_over_unmasked_tokens():
+    # fp32 turns 1e300 into inf, and -inf / inf = NaN would make the masked eos win the draw
+    got = draws(ROW, n=400, eos=(6,), min_tokens=1, temperature=1e300)
+    assert set(got) == set(range(len(ROW))) - {6}

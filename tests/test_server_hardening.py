@@ -203,3 +203,26 @@ def test_elongated_image_is_refused_before_decoding(base):
 def test_boolean_frame_and_tile_counts_are_400(base):
     assert_error(post(base, body(num_frames=True)), 400, "num_frames")
     assert_error(post(base, body(max_num_tiles=True)), 400, "max_num_tiles")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_bytes_are_the_tokens_raw_bytes(base, stream):
+    """Tokens 127 and 102 of the test vocabulary are the two bytes of "é" (byte-level BPE); each
+    token's `bytes` must be its own byte, so all of them join into the content's UTF-8."""
+    payload = body(logit_bias={"127": 100, "102": 100}, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2,
+                   stream=stream)
+    if stream:
+        content, entries = "", []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    content += choice["delta"].get("content", "")
+                    entries += (choice["logprobs"] or {}).get("content", [])
+    else:
+        choice = post(base, payload).json()["choices"][0]
+        content, entries = choice["message"]["content"], choice["logprobs"]["content"]
+    raw = [bytes(e["bytes"]) for e in entries]
+    assert set(raw) <= {b"\xc3", b"\xa9"} and len(raw) == 4, raw
+    assert b"".join(raw).decode("utf-8", "replace") == content and "é" in content
+    assert all(len(e["top_logprobs"]) == 2 and all(t["bytes"] for t in e["top_logprobs"]) for e in entries)

@@ -149,14 +149,26 @@ class EngineCore:
             raise ValueError(f"the prompt has {n_prompt} tokens but the context allows {self.max_model_len}")
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already running")
+        self._check_token_ids(prompt, params)
         eos = self.model_config.eos_token_ids
         request = Request(request_id, list(prompt.prompt_token_ids), params, media=prompt.media, eos_token_ids=eos,
                           prefix_parent=prefix_parent)
         self._detok[request_id] = IncrementalDetokenizer(
             self.tokenizer._tok, skip_special_tokens=params.skip_special_tokens, stop=params.stop or [],
-            include_stop_str_in_output=params.include_stop_str_in_output, prompt_token_ids=request.prompt_token_ids)
+            include_stop_str_in_output=params.include_stop_str_in_output, prompt_token_ids=request.prompt_token_ids,
+            min_tokens=params.min_tokens)
         self.scheduler.add_request(request)
         self.stats.prompt_tokens += n_prompt
+
+    def _check_token_ids(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
+        """ValueError for token ids the model has no row for (they would fail, or be ignored, in a step)."""
+        vocab = self.model_config.text.vocab_size
+        ids = prompt.prompt_token_ids
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
+        outside = sorted(t for t in params.logit_bias or () if t >= vocab)
+        if outside:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {outside[:8]}")
 
     def abort(self, request_id: str) -> bool:
         """Drops a request and frees its KV blocks and encoder references now."""
@@ -188,11 +200,12 @@ class EngineCore:
         params = request.sampling_params
         detok = self._detok[request.request_id]
         n_out = len(request.output_token_ids)
-        status, text = None, ""
+        status, text, stop_token = None, "", None
+        # an eos or stop token's text is not part of the output, unless include_stop_str_in_output (vLLM's rule)
         if n_out >= params.min_tokens and not params.ignore_eos and token in request.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED  # the eos token's text is not part of the output
+            status, stop_token = RequestStatus.FINISHED_STOPPED, token
         elif n_out >= params.min_tokens and token in params.stop_token_ids:
-            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
+            status, request.stop_reason, stop_token = RequestStatus.FINISHED_STOPPED, token, token
         else:
             text = detok.add(token)
             if detok.stop_reason is not None:
@@ -203,7 +216,7 @@ class EngineCore:
                              num_cached_tokens=request.num_cached_tokens, num_output_tokens=n_out)
         if status is not None:
             if detok.stop_reason is None:
-                delta.new_text += detok.flush()
+                delta.new_text += detok.flush(stop_token if params.include_stop_str_in_output else None)
             self.scheduler.finish(request, status)
             self._detok.pop(request.request_id, None)
             delta.finished, delta.finish_reason, delta.stop_reason = True, status.value, request.stop_reason

@@ -23,10 +23,14 @@ class IncrementalDetokenizer:
     character by character (so the result does not depend on how the text was split into tokens);
     the text is cut just before it, or just after it with include_stop_str_in_output. The deltas
     returned by add() and then flush() concatenate to tokenizer.decode(tokens) cut that way.
+
+    With min_tokens, as in vLLM, a stop string only counts if it is completed in the text of a
+    token after the first min_tokens (it may begin earlier); one completed before is ordinary text.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, prompt_token_ids: list[int] | None = None):
+                 include_stop_str_in_output: bool = False, prompt_token_ids: list[int] | None = None,
+                 min_tokens: int = 0):
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._tokenizer = tokenizer
@@ -40,6 +44,9 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._tokens)
         self._text = ""  # output text decoded so far (the stop-string cut applied)
         self._emitted = 0  # characters of _text already returned
+        self._min_tokens = min_tokens
+        self._num_output = 0  # output tokens added so far
+        self._stop_from = 0  # a stop string must end after this many characters of _text (min_tokens)
         self.stop_reason: str | None = None  # the stop string that ended the text
         self.finished = False
 
@@ -53,6 +60,7 @@ class IncrementalDetokenizer:
         if self.finished:
             raise RuntimeError("add() after the detokenizer finished (stop string found or flushed)")
         self._tokens.append(token_id)
+        self._num_output += 1
         prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
         new_text = self._decode(self._tokens[self._prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -60,23 +68,31 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         return self._append(new_text[len(prefix_text):], final=False)
 
-    def flush(self) -> str:
-        """Ends the text (for a reason other than a stop string) and returns what was held back."""
+    def flush(self, stop_token_id: int | None = None) -> str:
+        """Ends the text (for a reason other than a stop string) and returns what was held back.
+
+        stop_token_id: the eos or stop token that ended the output, to be kept in the text
+        (include_stop_str_in_output); its text is not searched for stop strings, as in vLLM.
+        """
         if self.finished:
             return ""
+        if stop_token_id is not None:
+            self._tokens.append(stop_token_id)
         rest = ""
-        if self._read_offset < len(self._tokens):  # an unfinished character: decode it as the full text would
+        if self._read_offset < len(self._tokens):  # an unfinished character (or the kept stop token): decode it
             prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
             rest = self._decode(self._tokens[self._prefix_offset:])[len(prefix_text):]
             self._prefix_offset = self._read_offset = len(self._tokens)
-        delta = self._append(rest, final=True)
+        delta = self._append(rest, final=True, check_stop=stop_token_id is None)
         self.finished = True
         return delta
 
-    def _append(self, new: str, *, final: bool) -> str:
+    def _append(self, new: str, *, final: bool, check_stop: bool = True) -> str:
         start = len(self._text)
         self._text += new
-        if self._stop:
+        if self._num_output <= self._min_tokens:  # text of the first min_tokens tokens cannot complete a stop
+            self._stop_from = len(self._text)
+        elif self._stop and check_stop:
             match = self._find_stop(max(0, start - self._hold))
             if match is not None:
                 index, stop = match
@@ -90,10 +106,11 @@ class IncrementalDetokenizer:
         return delta
 
     def _find_stop(self, start: int) -> tuple[int, str] | None:
-        """The stop string completed first in _text[start:] (the longer one if two end together)."""
+        """The stop string completed first in _text[start:] and after _stop_from (the longer one if two end
+        together)."""
         best = None
         for stop in self._stop:
-            index = self._text.find(stop, start)
+            index = self._text.find(stop, max(start, self._stop_from - len(stop) + 1))
             if index < 0:
                 continue
             key = (index + len(stop), index)

@@ -12,6 +12,7 @@ from plm_core.sampling import SamplingParams
 
 _NEG_INF = float("-inf")
 _FIXED_ONE = 2**48  # probability 1 in the fixed-point sums of top-p
+_FP32 = torch.finfo(torch.float32)
 
 
 @dataclass
@@ -37,7 +38,10 @@ class SamplingState:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+            # torch reads a seed modulo 2**64 (a negative one as two's complement) and raises outside
+            # [-2**63, 2**64 - 1]; reducing it here gives the same generator and can never raise.
+            seed = params.seed % 2**64 if params.seed is not None else secrets.randbits(63)
+            generator.manual_seed(seed)
         return cls(params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids))
 
     @property
@@ -112,7 +116,7 @@ class BatchSampler:
         rows, cols, values = [], [], []
         for i, s in enumerate(states):
             for token, bias in (s.params.logit_bias or {}).items():
-                if token < vocab:  # ids past the model's vocabulary cannot be sampled anyway
+                if token < vocab:  # EngineCore.add_request rejects ids past the vocabulary; a guard
                     rows.append(i)
                     cols.append(token)
                     values.append(bias)
@@ -144,6 +148,8 @@ class BatchSampler:
         logits = x[rows]  # [P, V]
         if any(s.params.repetition_penalty != 1.0 for s in sub):
             rep = torch.tensor([s.params.repetition_penalty for s in sub], device=device)[:, None]
+            # a penalty beyond fp32's range would become 0 or inf, and 0 * inf (a zero logit) NaN
+            rep = rep.clamp(min=_FP32.tiny, max=_FP32.max)
             seen = counts > 0
             prompt = [s.prompt_ids(vocab, device) for s in sub]
             lengths = torch.tensor([len(p) for p in prompt], device=device)
@@ -160,8 +166,10 @@ class BatchSampler:
     def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         # x: [R, V] processed logits of the random rows -> [R] token ids
         device, vocab = x.device, x.shape[1]
+        # Neither may become inf: a temperature of inf turns a masked -inf logit into NaN, which wins the
+        # draw, and +inf logits (an extreme repetition_penalty, or a small temperature after it) make softmax NaN.
         temperature = torch.tensor([s.params.temperature for s in states], device=device)[:, None]
-        x = x / temperature
+        x = (x / temperature.clamp(max=_FP32.max)).clamp(max=_FP32.max)
         if any(s.params.min_p > 0 for s in states):
             min_p = torch.tensor([s.params.min_p for s in states], device=device)[:, None]
             probs = torch.softmax(x, dim=-1)
