@@ -36,6 +36,10 @@ class PromptError(ValueError):
     """The conversation is malformed or does not fit the model (a client error)."""
 
 
+class ContextLengthError(PromptError):
+    """The prompt (text + media tokens) is longer than the context allows."""
+
+
 @dataclass(frozen=True)
 class MediaOptions:
     """Per-request preprocessing settings; None means the server default.
@@ -340,20 +344,26 @@ class PLMProcessor:
         except InvalidTextError as e:
             raise PromptError(str(e)) from None
 
-        loaded: list[tuple[MediaItem, torch.Tensor]] = []
-        for ref in refs:
-            loaded.append(self.load_image(ref, options) if ref.kind == "image" else self.load_video(ref, options))
-        items = [item for item, _ in loaded]
-        prompt_ids = self._expand_placeholders(ids, items)
         limit = max_prompt_len or self.config.max_model_len
-        if len(prompt_ids) > limit:
-            media_tokens = sum(m.num_tokens for m in items)
-            raise PromptError(f"the prompt needs {len(prompt_ids)} tokens ({media_tokens} of them for "
-                              f"{len(items)} media item(s)) but the context allows {limit}; use fewer images, "
-                              "a smaller tile budget or fewer video frames")
-        for item, raw in loaded:
-            item.pixel_values = (self.preprocess_image(item, raw) if item.kind == "image"
-                                 else self.preprocess_video(raw))
+        placeholders = (self.config.image_token_id, self.config.video_token_id)
+        text_tokens = sum(1 for t in ids if t not in placeholders)
+        if text_tokens > limit:
+            raise ContextLengthError(f"the prompt has {text_tokens} tokens but the context allows {limit}")
+        # One item at a time: decode, count its tokens (refusing as soon as the prompt cannot fit),
+        # preprocess, and drop the decoded frames, so a request's peak memory is one item's raw pixels.
+        items: list[MediaItem] = []
+        for k, ref in enumerate(refs):
+            item, raw = self.load_image(ref, options) if ref.kind == "image" else self.load_video(ref, options)
+            items.append(item)
+            needed = text_tokens + sum(m.num_tokens for m in items)
+            if needed > limit:
+                raise ContextLengthError(
+                    f"the prompt needs at least {needed} tokens ({needed - text_tokens} for its first {k + 1} of "
+                    f"{len(refs)} media item(s)) but the context allows {limit}; use fewer images, a smaller "
+                    "tile budget or fewer video frames")
+            item.pixel_values = self.preprocess_image(item, raw) if item.kind == "image" else self.preprocess_video(raw)
+            del raw
+        prompt_ids = self._expand_placeholders(ids, items)
         return ProcessedPrompt(prompt_token_ids=prompt_ids, media=items, prompt_text=text)
 
     def _expand_placeholders(self, ids: list[int], items: list[MediaItem]) -> list[int]:

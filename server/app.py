@@ -20,11 +20,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
 from plm_core.llm import LLM, choice_params
 from plm_core.media.errors import MediaError
-from plm_core.processor import PromptError
+from plm_core.processor import ContextLengthError, PromptError
 from server.media_fetch import MediaFetcher
 from server.metrics import Metrics
 from server.protocol import (APIError, ChatCompletionRequest, completion_id, logprobs_content, now,
@@ -58,10 +59,17 @@ class ServerState:
     max_media_items: int = 8  # images + videos per request, checked before any fetch or decode
     body_timeout_s: float = 30.0  # a request body not received within this gets 408 (no slot held meanwhile)
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*" for any)
+    receiving_bytes: int = 0  # bytes of request bodies being received right now (not yet parsed)
+    max_receiving_bytes: int | None = None  # cap on receiving_bytes; default max(1 GiB, 2 x max_body_bytes)
     pending: int = 0
     draining: bool = False
     metrics: Metrics | None = None
     fetcher: MediaFetcher | None = None  # http(s) media; default: SSRF guard on, 32 MiB per item
+
+    @property
+    def receiving_budget(self) -> int:
+        """Most body bytes held while being received, all requests together; beyond it, 429."""
+        return self.max_receiving_bytes or max(1 << 30, 2 * self.max_body_bytes)
 
     @property
     def ready(self) -> bool:
@@ -158,7 +166,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
                            type="rate_limit_error", headers={"Retry-After": "1"})
         try:
-            req = await _parse(request, state.max_body_bytes, state.body_timeout_s)
+            req = await _parse(request, state)
         except APIError:
             state.metrics.rejected.labels("invalid").inc()
             raise
@@ -231,7 +239,8 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
         messages = await state.fetcher.fetch_request_media(req.messages)
         prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap)
     except (PromptError, MediaError) as e:
-        raise APIError(400, str(e), param=_message_param(str(e))) from None
+        code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
+        raise APIError(400, str(e), param=_message_param(str(e)), code=code) from None
     n_prompt = len(prompt.prompt_token_ids)
     explicit = req.max_completion_tokens or req.max_tokens
     if explicit is None:
@@ -257,22 +266,35 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
             raise APIError(499, "client disconnected")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, state: ServerState) -> bytes:
+    """The whole body, within the size limit and the server-wide budget of bytes being received."""
+    limit = state.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            state.receiving_bytes += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds the {limit}-byte limit")
+            if state.receiving_bytes > state.receiving_budget:  # many large uploads at once, stalled or not
+                state.metrics.rejected.labels("capacity").inc()
+                raise APIError(429, "the server is receiving too many request bodies at once; retry later",
+                               type="rate_limit_error", headers={"Retry-After": "1"})
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the request body") from None
+    finally:
+        state.receiving_bytes -= size
     return b"".join(chunks)
 
 
 def _message_param(message: str) -> str:
-    """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`)."""
-    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?", message)
+    """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`,
+    or a request-level field such as `max_num_tiles`), else `messages`."""
+    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|(max_num_tiles|num_frames|fps)\b", message)
     return m.group(0) if m else "messages"
 
 
@@ -300,9 +322,10 @@ def _find_lone_surrogate(value, path: str = "") -> str | None:
 INLINE_PARSE_BYTES = 256 << 10  # larger bodies (media as data: URLs) are parsed in a worker thread
 
 
-async def _parse(request: Request, max_body_bytes: int, timeout_s: float) -> ChatCompletionRequest:
+async def _parse(request: Request, state: ServerState) -> ChatCompletionRequest:
+    timeout_s = state.body_timeout_s
     try:
-        body = await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
+        body = await asyncio.wait_for(_read_body(request, state), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
     if len(body) > INLINE_PARSE_BYTES:  # megabytes of JSON would stall every stream on the event loop

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat requests admitted at once; more get 429 with Retry-After")
     p.add_argument("--max-request-body-mb", type=float, default=64.0,
                    help="larger request bodies get 413 before parsing")
+    p.add_argument("--max-receiving-mb", type=float, default=None,
+                   help="request-body megabytes held at once while being received, all clients together; beyond "
+                        "it, 429 (default: the larger of 1024 and twice --max-request-body-mb)")
     p.add_argument("--request-body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its whole request body, else 408; no admission slot is "
                         "held while a body arrives")
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     state = ServerState(served_model_name=name, api_key=args.api_key,
                         max_pending=args.max_pending_requests, max_body_bytes=int(args.max_request_body_mb * 2**20),
                         max_media_items=args.max_media_per_request, body_timeout_s=args.request_body_timeout,
+                        max_receiving_bytes=int(args.max_receiving_mb * 2**20) if args.max_receiving_mb else None,
                         allowed_origins=tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()),
                         fetcher=MediaFetcher(max_bytes=int(args.max_media_mb * 2**20), timeout_s=args.media_fetch_timeout,
                                              allow_private=args.allow_private_media_hosts,

@@ -71,7 +71,7 @@ class ChatCompletionRequest(BaseModel):
     # plm-serve extensions: tile budget per image, frames per video
     max_num_tiles: int | None = Field(None, ge=1, strict=True)
     num_frames: int | None = Field(None, ge=1, strict=True)
-    fps: float | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0, strict=True)
 
     @field_validator("stream", "n", "logprobs", "ignore_eos", "min_tokens", "include_stop_str_in_output",
                      "skip_special_tokens", mode="before")
@@ -107,7 +107,7 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.strip().isdigit() or int(key) >= vocab_size:
+        if not key.strip().isdigit() or len(key.strip()) > 12 or int(key) >= vocab_size:
             raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for {key}", param="logit_bias")

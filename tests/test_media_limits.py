@@ -180,3 +180,13 @@ def test_media_errors_do_not_leak_internals(processor, url):
     text = str(exc.value)
     for leak in ("0x", "BytesIO", "Errno", "<none>", "<"):
         assert leak not in text, text
+
+
+@pytest.mark.parametrize("name", ["clip\x00.mp4", "x" * 5000 + ".png", "."])
+def test_unreadable_local_paths_are_media_errors(tmp_path, name):
+    """A NUL in the name, a name over the OS limit or a directory: a MediaError (400), not a crash."""
+    from plm_core.media.errors import MediaError
+    from plm_core.media.sources import read_media_url
+
+    with pytest.raises(MediaError):
+        read_media_url(f"file://{tmp_path}/{name}", allowed_root=tmp_path)

@@ -156,7 +156,7 @@ def test_unsupported_video(processor):
 
 def test_context_overflow_names_both_numbers(processor):
     url = _data_url(_png_bytes((2000, 2000)))
-    with pytest.raises(PromptError, match=r"needs \d+ tokens \(\d+ of them for 1 media item\(s\)\) but the context allows 100"):
+    with pytest.raises(PromptError, match=r"needs at least \d+ tokens \(\d+ for its first 1 of 1 media item\(s\)\) but the context allows 100"):
         processor.process(_user({"type": "image_url", "image_url": {"url": url}}), max_prompt_len=100)
 
 

@@ -23,7 +23,8 @@ ORIGIN = "https://app.example"
 @pytest.fixture(scope="module")
 def base():
     proc, url = start_server("--max-pending-requests", "2", "--request-body-timeout", "2",
-                             "--allowed-origins", ORIGIN, model_name=MODEL)
+                             "--allowed-origins", ORIGIN, "--max-receiving-mb", "1", "--max-request-body-mb", "0.9",
+                             model_name=MODEL)
     yield url
     stop_server(proc)
 
@@ -128,12 +129,12 @@ def test_cors_preflight_for_an_allowed_origin_only(base):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
 
 
-def _stalled_upload(base: str, answers: list) -> None:
-    """Sends headers and the start of a 100 kB body, then nothing: what a slow-loris client does."""
+def _stalled_upload(base: str, answers: list, sent: int = 8) -> None:
+    """Sends headers and the first `sent` bytes of a 900 kB body, then nothing: a slow-loris client."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100000\r\n\r\n{\"model\"")
+                  b"Content-Length: 900000\r\n\r\n" + b"{\"model\"".ljust(sent))
         s.settimeout(30)
         answers.append(s.recv(4096).split(b"\r\n", 1)[0])
 
@@ -226,3 +227,29 @@ def test_logprob_bytes_are_the_tokens_raw_bytes(base, stream):
     assert set(raw) <= {b"\xc3", b"\xa9"} and len(raw) == 4, raw
     assert b"".join(raw).decode("utf-8", "replace") == content and "é" in content
     assert all(len(e["top_logprobs"]) == 2 and all(t["bytes"] for t in e["top_logprobs"]) for e in entries)
+
+
+def test_bodies_being_received_have_a_server_wide_budget(base):
+    """--max-receiving-mb 1: a second 600 kB stalled upload is refused at once (429) instead of both
+    pinning memory until the body timeout; small requests still pass."""
+    answers: list[bytes] = []
+    first = threading.Thread(target=_stalled_upload, args=(base, answers, 600_000))
+    first.start()
+    time.sleep(0.5)
+    _stalled_upload(base, answers, 600_000)
+    assert answers == [b"HTTP/1.1 429 Too Many Requests"]
+    assert post(base, body()).status_code == 200
+    first.join(30)
+    assert answers[1] == b"HTTP/1.1 408 Request Timeout"
+
+
+@pytest.mark.parametrize("change, param", [({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+                                           ({"fps": True}, "fps"), ({"fps": "2"}, "fps"),
+                                           ({"max_num_tiles": 37}, "max_num_tiles")])
+def test_more_bad_values_name_their_field(base, change, param):
+    assert_error(post(base, body(**change)), 400, param)
+
+
+def test_text_prompt_over_the_context_is_context_length_exceeded(base):
+    err = assert_error(post(base, body(messages=[{"role": "user", "content": "word " * 12_000}])), 400, "messages")
+    assert err["code"] == "context_length_exceeded" and "media" not in err["message"], err

@@ -50,6 +50,14 @@ def local_path_of(url: str) -> Path | None:
 
 def read_local_file(path: Path, *, allowed_root: Path | None = None, max_bytes: int | None = None) -> bytes:
     """Reads a local media file, optionally only from under `allowed_root` (symlinks resolved)."""
+    try:
+        return _read_local_file(path, allowed_root, max_bytes)
+    except (ValueError, OSError) as e:  # a NUL in the name, a name too long, a directory, no permission, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MediaError(f"cannot read local media file: {reason}") from None
+
+
+def _read_local_file(path: Path, allowed_root: Path | None, max_bytes: int | None) -> bytes:
     resolved = path.resolve()
     if allowed_root is not None:
         root = allowed_root.resolve()
