@@ -123,7 +123,7 @@ def build_app(state: ServerState) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def health():
         return {"status": "ok"}
 
@@ -131,11 +131,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @app.get("/ready")
     async def ready():
         if not state.ready:
             return JSONResponse({"status": "unavailable", "reason": state.not_ready_reason}, status_code=503)
         return {"status": "ready"}
+
+    for path, route in (("/health", health), ("/ready", ready)):  # HEAD too, as load balancers may probe with it
+        app.add_api_route(path, route, methods=["HEAD"], include_in_schema=False)
 
     def model_card() -> dict:
         card = {"id": state.served_model_name, "object": "model", "created": STARTED, "owned_by": "plm-serve"}
