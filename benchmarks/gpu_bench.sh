@@ -6,15 +6,16 @@
 #
 # Python: with .whl/ present the host's own python3 (its PyTorch) runs, the wheels installed beside
 # it in /tmp/plm-site; else .venv/bin/python; else scripts/setup.sh makes .venv (needs the registry).
-# Parts ($PARTS, default "check engine serve"), each under its own time limit so one stuck part
-# cannot eat the others':
-#   check   the `bench` preset in fp32 on the GPU: CUDA-graph decode vs eager vs HF generate, token
-#           for token (fp32, so all three should agree), plus the tests with a CUDA variant
+# Parts ($PARTS, default "engine check serve", most important first), each under its own time limit
+# so one stuck part cannot eat the others':
 #   engine  the `1b` preset (PLM-1B dimensions, random weights) in bf16: benchmarks/bench_engine.py,
-#           eager and CUDA-graph decode against HF generate one request at a time
-#   serve   benchmarks/serve_bench.py over HTTP on the 1b preset: plm-serve vs the HF baseline server
-# About 7 minutes on an H200 (checkpoint build included). DEVICE=cpu DTYPE=float32 PRESET=bench
-# runs the same plumbing on a CPU (a dry run of this script).
+#           eager and CUDA-graph decode against HF generate one request at a time (limit 300 s)
+#   check   the `bench` preset in fp32 on the GPU: CUDA-graph decode vs eager vs HF generate, token
+#           for token (fp32, so all three should agree), plus the tests with a CUDA variant (180 s)
+#   serve   benchmarks/serve_bench.py over HTTP on the 1b preset: plm-serve vs the HF baseline server (200 s)
+# With setup and checkpoint builds that can exceed one 10-minute device call, so on a lent H200 run
+# PARTS="engine check" first (timeout_s ~560, carry .whl) and PARTS=serve right after, while the
+# machine is still warm. DEVICE=cpu DTYPE=float32 PRESET=bench runs the same plumbing on a CPU (a dry run).
 # $OUT gets two files, rewritten after each part: gpu_bench.log (everything printed) and results.tgz
 # (each part's output and JSON, env.txt, summary.txt, the serving report and plots), since a device
 # call brings back only a few files; $WORK holds them unpacked.
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
 WORK=${WORK:-/tmp/plm-gpu-bench}
 rm -rf "$WORK" && mkdir -p "$WORK"
-PARTS=${PARTS:-check engine serve}
+PARTS=${PARTS:-engine check serve}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 PRESET=${PRESET:-1b}
@@ -79,9 +80,9 @@ for part in $PARTS; do
   case $part in
     check)
       small=$(checkpoint bench)
-      run_part check "${CHECK_LIMIT:-150}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
+      run_part check "${CHECK_LIMIT:-120}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
         --dtype float32 --concurrency 4 --max-tokens 48 --itl-streams 4 --cuda-graphs both --out "$WORK/check.json"
-      run_part cuda-tests "${SAMPLER_LIMIT:-120}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
+      run_part cuda-tests "${CUDA_TESTS_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
         tests/test_engine.py -k "cuda or profile or budget" ;;
     engine)
       big=$(checkpoint "$PRESET")
