@@ -180,15 +180,21 @@ def test_stop_string_inside_a_split_character(tok, byte_ids):
     assert all("\ufffd" not in x for x in deltas)
 
 
+def random_stops(rng: random.Random, text: str, p_substring: float) -> list[str]:
+    """1-3 stop strings: substrings of the text (with probability p_substring), or pieces that may not occur."""
+    stops = []
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(text))
+        stops.append(text[i:i + rng.randint(1, 6)] if rng.random() < p_substring else rng.choice(PIECES))
+    return stops
+
+
 def test_random_sequences_with_stop_strings(tok, byte_ids):
     rng = random.Random(2)
     for _ in range(300):
         text = random_text(rng)
         ids = shattered(tok, byte_ids, text, rng)
-        stops = []
-        for _ in range(rng.randint(1, 3)):  # substrings of the text, and strings that may not occur
-            i = rng.randrange(len(text))
-            stops.append(text[i:i + rng.randint(1, 6)] if rng.random() < 0.7 else rng.choice(PIECES))
+        stops = random_stops(rng, text, 0.7)
         include = rng.random() < 0.5
         deltas, d = stream(tok, ids, stop=stops, include_stop_str_in_output=include)
         expected, reason = stopped(text, stops, include)
@@ -228,10 +234,7 @@ def test_random_sequences_with_stop_strings_and_min_tokens(tok, byte_ids):
     for _ in range(300):
         text = random_text(rng)
         ids = shattered(tok, byte_ids, text, rng)
-        stops = []
-        for _ in range(rng.randint(1, 3)):
-            i = rng.randrange(len(text))
-            stops.append(text[i:i + rng.randint(1, 6)] if rng.random() < 0.8 else rng.choice(PIECES))
+        stops = random_stops(rng, text, 0.8)
         include, min_tokens = rng.random() < 0.5, rng.randint(0, len(ids))
         deltas, d = stream(tok, ids, stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens)
         # the text of the first min_tokens tokens, less a character they leave unfinished

@@ -28,6 +28,12 @@ def shared_video(name: str) -> Path:
     return path
 
 
+
+def _pattern_frame(x: np.ndarray, y: np.ndarray, i: int) -> "av.VideoFrame":
+    """Frame i of a test video: a colour pattern that differs in every frame (x, y: np.mgrid of the size)."""
+    arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
+    return av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+
 def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec: str = "libx264",
                 fmt: str | None = None, gop: int = 10, bframes: int = 2, pts_ms: list[int] | None = None) -> Path:
     """A small synthetic video whose frames all differ (moving gradients)."""
@@ -45,8 +51,7 @@ def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec:
     w, h = size
     y, x = np.mgrid[0:h, 0:w]
     for i in range(n):
-        arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
-        frame = av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+        frame = _pattern_frame(x, y, i)
         if pts_ms is not None:
             frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
         for packet in stream.encode(frame):
@@ -345,8 +350,7 @@ def write_av(path: Path, *, n: int = 60, fps: int = 30, codec: str = "libx264", 
     y, x = np.mgrid[0:h, 0:w]
     pts = [p for p in range(n + len(skip_pts)) if p not in skip_pts]
     for i, p in enumerate(pts):
-        arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
-        frame = av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+        frame = _pattern_frame(x, y, i)
         frame.pts, frame.time_base = p, Fraction(1, fps)
         for packet in stream.encode(frame):
             container.mux(packet)
