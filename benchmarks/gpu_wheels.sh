@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
 VENV_PY=${VENV_PY:-.venv/bin/python}
 PKGS="transformers timm fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
-      typing-extensions opentelemetry-api uvicorn av regex"
+      typing-extensions opentelemetry-api uvicorn av regex xgrammar apache-tvm-ffi"
 pins=$($VENV_PY - $PKGS <<'EOF'
 import importlib.metadata as m, sys
 print(" ".join(f"{name}=={m.version(name)}" for name in sys.argv[1:]))

@@ -11,6 +11,7 @@ _EXPORTS = {
     "RequestOutput": "plm_core.llm",
     "CompletionOutput": "plm_core.llm",
     "SamplingParams": "plm_core.sampling",
+    "StructuredOutput": "plm_core.sampling",
     "MediaOptions": "plm_core.processor",
     "PromptError": "plm_core.processor",
     "MediaError": "plm_core.media.errors",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
@@ -26,6 +27,50 @@ def _finite(name: str, value) -> float:
     if not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's text, enforced token by token (exactly one field is set).
+
+    vLLM's `structured_outputs` kinds; OpenAI's response_format maps onto `json` and `json_object`.
+    """
+
+    json: str | None = None  # a JSON Schema, as JSON text: the output is one JSON value it accepts
+    json_object: bool = False  # any JSON object
+    regex: str | None = None  # the output matches this regular expression
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # an EBNF grammar (GBNF-style, `root ::= ...`)
+
+    def __post_init__(self):
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError(f"structured output needs exactly one of json, json_object, regex, choice and "
+                             f"grammar; got {kinds or 'none'}")
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else None
+            try:
+                schema = json.loads(text) if text is not None else None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("the JSON schema must be a JSON object (or true/false)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"the {name} must be a non-empty string")
+        if self.choice is not None:
+            choice = tuple(self.choice) if isinstance(self.choice, (list, tuple)) else ()
+            if not choice or any(not isinstance(c, str) or not c for c in choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", choice)
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
 
 
 @dataclass
@@ -54,6 +99,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k (0..20)
     skip_special_tokens: bool = True
     min_tokens: int = 0  # eos, stop tokens and stop strings do not end the output before this many tokens
+    structured_output: StructuredOutput | None = None  # constrain the text to a JSON schema, regex, ...
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -103,6 +149,9 @@ class SamplingParams:
             self.stop = list(self.stop)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
 
         if self.logit_bias is not None:
             bias = {}

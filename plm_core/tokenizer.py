@@ -78,6 +78,10 @@ class PLMTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (<|eot_id|>, <|image|>, the reserved ones)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def token_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
         if tid is None:

@@ -23,6 +23,7 @@ from plm_core.engine.model_runner import ModelRunner, kv_bytes_per_token, profil
 from plm_core.engine.request import Request, RequestStatus
 from plm_core.engine.sampler import Logprobs
 from plm_core.engine.scheduler import Scheduler, SchedulerConfig
+from plm_core.engine.structured_output import GrammarCompiler
 from plm_core.inputs import ProcessedPrompt
 from plm_core.model.perception_lm import build_model
 from plm_core.sampling import SamplingParams
@@ -134,6 +135,7 @@ class EngineCore:
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * engine.block_size
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, model_config.eos_token_ids)
         self.stats = EngineStats()
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); encoder cache %d tokens",
                  num_blocks, engine.block_size, self.kv_capacity_tokens,
@@ -153,6 +155,8 @@ class EngineCore:
         eos = self.model_config.eos_token_ids
         request = Request(request_id, list(prompt.prompt_token_ids), params, media=prompt.media, eos_token_ids=eos,
                           prefix_parent=prefix_parent)
+        if params.structured_output is not None:  # ValueError for a bad schema (the server checked it already)
+            request.grammar = self.grammars.grammar(params.structured_output)
         self._detok[request_id] = IncrementalDetokenizer(
             self.tokenizer._tok, skip_special_tokens=params.skip_special_tokens, stop=params.stop or [],
             include_stop_str_in_output=params.include_stop_str_in_output, prompt_token_ids=request.prompt_token_ids,
@@ -201,6 +205,15 @@ class EngineCore:
         detok = self._detok[request.request_id]
         n_out = len(request.output_token_ids)
         status, text, stop_token = None, "", None
+        grammar_done = False
+        if request.grammar is not None:
+            if not request.grammar.accept(token):  # the sampler masks such tokens; nothing should get here
+                log.error("request %s: token %d is outside its structured-output grammar; stopping it",
+                          request.request_id, token)
+                grammar_done = True
+            # complete and closed with a stop token; with ignore_eos or min_tokens the stop token does
+            # not end the request by itself, but nothing can follow it
+            grammar_done = grammar_done or request.grammar.is_terminated
         # an eos or stop token's text is not part of the output, unless include_stop_str_in_output (vLLM's rule)
         if n_out >= params.min_tokens and not params.ignore_eos and token in request.eos_token_ids:
             status, stop_token = RequestStatus.FINISHED_STOPPED, token
@@ -210,6 +223,8 @@ class EngineCore:
             text = detok.add(token)
             if detok.stop_reason is not None:
                 status, request.stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_reason
+            elif grammar_done:
+                status = RequestStatus.FINISHED_STOPPED
             elif n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
         delta = RequestDelta(request.request_id, [token], text, [logprobs], num_prompt_tokens=request.num_prompt_tokens,

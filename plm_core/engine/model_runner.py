@@ -159,7 +159,7 @@ class ModelRunner:
         state = self.samplers.get(request.request_id)
         if state is None:
             state = SamplingState.create(request.sampling_params, request.prompt_token_ids, request.output_token_ids,
-                                         request.eos_token_ids, self.device)
+                                         request.eos_token_ids, self.device, request.grammar)
             self.samplers[request.request_id] = state
         return state
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from plm_core.inputs import MediaItem
 from plm_core.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from plm_core.engine.structured_output import Grammar
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,7 @@ class Request:
     encoder_keys: set = field(default_factory=set)  # encoder-cache entries this request holds a reference to
     prefix_parent: str | None = None  # a sibling choice (n > 1) whose prompt KV this request reuses
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    grammar: Grammar | None = None  # structured-output matcher; advanced by each appended token
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,6 +8,7 @@ from itertools import chain
 
 import torch
 
+from plm_core.engine.structured_output import Grammar, allowed_tokens
 from plm_core.sampling import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -28,12 +29,14 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...] = ()
+    grammar: Grammar | None = None  # the request's structured-output matcher (the engine advances it)
     # prompt token ids as a device tensor, built on first use by repetition_penalty
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_token_ids: list[int], output_token_ids: list[int],
-               eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu") -> SamplingState:
+               eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu",
+               grammar: Grammar | None = None) -> SamplingState:
         """Seeds the request's own generator with params.seed, or a fresh random seed if none."""
         generator = None
         if not params.greedy:
@@ -42,7 +45,7 @@ class SamplingState:
             # [-2**63, 2**64 - 1]; reducing it here gives the same generator and can never raise.
             seed = params.seed % 2**64 if params.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
-        return cls(params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids))
+        return cls(params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids), grammar)
 
     @property
     def needs_penalties(self) -> bool:
@@ -79,9 +82,9 @@ class Logprobs:
 class BatchSampler:
     """Picks one token per row of a [B, V] logits batch, each row by its own request's settings.
 
-    Order per row (vLLM v1's): logprobs from the raw logits; logit_bias; min_tokens; repetition,
-    frequency and presence penalties; then argmax for greedy rows, and for the others temperature,
-    min_p, top-k, top-p and a draw from the row's own generator. Every operation is row-wise, and
+    Order per row (vLLM v1's): the structured-output mask; logprobs from those (otherwise raw) logits;
+    logit_bias; min_tokens; repetition, frequency and presence penalties; then argmax for greedy rows,
+    and for the others temperature, min_p, top-k, top-p and a draw from the row's own generator. Every operation is row-wise, and
     which operations touch a row depends only on that row's own settings, so a seeded request samples
     the same tokens whatever else is in the batch.
     """
@@ -90,6 +93,7 @@ class BatchSampler:
         # logits: [B, V] fp32; row i belongs to states[i]; not modified
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} sampling states")
+        logits = self._apply_grammars(logits, states)  # a masked copy when some row has a grammar
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None  # [L, V]
 
@@ -102,12 +106,33 @@ class BatchSampler:
         return tokens.tolist(), logprobs
 
     def process(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """A processed fp32 copy of logits [B, V]: logit_bias, min_tokens, penalties (greedy takes its argmax)."""
+        """A processed fp32 copy of (grammar-masked) logits [B, V]: logit_bias, min_tokens, penalties
+        (greedy takes its argmax)."""
         x = logits.to(torch.float32, copy=True)
         self._apply_logit_bias(x, states)
         self._apply_min_tokens(x, states)
         self._apply_penalties(x, states)
+        # A grammar row left with nothing (min_tokens or a logit_bias of -100 forbidding the only tokens the
+        # grammar allows, such as the stop token once the output is complete): the grammar wins.
+        rows = [i for i, s in enumerate(states) if s.grammar is not None]
+        if rows:
+            stuck = ~torch.isfinite(x[rows]).any(dim=-1)
+            if stuck.any():
+                x[rows] = torch.where(stuck[:, None], logits[rows].float(), x[rows])
         return x
+
+    @staticmethod
+    def _apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """logits with -inf where a row's structured-output grammar forbids the token (a copy; the same
+        tensor when no row has a grammar). Masked before logprobs, as vLLM v1 does: logprobs describe
+        the distribution the token is drawn from, and forbidden tokens get -inf."""
+        rows = [i for i, s in enumerate(states) if s.grammar is not None and not s.grammar.is_terminated]
+        if not rows:
+            return logits
+        allowed = allowed_tokens([states[i].grammar for i in rows], logits.shape[1], logits.device)  # [G, V]
+        masked = logits.clone()
+        masked[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
+        return masked
 
     # -- processors that can change the argmax -----------------------------------------------------
     @staticmethod

@@ -1,0 +1,113 @@
+"""Structured outputs: grammars (JSON schema, JSON object, regex, choice, EBNF) compiled with xgrammar
+over the model's vocabulary, one matcher per request, and the token masks they put on the logits.
+
+`GrammarCompiler` is shared and thread-safe (the server compiles in a worker thread to validate a
+request; the engine compiles again and hits the cache). `Grammar` is one request's position in its
+grammar: the sampler asks it for the allowed tokens, the engine tells it each token it appends.
+xgrammar is imported on first use, so a server that never sees a constrained request never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from plm_core.sampling import StructuredOutput
+
+if TYPE_CHECKING:
+    from plm_core.tokenizer import PLMTokenizer
+
+_BITS = torch.arange(32, dtype=torch.int32)  # bit i of each int32 word is token 32 * word + i
+_LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutput specs into grammars over one tokenizer; cached, thread-safe, lazy."""
+
+    def __init__(self, tokenizer: PLMTokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 cache_limit_bytes: int = 256 << 20):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's vocabulary)
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.cache_limit_bytes = cache_limit_bytes
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _xgr_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                tok = self.tokenizer
+                special = tok.special_token_ids()
+                # special tokens get no text, so no grammar can ever produce them (xgrammar's convention);
+                # the stop tokens are allowed where the grammar may end
+                vocab = [b"" if i in special else tok.token_bytes(i) for i in range(min(tok.vocab_size, self.vocab_size))]
+                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                         stop_token_ids=list(self.stop_token_ids))
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=self.cache_limit_bytes)
+            return self._compiler
+
+    def compile(self, spec: StructuredOutput):
+        """The compiled grammar of spec; ValueError when the schema, regex or grammar is not valid."""
+        compiler = self._xgr_compiler()
+        try:
+            if spec.json_object:
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if spec.json is not None:
+                return compiler.compile_json_schema(spec.json, any_whitespace=False)
+            if spec.regex is not None:
+                return compiler.compile_regex(spec.regex)
+            if spec.choice is not None:
+                return compiler.compile_grammar(choice_grammar(spec.choice))
+            return compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse errors are RuntimeErrors
+            lines = str(e).strip().splitlines()
+            message = _LOG_PREFIX.sub("", lines[0]) if lines else type(e).__name__
+            raise ValueError(f"cannot compile the {spec.kind} constraint: {message}") from None
+
+    def grammar(self, spec: StructuredOutput) -> Grammar:
+        """A fresh matcher for one request."""
+        import xgrammar as xgr
+
+        return Grammar(xgr.GrammarMatcher(self.compile(spec)))
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """An EBNF grammar whose language is exactly the given strings."""
+    # JSON string syntax with ASCII escapes is also EBNF string-literal syntax
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=True) for c in choices)
+
+
+class Grammar:
+    """One request's matcher: which tokens may come next, and the tokens it has taken."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advances past token_id; False (and no change) if the grammar does not allow it."""
+        return self._matcher.accept_token(token_id)
+
+    @property
+    def is_terminated(self) -> bool:
+        """True once the grammar is complete and a stop token was taken: nothing more may follow."""
+        return self._matcher.is_terminated()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Writes the allowed next tokens into row `row` of an int32 [R, ceil(V / 32)] CPU bitmask."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def allowed_tokens(grammars: list[Grammar], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(grammars), vocab_size] bool on device: True where each grammar allows the token next."""
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(grammars), words), -1, dtype=torch.int32)
+    for row, grammar in enumerate(grammars):
+        grammar.fill_bitmask(bitmask, row)
+    bits = (bitmask.to(device)[:, :, None] >> _BITS.to(device)) & 1  # [R, words, 32]
+    return bits.view(len(grammars), -1)[:, :vocab_size].bool()

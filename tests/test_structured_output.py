@@ -1,0 +1,190 @@
+"""Structured outputs in the engine: the constraint spec, the grammars over the real tokenizer's bytes,
+the token masks, and constrained generation (alone, batched, preempted) that always follows the spec."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from conftest import checkpoint_path
+from plm_core.sampling import SamplingParams, StructuredOutput
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                   "count": {"type": "integer", "minimum": 0, "maximum": 9},
+                   "sure": {"type": "boolean"}},
+    "required": ["answer", "count", "sure"],
+    "additionalProperties": False,
+}
+CHOICES = ('say "hi"', "café au lait", "no", "n\\o\n")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from plm_core import LLM
+
+    return LLM(str(checkpoint_path("tiny")), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def compiler(llm):
+    return llm.engine.grammars
+
+
+# -- the spec ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "exactly one"),
+    ({"json": "{}", "regex": "a"}, "exactly one"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"json": "[1, 2]"}, "must be a JSON object"),
+    ({"regex": ""}, "non-empty"),
+    ({"choice": ()}, "non-empty list"),
+    ({"choice": ("a", 3)}, "non-empty list"),
+    ({"choice": ("a", "")}, "non-empty list"),
+])
+def test_bad_specs_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StructuredOutput(**kwargs)
+
+
+def test_spec_kind_and_params():
+    assert StructuredOutput(json_object=True).kind == "json_object"
+    assert StructuredOutput(choice=["a", "b"]).choice == ("a", "b")  # lists become tuples (hashable)
+    assert SamplingParams(structured_output=StructuredOutput(regex="a+")).structured_output.kind == "regex"
+    with pytest.raises(ValueError, match="StructuredOutput"):
+        SamplingParams(structured_output={"regex": "a+"})
+
+
+# -- grammars and masks over the tokenizer ---------------------------------------------------------------
+@pytest.mark.parametrize("spec", [StructuredOutput(regex="("), StructuredOutput(grammar="root ::= ("),
+                                  StructuredOutput(grammar="start ::= \"a\""),
+                                  StructuredOutput(json='{"type": "integer", "minimum": 5, "maximum": 1}'),
+                                  StructuredOutput(json='{"type": "foo"}')])
+def test_compile_errors_are_value_errors(compiler, spec):
+    with pytest.raises(ValueError, match=f"cannot compile the {spec.kind} constraint") as err:
+        compiler.compile(spec)
+    assert ".cc:" not in str(err.value)  # xgrammar's source location is not the client's business
+
+
+def _feed(grammar, tokenizer, text: str, eos: int) -> bool:
+    ok = all(grammar.accept(t) for t in tokenizer.encode(text))
+    return ok and grammar.accept(eos) and grammar.is_terminated
+
+
+def test_choice_grammar_takes_exactly_the_choices(llm, compiler):
+    tok, eos = llm.tokenizer, llm.model_config.eos_token_ids[0]
+    spec = StructuredOutput(choice=CHOICES)
+    for choice in CHOICES:
+        assert _feed(compiler.grammar(spec), tok, choice, eos), choice
+    for other in ("say hi", "cafe au lait", "n", "no!"):
+        assert not _feed(compiler.grammar(spec), tok, other, eos), other
+
+
+def test_first_mask_is_exactly_the_tokens_that_start_a_choice(llm, compiler):
+    """Checks the bit order of the mask against the tokenizer's own bytes, token by token."""
+    from plm_core.engine.structured_output import allowed_tokens
+
+    tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
+    special = tok.special_token_ids()
+    word = next(t for t in range(tok.vocab_size) if t not in special and len(tok.token_bytes(t)) >= 3
+                and tok.token_bytes(t).isalnum())  # a multi-byte token of this vocabulary
+    choices = CHOICES + (tok.token_bytes(word).decode() + " tail",)
+    mask = allowed_tokens([compiler.grammar(StructuredOutput(choice=choices))], vocab, torch.device("cpu"))[0]
+    encoded = [c.encode() for c in choices]
+    expected = {t for t in range(tok.vocab_size) if t not in special and tok.token_bytes(t)
+                and any(c.startswith(tok.token_bytes(t)) for c in encoded)}
+    assert set(mask.nonzero().flatten().tolist()) == expected
+    assert word in expected and len(expected) > len(choices)
+
+
+def test_special_tokens_never_allowed_and_only_eos_at_the_end(llm, compiler):
+    from plm_core.engine.structured_output import allowed_tokens
+
+    tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
+    eos = set(llm.model_config.eos_token_ids)
+    grammar = compiler.grammar(StructuredOutput(json='{"type": "string"}'))
+    inside = allowed_tokens([grammar], vocab, torch.device("cpu"))[0]
+    assert not inside[sorted(tok.special_token_ids())].any()  # no <|eot_id|> or <|image|> as text
+    assert all(grammar.accept(t) for t in tok.encode('"done"'))
+    end = allowed_tokens([grammar], vocab, torch.device("cpu"))[0]
+    assert set(end.nonzero().flatten().tolist()) == eos
+
+
+# -- the sampler ----------------------------------------------------------------------------------------
+def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
+    """Once the output is complete only eos may follow; min_tokens forbids eos: the row falls back to
+    the grammar alone instead of becoming all -inf."""
+    from plm_core.engine.sampler import BatchSampler, SamplingState
+
+    tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
+    eos = llm.model_config.eos_token_ids
+    grammar = compiler.grammar(StructuredOutput(choice=("no",)))
+    out = list(tok.encode("no"))
+    assert all(grammar.accept(t) for t in out)
+    params = SamplingParams(temperature=0, min_tokens=10, max_tokens=20, logit_bias={0: 100.0},
+                            structured_output=StructuredOutput(choice=("no",)))
+    state = SamplingState.create(params, [1, 2], out, eos, grammar=grammar)
+    tokens, _ = BatchSampler()(torch.randn(1, vocab), [state])
+    assert tokens[0] in eos
+
+
+# -- generation ------------------------------------------------------------------------------------------
+def _convs(n):
+    return [[{"role": "user", "content": f"Question {i}: is it red? Answer in JSON."}] for i in range(n)]
+
+
+def test_json_schema_outputs_validate_greedy_and_sampled(llm):
+    spec = StructuredOutput(json=json.dumps(SCHEMA))
+    for params in (SamplingParams(temperature=0, max_tokens=40, structured_output=spec),
+                   SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=40, structured_output=spec)):
+        for out in llm.chat(_convs(2), params):
+            for choice in out.outputs:
+                assert choice.finish_reason == "stop", choice.text
+                jsonschema.validate(json.loads(choice.text), SCHEMA)
+
+
+def test_each_kind_is_followed(llm):
+    import re
+
+    cases = [(StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+             (StructuredOutput(choice=CHOICES), lambda t: t in CHOICES),
+             (StructuredOutput(grammar='root ::= "A" [0-9] [0-9] "B"'), lambda t: re.fullmatch(r"A\d\dB", t)),
+             (StructuredOutput(json='{"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3}'),
+              lambda t: isinstance(json.loads(t), list) and 1 <= len(json.loads(t)) <= 3)]
+    for spec, check in cases:
+        for seed in range(3):
+            out = llm.chat(_convs(1)[0], SamplingParams(temperature=1.0, seed=seed, max_tokens=30,
+                                                        structured_output=spec))[0].outputs[0]
+            assert out.finish_reason == "stop" and check(out.text), (spec.kind, out.text)
+
+
+def test_json_object_starts_an_object(llm):
+    out = llm.chat(_convs(1)[0], SamplingParams(temperature=1.0, seed=0, max_tokens=12,
+                                                structured_output=StructuredOutput(json_object=True)))[0].outputs[0]
+    assert out.text.startswith("{")
+
+
+def test_constrained_tokens_same_alone_batched_and_preempted(llm, monkeypatch):
+    """A constrained request's tokens do not depend on the batch, and survive preemption (its grammar
+    keeps its place while the request is recomputed)."""
+    from plm_core import LLM
+
+    spec = StructuredOutput(json='{"type": "array", "items": {"type": "integer"}, "maxItems": 30}')
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=40, structured_output=spec) for i in range(4)]
+    alone = [llm.chat(c, p)[0].token_ids for c, p in zip(_convs(4), params)]
+    small = LLM(str(checkpoint_path("tiny")), device="cpu", dtype="float32", max_model_len=160,
+                kv_cache_memory_gb=11 * 16 * 512 / 2**30)
+    scheduler, preempted = small.engine.scheduler, []
+    preempt = scheduler._preempt
+    monkeypatch.setattr(scheduler, "_preempt", lambda r, out: (preempted.append((r.grammar, len(r.output_token_ids))), preempt(r, out)))
+    # the unconstrained requests come first, so the constrained ones (the latest) are preempted
+    outs = small.chat(_convs(2) + _convs(4), [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 2
+                      + params)
+    assert any(grammar is not None and n_out > 0 for grammar, n_out in preempted)  # preempted mid-output
+    assert [o.token_ids for o in outs[2:]] == alone
+    blocks = small.engine.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
