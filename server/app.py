@@ -236,8 +236,13 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
                        code="model_not_found")
     llm = state.llm
     prompt_len_cap = llm.max_model_len - 1
-    params, media = to_engine_inputs(req, default_max_tokens=llm.max_model_len,
-                                     vocab_size=llm.model_config.text.vocab_size)
+    params, media, constraint_field = to_engine_inputs(req, default_max_tokens=llm.max_model_len,
+                                                       vocab_size=llm.model_config.text.vocab_size)
+    if params.structured_output is not None:  # compiled off the event loop; the engine's own compile hits the cache
+        try:
+            await asyncio.to_thread(llm.engine.grammars.compile, params.structured_output)
+        except ValueError as e:
+            raise APIError(400, str(e), param=constraint_field) from None
     try:
         messages = await state.fetcher.fetch_request_media(req.messages)
         prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap)

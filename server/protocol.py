@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plm_core.processor import MediaOptions
 from plm_core.sampling import SamplingParams
+from server.structured import ConstraintError, structured_output
 
 
 class APIError(Exception):
@@ -34,6 +35,7 @@ class StreamOptions(BaseModel):
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LOGPROB_FLOOR = -9999.0  # what a logprob of -inf is sent as
 
 
 class ChatCompletionRequest(BaseModel):
@@ -88,8 +90,9 @@ UNSUPPORTED = {  # request field -> why this server cannot honour it
 
 
 def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, vocab_size: int
-                     ) -> tuple[SamplingParams, MediaOptions]:
-    """Validated request -> engine types; raises APIError(400) for what the engine cannot honour."""
+                     ) -> tuple[SamplingParams, MediaOptions, str | None]:
+    """Validated request -> engine types, and the field its output constraint came from (for errors when
+    it is compiled); raises APIError(400) for what the engine cannot honour."""
     extra = req.model_extra or {}
     for name, why in UNSUPPORTED.items():
         if extra.get(name) not in (None, [], {}) and not (name == "tool_choice" and extra[name] == "none"):
@@ -97,9 +100,10 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
     modalities = extra.get("modalities")
     if modalities not in (None, ["text"]):
         raise APIError(400, "only the 'text' output modality is supported", param="modalities")
-    fmt = extra.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    try:
+        constraint, constraint_field = structured_output(extra)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=e.param) from None
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.top_logprobs is not None and not req.logprobs:
@@ -132,11 +136,12 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             n=req.n,
+            structured_output=constraint,
         )
     except ValueError as e:
         field = str(e).split(" ", 1)[0]  # SamplingParams names the field first ("min_tokens (5) must be ...")
         raise APIError(400, str(e), param=field if field in ChatCompletionRequest.model_fields else None) from None
-    return params, MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
+    return params, MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps), constraint_field
 
 
 def completion_id() -> str:
@@ -153,7 +158,8 @@ def logprobs_content(entries, tokenizer) -> list[dict]:
     the bytes of all tokens join into the content's UTF-8)."""
 
     def entry(token_id: int, logprob: float) -> dict:
-        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
+        # -inf (a token a structured output forbids) is not JSON: vLLM's floor instead
+        return {"token": tokenizer.token_text(token_id), "logprob": max(logprob, LOGPROB_FLOOR),
                 "bytes": list(tokenizer.token_bytes(token_id))}
 
     return [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])

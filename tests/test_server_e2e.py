@@ -14,10 +14,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import REPO, checkpoint_path
+from conftest import checkpoint_path
+from openai_schema import OPENAPI, openai_validator
 from server_proc import start_server, stop_server
 
-OPENAPI = REPO.parent / "shared" / "openai-openapi.json"
 MODEL = "plm-test"
 
 
@@ -42,32 +42,8 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def validate():
-    """validate(schema_name, obj) against OpenAI's schema; a no-op with a reason when the file is absent."""
-    if not OPENAPI.exists():
-        return None
-    import jsonschema
-
-    spec = json.loads(OPENAPI.read_text())
-
-    def convert(node):  # OpenAPI 3.0 `nullable` -> JSON Schema null types
-        if isinstance(node, dict):
-            node = {k: convert(v) for k, v in node.items()}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [convert(v) for v in node]
-        if isinstance(node, str):
-            return node.replace("#/components/schemas/", "#/$defs/")
-        return node
-
-    defs = convert(spec["components"]["schemas"])
-
-    def check(name: str, obj: dict) -> None:
-        # OpenAPI 3.0 schemas are draft-4 style (boolean exclusiveMinimum)
-        jsonschema.Draft4Validator({"$ref": f"#/$defs/{name}", "$defs": defs}).validate(obj)
-
-    return check
+    """validate(schema_name, obj) against OpenAI's schema; None when the file is absent."""
+    return openai_validator()
 
 
 def _data_url(size=(200, 150), color=(10, 200, 30)) -> str:
@@ -239,7 +215,7 @@ WRONG_TYPES = [
     ({"top_p": 0}, "top_p"),
     ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"messages": [{"role": "user"}]}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages"),
