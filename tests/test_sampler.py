@@ -168,6 +168,31 @@ def test_temperature_sampling_follows_the_distribution():
     assert hot.count(0) < got.count(0) < cold.count(0)
 
 
+def test_draw_matches_the_distribution_and_its_edges():
+    """The inverse-transform draw: chi-square over 20k draws, one-hot rows at both ends of the vocabulary,
+    zero-probability tokens never drawn, and each row from its own generator only."""
+    from plm_core.engine.sampler import _draw
+
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([_draw(probs, [g]) for _ in range(20000)]), minlength=7).double()
+    expected = probs[0].double() * 20000
+    assert counts[expected == 0].sum() == 0
+    chi2 = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum().item()
+    assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
+    ends = torch.zeros(2, 128256)
+    ends[0, 0] = ends[1, -1] = 1.0
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for _ in range(50):
+        assert _draw(ends, gens).tolist() == [0, 128255]
+    row = torch.softmax(torch.randn(1, 1000, generator=torch.Generator().manual_seed(1)), dim=-1)
+    for seed in range(20):
+        alone = _draw(row, [torch.Generator().manual_seed(seed)]).item()
+        batch = _draw(torch.cat([torch.flip(row, [1]), row, row]), [torch.Generator().manual_seed(s)
+                                                                     for s in (seed + 100, seed, seed + 200)])
+        assert batch[1].item() == alone
+
+
 def test_top_k():
     logits = torch.randn(100, generator=torch.Generator().manual_seed(3)).tolist()
     top = set(torch.tensor(logits).topk(5).indices.tolist())

@@ -262,13 +262,16 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One sample per row of probs [N, V], row i drawn with generators[i] only (the exponential race).
+    """One sample per row of probs [N, V], row i drawn with generators[i] only (inverse transform sampling).
 
-    argmax(p / q) with q ~ Exp(1) picks index i with probability p_i; it is what torch.multinomial
-    does for a single sample, with the noise of each row coming from that row's own generator.
+    A row's probabilities become fixed-point integers (2**48 for 1), whose running sum is exact in any
+    order and on any device, so a row's draw never depends on the batch around it; one uniform number
+    from the row's own generator then picks the token whose interval holds it: token i with probability
+    p_i (to 2**-48). One random number per row, not one per token: the exponential race this replaced
+    spent 2.5 ms per row of a 128k vocabulary on a CPU drawing noise.
     """
-    noise = torch.empty_like(probs)
-    for i, generator in enumerate(generators):
-        noise[i].exponential_(generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # never divide by 0 (0/0 = NaN would win argmax)
-    return (probs / noise).argmax(dim=-1)
+    cumulative = torch.round(probs * _FIXED_ONE).long().cumsum(dim=-1)  # [N, V]
+    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    target = (uniform * cumulative[:, -1].double()).long()  # [N], in [0, the row's total)
+    picked = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]  # first running sum above it
+    return picked.clamp_(max=probs.shape[1] - 1)
