@@ -49,6 +49,11 @@ import torch, torchvision, transformers, timm, fastapi, uvicorn, pydantic, av, h
 print("python", platform.python_version(), sys.executable)
 for mod in (torch, torchvision, transformers, timm, fastapi, uvicorn, pydantic, av, httpx):
     print(f"{mod.__name__} {mod.__version__}")
+try:  # structured outputs only: its absence must not stop the benchmark
+    import xgrammar
+    print(f"xgrammar {xgrammar.__version__}")
+except Exception as e:
+    print(f"xgrammar does not import: {e!r}")
 if os.environ["DEVICE"] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"
     p = torch.cuda.get_device_properties(0)
@@ -83,7 +88,7 @@ for part in $PARTS; do
       run_part check "${CHECK_LIMIT:-120}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
         --dtype float32 --concurrency 4 --max-tokens 48 --itl-streams 4 --cuda-graphs both --out "$WORK/check.json"
       run_part cuda-tests "${CUDA_TESTS_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
-        tests/test_engine.py -k "cuda or profile or budget" ;;
+        tests/test_engine.py tests/test_structured_output.py -k "cuda or profile or budget" ;;
     engine)
       big=$(checkpoint "$PRESET")
       run_part engine "${ENGINE_LIMIT:-300}" $PY benchmarks/bench_engine.py --checkpoint "$big" --device "$DEVICE" \

@@ -132,6 +132,29 @@ def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
     assert tokens[0] in eos
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_and_draws_on_cuda_match_cpu(llm, compiler):
+    """The bitmask unpacking and the masked draw on a GPU: the same allowed sets and seeded tokens as on CPU."""
+    from plm_core.engine.sampler import BatchSampler, SamplingState
+    from plm_core.engine.structured_output import allowed_tokens
+
+    vocab, eos = llm.model_config.text.vocab_size, llm.model_config.eos_token_ids
+    spec = StructuredOutput(json=json.dumps(SCHEMA))
+    cpu = allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cpu"))
+    assert torch.equal(allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cuda")).cpu(), cpu)
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    picked = {}
+    for device in ("cpu", "cuda"):
+        params = [SamplingParams(temperature=0, structured_output=spec),
+                  SamplingParams(temperature=1.0, seed=5, logprobs=2, structured_output=spec)]
+        states = [SamplingState.create(p, [1], [], eos, device, grammar=compiler.grammar(spec)) for p in params]
+        tokens, logprobs = BatchSampler()(logits.to(device), states)
+        assert all(cpu[0, t] for t in tokens)  # both rows start the grammar: the same allowed set
+        assert logprobs[1].logprob > float("-inf")  # the drawn token is one the mask kept
+        picked[device] = tokens[0]
+    assert picked["cpu"] == picked["cuda"]  # greedy under the mask
+
+
 # -- generation ------------------------------------------------------------------------------------------
 def _convs(n):
     return [[{"role": "user", "content": f"Question {i}: is it red? Answer in JSON."}] for i in range(n)]
