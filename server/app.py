@@ -383,7 +383,7 @@ class _Timer:
 
 async def _complete(state: ServerState, rid: str, prompt, params, arrival: float) -> dict:
     async def run(i, gen):
-        text, ids, lps, finish = "", [], [], None
+        text, ids, lps, finish, cached = "", [], [], None, 0
         timer = _Timer(state.metrics, arrival)
         async for d in gen:
             timer.token()
@@ -393,7 +393,8 @@ async def _complete(state: ServerState, rid: str, prompt, params, arrival: float
             ids.extend(d.new_token_ids)
             lps.extend(d.new_logprobs)
             finish = d.finish_reason if d.finished else finish
-        return i, text, ids, lps, finish
+            cached = d.num_cached_tokens
+        return i, text, ids, lps, finish, cached
 
     try:
         results = await asyncio.gather(*(run(i, g) for i, g in _choices(state, rid, prompt, params)))
@@ -402,17 +403,22 @@ async def _complete(state: ServerState, rid: str, prompt, params, arrival: float
     except ValueError as e:  # the engine refused the request before running it
         raise APIError(400, str(e)) from None
     choices = []
-    for i, text, ids, lps, finish in results:
+    for i, text, ids, lps, finish, _ in results:
         choice = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                   "finish_reason": finish if finish in ("stop", "length") else "stop", "logprobs": None}
         if params.logprobs is not None:
             choice["logprobs"] = {"content": logprobs_content(lps, state.llm.tokenizer), "refusal": None}
         choices.append(choice)
     completion = sum(len(r[2]) for r in results)
-    n_prompt = len(prompt.prompt_token_ids)
     return {"id": rid, "object": "chat.completion", "created": now(), "model": state.served_model_name,
-            "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                                          "total_tokens": n_prompt + completion}}
+            "choices": choices, "usage": _usage(prompt, completion, results[0][5])}
+
+
+def _usage(prompt, completion: int, cached: int) -> dict:
+    """OpenAI's usage; `cached_tokens`: the prompt tokens the prefix cache served (of the first choice)."""
+    n_prompt = len(prompt.prompt_token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(obj) -> str:
@@ -440,7 +446,7 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
         return _sse(body)
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in _choices(state, rid, prompt, params)]
-    completion = 0
+    completion, cached = 0, 0
     try:
         for i in range(params.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -456,6 +462,7 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
                 yield _sse(err.body())
                 break
             completion += len(d.new_token_ids)
+            cached = d.num_cached_tokens if i == 0 else cached
             timers[i].token()
             if d.finished:
                 timers[i].done()
@@ -469,9 +476,7 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
             if choice["delta"] or choice["finish_reason"] or params.logprobs is not None:
                 yield chunk([choice])
         if include_usage:
-            n_prompt = len(prompt.prompt_token_ids)
-            yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                             "total_tokens": n_prompt + completion})
+            yield chunk([], _usage(prompt, completion, cached))
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:  # a client that went away aborts its requests

@@ -133,6 +133,29 @@ def test_streaming_with_usage(client, validate):
         _check(validate, "CreateChatCompletionStreamResponse", c.model_dump(exclude_unset=True))
 
 
+def test_usage_reports_prefix_cached_tokens(client, validate):
+    """The same image with a new question: its KV comes from the prefix cache, and usage says so
+    (OpenAI's prompt_tokens_details.cached_tokens), streamed or not."""
+    image = {"type": "image_url", "image_url": {"url": _data_url(size=(96, 64), color=(201, 13, 77))}}
+
+    def ask(question, **kw):
+        return client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+            {"role": "user", "content": [image, {"type": "text", "text": question}]}], **kw)
+
+    text_only = client.chat.completions.create(model=MODEL, max_tokens=1, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Is it square?"}]}])
+    cold = ask("What colour is it?")
+    warm = ask("Is it square?")
+    image_tokens = warm.usage.prompt_tokens - text_only.usage.prompt_tokens
+    assert image_tokens > 16 and cold.usage.prompt_tokens_details.cached_tokens < image_tokens  # never seen
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    # whole KV blocks of 16, up to the new question: the image's tokens are in them
+    assert image_tokens - 16 < cached < warm.usage.prompt_tokens and cached % 16 == 0, (cached, image_tokens)
+    _check(validate, "CreateChatCompletionResponse", warm.model_dump(exclude_unset=True))
+    streamed = list(ask("Is it round?", stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= cached
+
+
 def test_n_seed_and_logprobs(client, validate):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Pick."}], max_tokens=4, temperature=1.0, seed=11)
     a = client.chat.completions.create(n=3, logprobs=True, top_logprobs=2, **kw)
