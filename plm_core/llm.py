@@ -124,8 +124,11 @@ class LLM:
 
     # -- public API ---------------------------------------------------------------------------------
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             media_options: MediaOptions | None = None) -> list[RequestOutput]:
-        """Generates for one conversation (a list of messages) or a list of conversations, batched."""
+             media_options: MediaOptions | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generates for one conversation (a list of messages) or a list of conversations, batched.
+
+        `continue_final_message=True, add_generation_prompt=False` continues the final assistant message."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(conversations):
@@ -133,12 +136,16 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(conversations)
-        prompts = [self.process(conv, media_options) for conv in conversations]
+        prompts = [self.process(conv, media_options, add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message) for conv in conversations]
         return self.generate_prompts(prompts, params)
 
-    def process(self, messages: list[dict], media_options: MediaOptions | None = None) -> ProcessedPrompt:
+    def process(self, messages: list[dict], media_options: MediaOptions | None = None, *,
+                add_generation_prompt: bool = True, continue_final_message: bool = False) -> ProcessedPrompt:
         """The prompt token ids and preprocessed media of one conversation (no generation)."""
-        return self.processor.process(messages, media_options, max_prompt_len=self.max_model_len - 1)
+        return self.processor.process(messages, media_options, max_prompt_len=self.max_model_len - 1,
+                                      add_generation_prompt=add_generation_prompt,
+                                      continue_final_message=continue_final_message)
 
     def generate_prompts(self, prompts: list[ProcessedPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
         """Runs already-processed prompts through the engine together; returns outputs in order."""

@@ -333,12 +333,19 @@ class PLMProcessor:
 
     # -- everything ---------------------------------------------------------------------------------
     def process(self, messages: list[dict], options: MediaOptions | None = None, *,
-                max_prompt_len: int | None = None, add_generation_prompt: bool = True) -> ProcessedPrompt:
-        """Messages -> token ids + media with pixels; raises PromptError/MediaError for bad input."""
+                max_prompt_len: int | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> ProcessedPrompt:
+        """Messages -> token ids + media with pixels; raises PromptError/MediaError for bad input.
+
+        `continue_final_message` (with add_generation_prompt=False) leaves the final assistant message
+        open, so generation continues its text (HF's and vLLM's option of that name)."""
         options = options or MediaOptions()
         self.check_options(options)
         template_messages, refs = self.parse_messages(messages)
-        text = self.tokenizer.render(template_messages, add_generation_prompt=add_generation_prompt)
+        if continue_final_message:
+            text = self._render_continuation(template_messages, add_generation_prompt)
+        else:
+            text = self.tokenizer.render(template_messages, add_generation_prompt=add_generation_prompt)
         try:
             ids = self.tokenizer.encode(text)
         except InvalidTextError as e:
@@ -365,6 +372,25 @@ class PLMProcessor:
             del raw
         prompt_ids = self._expand_placeholders(ids, items)
         return ProcessedPrompt(prompt_token_ids=prompt_ids, media=items, prompt_text=text)
+
+    def _render_continuation(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The prompt cut right after the final (assistant) message's text, as HF's apply_chat_template
+        does: the text is found in the rendering, so any template that prints it verbatim works."""
+        if add_generation_prompt:
+            raise PromptError("continue_final_message needs add_generation_prompt to be false")
+        final = messages[-1]
+        if final["role"] != "assistant":
+            raise PromptError("continue_final_message needs the last message to be an assistant message")
+        texts = [p["text"] for p in final["content"] if p["type"] == "text" and p["text"].strip()]
+        if not texts:  # nothing to continue: the turn starts from scratch
+            return self.tokenizer.render(messages[:-1], add_generation_prompt=True)
+        rendered = self.tokenizer.render(messages, add_generation_prompt=False)
+        last = texts[-1] if texts[-1] in rendered else texts[-1].strip()
+        end = rendered.rfind(last)
+        if end < 0:
+            raise PromptError("continue_final_message: the chat template changed the final message's text, "
+                              "so it cannot be continued")
+        return rendered[:end + len(last)]
 
     def _expand_placeholders(self, ids: list[int], items: list[MediaItem]) -> list[int]:
         """Expands each `<|image|>`/`<|video|>` token to its item's token count; sets offsets."""

@@ -245,7 +245,9 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
             raise APIError(400, str(e), param=constraint_field) from None
     try:
         messages = await state.fetcher.fetch_request_media(req.messages)
-        prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap)
+        prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap,
+                                         add_generation_prompt=req.add_generation_prompt,
+                                         continue_final_message=req.continue_final_message)
     except (PromptError, MediaError) as e:
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         raise APIError(400, str(e), param=_message_param(str(e)), code=code) from None
@@ -302,7 +304,7 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
 def _message_param(message: str) -> str:
     """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`,
     or a request-level field such as `max_num_tiles`), else `messages`."""
-    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|(max_num_tiles|num_frames|fps)\b", message)
+    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|(max_num_tiles|num_frames|fps|continue_final_message)\b", message)
     return m.group(0) if m else "messages"
 
 

@@ -69,6 +69,9 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's chat-template options: continue the final assistant message instead of starting a new turn
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     user: str | None = None
     # plm-serve extensions: tile budget per image, frames per video
     max_num_tiles: int | None = Field(None, ge=1, strict=True)
@@ -76,7 +79,7 @@ class ChatCompletionRequest(BaseModel):
     fps: float | None = Field(None, gt=0, strict=True)
 
     @field_validator("stream", "n", "logprobs", "ignore_eos", "min_tokens", "include_stop_str_in_output",
-                     "skip_special_tokens", mode="before")
+                     "skip_special_tokens", "add_generation_prompt", "continue_final_message", mode="before")
     @classmethod
     def _null_is_default(cls, value, info):
         return cls.model_fields[info.field_name].default if value is None else value

@@ -250,3 +250,37 @@ def test_system_message_after_the_user_is_its_own_turn_as_in_hf(processor, tiny_
 def test_only_system_messages_have_no_user_message(processor):
     with pytest.raises(PromptError, match="no user message"):
         processor.process([{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}])
+
+
+def _hf_continuation_ids(checkpoint, messages) -> list[int]:
+    from hf_reference import hf_processor, to_hf_messages
+
+    proc = hf_processor(str(checkpoint), 36, "thumb+tile")
+    hf_msgs, images, _ = to_hf_messages(messages)
+    text = proc.apply_chat_template(hf_msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    kwargs = {"images": images} if images else {}
+    return list(proc(text=text, add_special_tokens=False, **kwargs)["input_ids"][0])
+
+
+@pytest.mark.parametrize("final", ["  It is a ", "The answer:", [{"type": "text", "text": "First. "},
+                                                                 {"type": "text", "text": "Then"}]])
+def test_continue_final_message_equals_hf(processor, tiny_checkpoint, final):
+    image = {"type": "image", "image": Image.new("RGB", (60, 40), (200, 30, 30))}
+    msgs = [{"role": "user", "content": [image, {"type": "text", "text": "Describe it."}]},
+            {"role": "assistant", "content": final}]
+    p = processor.process(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert not p.prompt_text.endswith("<|eot_id|>") and p.prompt_text.endswith(("It is a", "answer:", "Then"))
+    assert p.prompt_token_ids == _hf_continuation_ids(tiny_checkpoint, msgs)
+    # an empty final message continues nothing: the same prompt as a new assistant turn
+    empty = processor.process(msgs[:1] + [{"role": "assistant", "content": ""}], add_generation_prompt=False,
+                              continue_final_message=True)
+    assert empty.prompt_token_ids == processor.process(msgs[:1]).prompt_token_ids
+
+
+@pytest.mark.parametrize("messages, kwargs, match", [
+    ([{"role": "user", "content": "hi"}], {"add_generation_prompt": False}, "last message to be an assistant"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], {}, "add_generation_prompt"),
+])
+def test_continue_final_message_errors(processor, messages, kwargs, match):
+    with pytest.raises(PromptError, match=match):
+        processor.process(messages, continue_final_message=True, **kwargs)

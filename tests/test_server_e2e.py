@@ -89,6 +89,24 @@ def test_image_chat_equals_offline_engine(client, server):
     assert r.choices[0].message.content == offline.text
 
 
+def test_continue_final_message(client, server):
+    """vLLM's continue_final_message: the reply continues the final assistant message's text, with the
+    offline engine's tokens; without add_generation_prompt=false it is a 400 naming the field."""
+    from plm_core import LLM, SamplingParams
+
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, extra_body=extra)
+    llm = LLM(str(checkpoint_path("tiny")), device="cpu")
+    offline = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=6), **extra)[0]
+    assert r.choices[0].message.content == offline.text
+    assert r.usage.prompt_tokens == len(offline.prompt_token_ids)
+    assert llm.process(msgs, **extra).prompt_text.endswith("<|end_header_id|>\n\nThe colour is")  # left open
+    bad = httpx.post(f"{server[0]}/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "continue_final_message": True, "max_tokens": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message", bad.text
+
+
 def test_greedy_http_equals_hf_generate(client):
     """Greedy text over HTTP (image + system prompt + multi-turn) equals HF generate's for the same chat."""
     from transformers import AutoTokenizer
