@@ -162,8 +162,8 @@ def _convs(n):
 
 def test_json_schema_outputs_validate_greedy_and_sampled(llm):
     spec = StructuredOutput(json=json.dumps(SCHEMA))
-    for params in (SamplingParams(temperature=0, max_tokens=40, structured_output=spec),
-                   SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=40, structured_output=spec)):
+    for params in (SamplingParams(temperature=0, max_tokens=64, structured_output=spec),
+                   SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64, structured_output=spec)):
         for out in llm.chat(_convs(2), params):
             for choice in out.outputs:
                 assert choice.finish_reason == "stop", choice.text
