@@ -114,6 +114,21 @@ def test_special_tokens_never_allowed_and_only_eos_at_the_end(llm, compiler):
     assert set(end.nonzero().flatten().tolist()) == eos
 
 
+def test_a_grammar_with_no_way_forward_allows_its_stop_tokens(llm):
+    from plm_core.engine.structured_output import allowed_tokens
+
+    class Dead:  # fills nothing: no token may follow
+        stop_token_ids = [31, 64, 95]
+
+        def fill_bitmask(self, bitmask, row):
+            bitmask[row] = 0
+
+    assert allowed_tokens([Dead()], 100, torch.device("cpu"))[0].nonzero().flatten().tolist() == [31, 64, 95]
+    out = llm.chat(_convs(1)[0], SamplingParams(temperature=0, max_tokens=5, structured_output=StructuredOutput(
+        grammar="root ::= root")))[0].outputs[0]  # compiles, yet matches nothing
+    assert out.text == "" and out.finish_reason == "stop" and out.token_ids[-1] in llm.model_config.eos_token_ids
+
+
 # -- the sampler ----------------------------------------------------------------------------------------
 def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
     """Once the output is complete only eos may follow; min_tokens forbids eos: the row falls back to

@@ -207,9 +207,9 @@ class EngineCore:
         status, text, stop_token = None, "", None
         grammar_done = False
         if request.grammar is not None:
-            if not request.grammar.accept(token):  # the sampler masks such tokens; nothing should get here
-                log.error("request %s: token %d is outside its structured-output grammar; stopping it",
-                          request.request_id, token)
+            if not request.grammar.accept(token):  # only the stop token of a grammar with no way forward
+                log.warning("request %s: its structured-output grammar allows no token here; stopping it at "
+                            "token %d", request.request_id, token)
                 grammar_done = True
             # complete and closed with a stop token; with ignore_eos or min_tokens the stop token does
             # not end the request by itself, but nothing can follow it

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from plm_core.tokenizer import PLMTokenizer
 
 _BITS = torch.arange(32, dtype=torch.int32)  # bit i of each int32 word is token 32 * word + i
+_BIT_VALUES = [(1 << i) - (1 << 32 if i == 31 else 0) for i in range(32)]  # bit i as an int32 value
 _LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
 
 
@@ -98,16 +99,26 @@ class Grammar:
         """True once the grammar is complete and a stop token was taken: nothing more may follow."""
         return self._matcher.is_terminated()
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self._matcher.stop_token_ids)
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Writes the allowed next tokens into row `row` of an int32 [R, ceil(V / 32)] CPU bitmask."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
 def allowed_tokens(grammars: list[Grammar], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(grammars), vocab_size] bool on device: True where each grammar allows the token next."""
+    """[len(grammars), vocab_size] bool on device: True where each grammar allows the token next.
+
+    A grammar with no way forward (`root ::= root`, say) allows its stop tokens instead, so the request
+    ends rather than taking a token outside its grammar."""
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(grammars), words), -1, dtype=torch.int32)
     for row, grammar in enumerate(grammars):
         grammar.fill_bitmask(bitmask, row)
+        if not bitmask[row].any():
+            for token in grammar.stop_token_ids:
+                bitmask[row, token // 32] |= _BIT_VALUES[token % 32]
     bits = (bitmask.to(device)[:, :, None] >> _BITS.to(device)) & 1  # [R, words, 32]
     return bits.view(len(grammars), -1)[:, :vocab_size].bool()
