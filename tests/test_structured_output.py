@@ -70,6 +70,35 @@ def test_compile_errors_are_value_errors(compiler, spec):
     assert ".cc:" not in str(err.value)  # xgrammar's source location is not the client's business
 
 
+@pytest.mark.parametrize("schema, found", [
+    ({"type": "array", "items": {"enum": [1]}, "minItems": 2, "uniqueItems": True}, "'uniqueItems' (at #)"),
+    ({"not": {"type": "boolean"}}, "'not' (at #)"),
+    ({"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 9}}}}, "'contains' (at #/properties/a)"),
+    ({"allOf": [{"type": "integer"}, {"maximum": 6}]}, "'allOf' with more than one schema (at #)"),
+    ({"anyOf": [{"type": "number", "multipleOf": 0.5}]}, "'multipleOf' on a non-integer (at #/anyOf/0)"),
+    ({"$defs": {"A": {"type": "string", "pattern": "(?=a)a"}}, "$ref": "#/$defs/A"}, "lookahead"),
+    ({"type": "array", "items": {"if": {"type": "string"}, "then": {"maxLength": 2}}}, "'if' (at #/items)"),
+])
+def test_schemas_with_unenforced_keywords_are_refused(compiler, schema, found):
+    """xgrammar accepts these keywords but ignores them (uniqueItems gave [1, 1]): refused, not weakened."""
+    with pytest.raises(ValueError, match="cannot enforce") as err:
+        compiler.compile(StructuredOutput(json=json.dumps(schema)))
+    assert found in str(err.value)
+
+
+def test_enforced_keywords_and_keyword_like_names_pass(compiler):
+    from plm_core.engine.structured_output import unenforced_feature
+
+    fine = {"type": "object", "properties": {"not": {"type": "integer", "multipleOf": 7},
+                                             "if": {"type": "array", "uniqueItems": False, "items": {"enum": ["not"]}},
+                                             "tags": {"allOf": [{"$ref": "#/$defs/T"}]}},
+            "$defs": {"T": {"type": "string", "pattern": "^[a-z]+$", "format": "email"}}}
+    assert unenforced_feature(fine) is None
+    compiler.compile(StructuredOutput(json=json.dumps(fine)))
+    with pytest.raises(ValueError, match="lookahead"):
+        compiler.compile(StructuredOutput(regex="(?!x)[a-z]+"))
+
+
 def _feed(grammar, tokenizer, text: str, eos: int) -> bool:
     ok = all(grammar.accept(t) for t in tokenizer.encode(text))
     return ok and grammar.accept(eos) and grammar.is_terminated

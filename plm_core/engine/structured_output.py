@@ -26,6 +26,42 @@ _BIT_VALUES = [(1 << i) - (1 << 32 if i == 31 else 0) for i in range(32)]  # bit
 _LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
 
 
+# JSON Schema keywords xgrammar 0.2.9 accepts but does not enforce (seen: `uniqueItems` gave [1, 1], `not`
+# and `contains` were ignored, `allOf` of two schemas let anything through): refused, as OpenAI refuses
+# keywords its strict mode cannot honour, rather than promising a shape the output may not have.
+_UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "patternProperties", "propertyNames", "not",
+               "if", "then", "else", "dependentRequired", "dependentSchemas", "unevaluatedProperties",
+               "unevaluatedItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")  # xgrammar ignores lookahead/lookbehind assertions
+
+
+def unenforced_feature(schema, where: str = "#") -> str | None:
+    """A description of the first part of a JSON schema the grammar would silently not enforce, or None."""
+    if not isinstance(schema, dict):
+        return None
+    for key in _UNENFORCED:
+        if key in schema and not (key == "uniqueItems" and schema[key] is False):
+            return f"'{key}' (at {where})"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"'allOf' with more than one schema (at {where})"
+    if "multipleOf" in schema and schema.get("type") != "integer":
+        return f"'multipleOf' on a non-integer (at {where})"
+    if isinstance(schema.get("pattern"), str) and _LOOKAROUND.search(schema["pattern"]):
+        return f"a lookahead or lookbehind in 'pattern' (at {where})"
+    children = [(f"{where}/{m}/{k}", v) for m in _SUBSCHEMA_MAPS if isinstance(schema.get(m), dict)
+                for k, v in schema[m].items()]
+    children += [(f"{where}/{m}/{i}", v) for m in _SUBSCHEMA_LISTS if isinstance(schema.get(m), list)
+                 for i, v in enumerate(schema[m])]
+    children += [(f"{where}/{m}", schema[m]) for m in ("items", "additionalProperties") if m in schema]
+    for path, child in children:
+        found = unenforced_feature(child, path)
+        if found:
+            return found
+    return None
+
+
 class GrammarCompiler:
     """Compiles StructuredOutput specs into grammars over one tokenizer; cached, thread-safe, lazy."""
 
@@ -55,6 +91,13 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutput):
         """The compiled grammar of spec; ValueError when the schema, regex or grammar is not valid."""
+        if spec.json is not None:
+            found = unenforced_feature(json.loads(spec.json))
+            if found:
+                raise ValueError(f"cannot compile the json constraint: the schema uses {found}, which this "
+                                 "server cannot enforce")
+        if spec.regex is not None and _LOOKAROUND.search(spec.regex):
+            raise ValueError("cannot compile the regex constraint: lookahead and lookbehind are not supported")
         compiler = self._xgr_compiler()
         try:
             if spec.json_object:
