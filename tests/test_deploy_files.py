@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, checkpoint_path
 from server_proc import free_port
 
 DEPLOY = REPO / "deploy"
@@ -203,6 +203,23 @@ def test_dockerfile_cpu_variant_uses_the_cpu_torch_index(dockerfile):
     assert defaults["CPU_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     install = next(run for run in builder.all("RUN") if "pip install" in run and "/wheels/" in run)
     assert 'cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple"' in install
+
+
+def test_cpu_image_drops_triton_which_structured_outputs_never_import(dockerfile):
+    install = next(run for run in dockerfile.stage("builder").all("RUN") if "pip install" in run and "/wheels/" in run)
+    assert 'if [ "$VARIANT" = cpu ]; then python -m pip uninstall -y triton; fi' in install
+    # triton is hidden as if it were not installed (torch and xgrammar import it only when present)
+    code = ("import sys\nclass NoTriton:\n    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'triton' or name.startswith('triton.'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+            "sys.meta_path.insert(0, NoTriton())\n"
+            "from plm_core.llm import LLM\nfrom plm_core.sampling import SamplingParams, StructuredOutput\n"
+            f"llm = LLM({str(checkpoint_path('tiny'))!r}, device='cpu')\n"
+            "out = llm.chat([{'role': 'user', 'content': 'x'}], SamplingParams(max_tokens=8, structured_output="
+            "StructuredOutput(choice=('yes', 'no'))))[0].outputs[0]\n"
+            "assert out.text in ('yes', 'no'), out.text\nassert 'triton' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_dockerignore_keeps_what_the_build_copies(dockerfile):
