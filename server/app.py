@@ -304,7 +304,8 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
 def _message_param(message: str) -> str:
     """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`,
     or a request-level field such as `max_num_tiles`), else `messages`."""
-    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|(max_num_tiles|num_frames|fps|continue_final_message)\b", message)
+    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|"
+                 r"(max_num_tiles|num_frames|fps|continue_final_message)\b", message)
     return m.group(0) if m else "messages"
 
 

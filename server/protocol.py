@@ -144,7 +144,8 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
     except ValueError as e:
         field = str(e).split(" ", 1)[0]  # SamplingParams names the field first ("min_tokens (5) must be ...")
         raise APIError(400, str(e), param=field if field in ChatCompletionRequest.model_fields else None) from None
-    return params, MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps), constraint_field
+    media = MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
+    return params, media, constraint_field
 
 
 def completion_id() -> str:

@@ -84,9 +84,9 @@ class BatchSampler:
 
     Order per row (vLLM v1's): the structured-output mask; logprobs from those (otherwise raw) logits;
     logit_bias; min_tokens; repetition, frequency and presence penalties; then argmax for greedy rows,
-    and for the others temperature, min_p, top-k, top-p and a draw from the row's own generator. Every operation is row-wise, and
-    which operations touch a row depends only on that row's own settings, so a seeded request samples
-    the same tokens whatever else is in the batch.
+    and for the others temperature, min_p, top-k, top-p and a draw from the row's own generator. Every
+    operation is row-wise, and which operations touch a row depends only on that row's own settings,
+    so a seeded request samples the same tokens whatever else is in the batch.
     """
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[Logprobs | None]]:
@@ -112,9 +112,10 @@ class BatchSampler:
         self._apply_logit_bias(x, states)
         self._apply_min_tokens(x, states)
         self._apply_penalties(x, states)
-        # A grammar row left with nothing (min_tokens or a logit_bias of -100 forbidding the only tokens the
-        # grammar allows, such as the stop token once the output is complete): the grammar wins.
-        rows = [i for i, s in enumerate(states) if s.grammar is not None]
+        # A grammar row left with nothing (min_tokens forbidding the only token the grammar allows, the stop
+        # token once the output is complete, or an extreme repetition_penalty): the grammar wins.
+        rows = [i for i, s in enumerate(states)
+                if s.grammar is not None and (s.needs_penalties or s.blocked_token_ids())]
         if rows:
             stuck = ~torch.isfinite(x[rows]).any(dim=-1)
             if stuck.any():

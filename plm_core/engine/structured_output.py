@@ -83,7 +83,8 @@ class GrammarCompiler:
                 special = tok.special_token_ids()
                 # special tokens get no text, so no grammar can ever produce them (xgrammar's convention);
                 # the stop tokens are allowed where the grammar may end
-                vocab = [b"" if i in special else tok.token_bytes(i) for i in range(min(tok.vocab_size, self.vocab_size))]
+                vocab = [b"" if i in special else tok.token_bytes(i)
+                         for i in range(min(tok.vocab_size, self.vocab_size))]
                 info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                          stop_token_ids=list(self.stop_token_ids))
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=self.cache_limit_bytes)
