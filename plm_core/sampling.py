@@ -54,6 +54,8 @@ class StructuredOutput:
                 schema = json.loads(text) if text is not None else None
             except json.JSONDecodeError as e:
                 raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            except RecursionError:
+                raise ValueError("the JSON schema is nested too deeply") from None
             if not isinstance(schema, (dict, bool)):
                 raise ValueError("the JSON schema must be a JSON object (or true/false)")
         for name in ("regex", "grammar"):

@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,6 +66,9 @@ class ServerState:
     draining: bool = False
     metrics: Metrics | None = None
     fetcher: MediaFetcher | None = None  # http(s) media; default: SSRF guard on, 32 MiB per item
+    # output constraints compile here, apart from media preprocessing, so slow ones delay only each other
+    grammar_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="plm-grammar"))
 
     @property
     def receiving_budget(self) -> int:
@@ -240,7 +244,8 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
                                                        vocab_size=llm.model_config.text.vocab_size)
     if params.structured_output is not None:  # compiled off the event loop; the engine's own compile hits the cache
         try:
-            await asyncio.to_thread(llm.engine.grammars.compile, params.structured_output)
+            await asyncio.get_running_loop().run_in_executor(state.grammar_pool, llm.engine.grammars.compile,
+                                                             params.structured_output)
         except ValueError as e:
             raise APIError(400, str(e), param=constraint_field) from None
     try:

@@ -65,16 +65,21 @@ def _response_format(fmt) -> StructuredOutput | None:
     if not isinstance(schema, dict):
         raise ConstraintError("response_format.json_schema.schema must be a JSON Schema object",
                               "response_format.json_schema.schema")
-    return StructuredOutput(json=json.dumps(schema))
+    try:
+        return StructuredOutput(json=json.dumps(schema))
+    except RecursionError:
+        raise ConstraintError("the JSON schema is nested too deeply", "response_format.json_schema.schema") from None
 
 
 def _vllm(so, param: str) -> StructuredOutput:
     if not isinstance(so, dict):
         raise ConstraintError(f"{param} must be an object with one of {', '.join(_VLLM_KINDS)}", param)
     kwargs = {k: v for k, v in so.items() if k in _VLLM_KINDS and v is not None and v is not False}
-    if "json" in kwargs and not isinstance(kwargs["json"], str):
-        kwargs["json"] = json.dumps(kwargs["json"]) if isinstance(kwargs["json"], dict) else kwargs["json"]
     try:
+        if isinstance(kwargs.get("json"), dict):
+            kwargs["json"] = json.dumps(kwargs["json"])
         return StructuredOutput(**kwargs)
+    except RecursionError:
+        raise ConstraintError(f"{param}: the JSON schema is nested too deeply", param) from None
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"{param}: {e}", param) from None

@@ -86,6 +86,29 @@ def test_schemas_with_unenforced_keywords_are_refused(compiler, schema, found):
     assert found in str(err.value)
 
 
+def test_costly_constraints_are_refused_before_compiling(compiler):
+    """Compile time grows fast with size and depth (5,000 properties took 93 s): caps, checked first."""
+    from plm_core.engine.structured_output import MAX_CONSTRAINT_BYTES, MAX_SCHEMA_DEPTH, unenforced_feature
+
+    def nested(depth):
+        schema = {"type": "string"}
+        for _ in range(depth):
+            schema = {"type": "array", "items": schema}
+        return schema
+
+    compiler.compile(StructuredOutput(json=json.dumps(nested(MAX_SCHEMA_DEPTH))))
+    with pytest.raises(ValueError, match=f"nested more than {MAX_SCHEMA_DEPTH} deep"):
+        compiler.compile(StructuredOutput(json=json.dumps(nested(MAX_SCHEMA_DEPTH + 1))))
+    assert "nested more than" in unenforced_feature(nested(5000))  # iterative: no RecursionError
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}
+    with pytest.raises(ValueError, match=f"compiles at most {MAX_CONSTRAINT_BYTES}"):
+        compiler.compile(StructuredOutput(json=json.dumps(wide)))
+    with pytest.raises(ValueError, match="compiles at most"):
+        compiler.compile(StructuredOutput(choice=tuple(f"option number {i}" for i in range(5000))))
+    with pytest.raises(ValueError, match="nested too deeply"):
+        StructuredOutput(json="[" * 100000 + "]" * 100000)
+
+
 def test_enforced_keywords_and_keyword_like_names_pass(compiler):
     from plm_core.engine.structured_output import unenforced_feature
 

@@ -346,11 +346,13 @@ def test_with_logprobs_streamed_choice(client):
     ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "s", "schema": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}},
      "response_format"),
+    ({"structured_outputs": {"json": "[" * 100000 + "]" * 100000}}, "structured_outputs"),
+    ({"guided_choice": [f"option number {i}" for i in range(5000)]}, "guided_choice"),
 ], ids=["rf-type-xml", "rf-not-object", "rf-no-json_schema", "rf-no-name", "rf-name-space", "rf-name-long",
         "rf-schema-list", "so-two-kinds", "so-empty", "so-not-object", "rf-and-so", "two-guided",
         "so-bad-regex", "guided-bad-regex", "so-bad-grammar", "guided-bad-grammar", "so-choice-empty",
         "guided-choice-empty", "so-choice-non-string", "so-json-not-json", "rf-schema-uncompilable",
-        "guided-json-uncompilable", "rf-schema-unenforced"])
+        "guided-json-uncompilable", "rf-schema-unenforced", "so-json-nested-deep", "guided-choice-huge"])
 def test_bad_constraints_are_400(base, validate, change, param):
     for stream in (False, True):
         r = post(base, body(stream=stream, **change))
