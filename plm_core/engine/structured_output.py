@@ -9,6 +9,7 @@ xgrammar is imported on first use, so a server that never sees a constrained req
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -102,18 +103,9 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutput):
         """The compiled grammar of spec; ValueError when the schema, regex or grammar is not valid."""
-        texts = [t for t in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if t is not None]
-        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-        if size > MAX_CONSTRAINT_BYTES:
-            raise ValueError(f"the {spec.kind} constraint is {size} bytes; this server compiles at most "
-                             f"{MAX_CONSTRAINT_BYTES}")
-        if spec.json is not None:
-            found = unenforced_feature(json.loads(spec.json))
-            if found:
-                raise ValueError(f"cannot compile the json constraint: the schema uses {found}, which this "
-                                 "server cannot enforce")
-        if spec.regex is not None and _LOOKAROUND.search(spec.regex):
-            raise ValueError("cannot compile the regex constraint: lookahead and lookbehind are not supported")
+        refusal = _refusal(spec)  # cached: the engine's compile repeats the server's, on the engine thread
+        if refusal:
+            raise ValueError(refusal)
         compiler = self._xgr_compiler()
         try:
             if spec.json_object:
@@ -135,6 +127,22 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         return Grammar(xgr.GrammarMatcher(self.compile(spec)))
+
+
+@functools.lru_cache(maxsize=256)
+def _refusal(spec: StructuredOutput) -> str | None:
+    """Why spec is refused before compiling (too big, unenforced schema keywords, lookaround), or None."""
+    texts = [t for t in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if t is not None]
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if size > MAX_CONSTRAINT_BYTES:
+        return f"the {spec.kind} constraint is {size} bytes; this server compiles at most {MAX_CONSTRAINT_BYTES}"
+    if spec.json is not None:
+        found = unenforced_feature(json.loads(spec.json))
+        if found:
+            return f"cannot compile the json constraint: the schema uses {found}, which this server cannot enforce"
+    if spec.regex is not None and _LOOKAROUND.search(spec.regex):
+        return "cannot compile the regex constraint: lookahead and lookbehind are not supported"
+    return None
 
 
 def choice_grammar(choices: tuple[str, ...]) -> str:
