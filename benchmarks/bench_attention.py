@@ -120,8 +120,9 @@ class Result:
         return self.meta_ms + self.layers * self.attn_ms
 
 
-def time_step(cache: Cache, starts: list[int], query_lens: list[int], runs: int, budget_s: float
-              ) -> tuple[Result, Result]:
+def time_step(
+    cache: Cache, starts: list[int], query_lens: list[int], runs: int, budget_s: float
+) -> tuple[Result, Result]:
     """(a) batch_decodes=True and (b) batch_decodes=False for one step, same block tables and inputs."""
     s = cache.shape
     tables = cache.tables([a + n for a, n in zip(starts, query_lens)])
@@ -132,7 +133,9 @@ def time_step(cache: Cache, starts: list[int], query_lens: list[int], runs: int,
     v = torch.randn(total, s.kv_heads, s.head_dim, generator=gen)
 
     def meta(batch_decodes: bool):
-        return lambda: build_metadata(tables, starts, query_lens, BLOCK_SIZE, CPU, batch_decodes=batch_decodes)
+        return lambda: build_metadata(
+            tables, starts, query_lens, BLOCK_SIZE, CPU, batch_decodes=batch_decodes
+        )
 
     metas = {"a": meta(True)(), "b": meta(False)()}
 
@@ -161,7 +164,9 @@ def padding_ratio(contexts: list[int]) -> float:
 def load_note() -> str:
     """Other runnable tasks right now (from /proc/loadavg) and the 1-minute load average."""
     try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1  # less this process
+        running = (
+            int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+        )  # less this process
     except (OSError, ValueError, IndexError):
         running = -1
     note = f"load average {os.getloadavg()[0]:.2f}, other runnable tasks now: {running if running >= 0 else '?'}"
@@ -177,31 +182,49 @@ def fmt(x: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median reported)")
-    parser.add_argument("--shapes", default="bench,1b", help="comma-separated: " + ", ".join(SHAPES))
-    parser.add_argument("--budget", type=float, default=1.5,
-                        help="seconds of timed runs per measurement before stopping early (min 3 runs)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=7, help="timed runs per measurement (median reported)"
+    )
+    parser.add_argument(
+        "--shapes", default="bench,1b", help="comma-separated: " + ", ".join(SHAPES)
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=1.5,
+        help="seconds of timed runs per measurement before stopping early (min 3 runs)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{os.cpu_count()} CPUs; " + load_note())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, block_size {BLOCK_SIZE}; "
-          f"times in ms, medians of up to {args.runs} runs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, block_size {BLOCK_SIZE}; "
+        f"times in ms, medians of up to {args.runs} runs"
+    )
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if malloc_env:
         print("allocator settings:", " ".join(f"{k}={v}" for k, v in sorted(malloc_env.items())))
-    print("(a) batch_decodes=True: one padded, masked SDPA   (b) batch_decodes=False: one SDPA per sequence")
+    print(
+        "(a) batch_decodes=True: one padded, masked SDPA   (b) batch_decodes=False: one SDPA per sequence"
+    )
     print("attn = one layer; step = meta + layers * attn; pad = padded tokens / real tokens\n")
 
-    header = (f"{'shape':6s} {'B':>3s} {'ctx':>6s} {'pad':>5s} | {'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
-              f"{'meta b':>8s} {'attn b':>8s} {'step b':>8s} | {'winner':>6s} {'b/a':>5s}")
+    header = (
+        f"{'shape':6s} {'B':>3s} {'ctx':>6s} {'pad':>5s} | {'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
+        f"{'meta b':>8s} {'attn b':>8s} {'step b':>8s} | {'winner':>6s} {'b/a':>5s}"
+    )
     rows: list[dict] = []
     t_start = time.perf_counter()
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         cache = Cache(shape)
-        print(f"== {shape.name}: {shape.heads} heads, {shape.kv_heads} kv heads, head_dim {shape.head_dim}, "
-              f"{shape.layers} layers")
+        print(
+            f"== {shape.name}: {shape.heads} heads, {shape.kv_heads} kv heads, head_dim {shape.head_dim}, "
+            f"{shape.layers} layers"
+        )
         print(header)
         rng = random.Random(42)
         for batch in BATCHES:
@@ -209,30 +232,47 @@ def main() -> None:
                 starts, lens = [c - 1 for c in contexts], [1] * batch
                 a, b = time_step(cache, starts, lens, args.runs, args.budget)
                 ratio = b.step_ms / a.step_ms
-                row = dict(shape=shape.name, batch=batch, label=label, pad=padding_ratio(contexts), a=a, b=b,
-                           ratio=ratio)
+                row = dict(
+                    shape=shape.name,
+                    batch=batch,
+                    label=label,
+                    pad=padding_ratio(contexts),
+                    a=a,
+                    b=b,
+                    ratio=ratio,
+                )
                 rows.append(row)
-                print(f"{shape.name:6s} {batch:3d} {label:>6s} {row['pad']:5.2f} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} "
-                      f"{fmt(a.step_ms)} | {fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | "
-                      f"{winner(ratio):>6s} {ratio:5.2f}", flush=True)
+                print(
+                    f"{shape.name:6s} {batch:3d} {label:>6s} {row['pad']:5.2f} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} "
+                    f"{fmt(a.step_ms)} | {fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | "
+                    f"{winner(ratio):>6s} {ratio:5.2f}",
+                    flush=True,
+                )
         print()
 
     print("== one step: a 512-token prefill chunk (positions 1536..2047) + 16 decodes")
-    print(f"{'shape':6s} {'decodes':>8s} | {'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
-          f"{'meta b':>8s} {'attn b':>8s} {'step b':>8s} | {'winner':>6s} {'b/a':>5s}")
+    print(
+        f"{'shape':6s} {'decodes':>8s} | {'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
+        f"{'meta b':>8s} {'attn b':>8s} {'step b':>8s} | {'winner':>6s} {'b/a':>5s}"
+    )
     mixed_rows = []
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         cache = Cache(shape)
         rng = random.Random(7)
-        for label, contexts in (("2048", [2048] * 16), ("mixed", [rng.randint(256, MAX_CTX) for _ in range(16)])):
+        for label, contexts in (
+            ("2048", [2048] * 16),
+            ("mixed", [rng.randint(256, MAX_CTX) for _ in range(16)]),
+        ):
             starts, lens = [1536] + [c - 1 for c in contexts], [512] + [1] * 16
             a, b = time_step(cache, starts, lens, args.runs, args.budget)
             ratio = b.step_ms / a.step_ms
             mixed_rows.append(dict(shape=shape.name, label=label, a=a, b=b, ratio=ratio))
-            print(f"{shape.name:6s} {label:>8s} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} {fmt(a.step_ms)} | "
-                  f"{fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | {winner(ratio):>6s} {ratio:5.2f}",
-                  flush=True)
+            print(
+                f"{shape.name:6s} {label:>8s} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} {fmt(a.step_ms)} | "
+                f"{fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | {winner(ratio):>6s} {ratio:5.2f}",
+                flush=True,
+            )
         del cache
 
     summarize(rows, mixed_rows)
@@ -240,11 +280,15 @@ def main() -> None:
 
 
 def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
-    print("\n== summary (b/a > 1: the batched padded call (a) is faster; < 1: the per-sequence loop (b) is; "
-          "winner ~: within 5%)")
+    print(
+        "\n== summary (b/a > 1: the batched padded call (a) is faster; < 1: the per-sequence loop (b) is; "
+        "winner ~: within 5%)"
+    )
     groups = {
         "B=1": [r for r in rows if r["batch"] == 1],
-        "B>1, equal contexts": [r for r in rows if r["batch"] > 1 and r["label"] not in ("mixed", "skew")],
+        "B>1, equal contexts": [
+            r for r in rows if r["batch"] > 1 and r["label"] not in ("mixed", "skew")
+        ],
         "B>1, mixed contexts": [r for r in rows if r["label"] == "mixed"],
         "B>1, skewed contexts": [r for r in rows if r["label"] == "skew"],
     }
@@ -253,8 +297,10 @@ def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
             continue
         wins = sum(r["ratio"] > 1 for r in group)
         ratios = [r["ratio"] for r in group]
-        print(f"  {name:22s}: a wins {wins}/{len(group)}; b/a min {min(ratios):.2f}, "
-              f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+        print(
+            f"  {name:22s}: a wins {wins}/{len(group)}; b/a min {min(ratios):.2f}, "
+            f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}"
+        )
     for r in mixed_rows:
         print(f"  prefill + 16 decodes ({r['shape']}, {r['label']}): b/a {r['ratio']:.2f}")
 
@@ -280,18 +326,24 @@ def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
     best_rule = min(rules.values())
     if b_total < a_total:
         worst = min(rows, key=lambda r: r["ratio"])
-        print(f"  batch_decodes=False (b): its steps sum to {b_total / a_total:.2f} x (a)'s; (a) wins "
-              f"{sum(r['ratio'] > 1.05 for r in rows)}/{len(rows)} decode rows by more than 5%, and loses up to "
-              f"{1 / worst['ratio']:.0f}x ({worst['shape']} B={worst['batch']} ctx={worst['label']}).")
+        print(
+            f"  batch_decodes=False (b): its steps sum to {b_total / a_total:.2f} x (a)'s; (a) wins "
+            f"{sum(r['ratio'] > 1.05 for r in rows)}/{len(rows)} decode rows by more than 5%, and loses up to "
+            f"{1 / worst['ratio']:.0f}x ({worst['shape']} B={worst['batch']} ctx={worst['label']})."
+        )
     else:
         print(f"  batch_decodes=True (a): (b)'s steps sum to {b_total / a_total:.2f} x (a)'s.")
     default_total = min(a_total, b_total)
     if best_rule >= default_total * 0.95:
-        print(f"  A hybrid on context-length similarity is not worth it: the best rule above sums to "
-              f"{best_rule / default_total:.2f} x the better fixed setting (the oracle: {oracle / default_total:.2f} x).")
+        print(
+            f"  A hybrid on context-length similarity is not worth it: the best rule above sums to "
+            f"{best_rule / default_total:.2f} x the better fixed setting (the oracle: {oracle / default_total:.2f} x)."
+        )
     else:
-        print(f"  A hybrid on context-length similarity saves {100 * (1 - best_rule / default_total):.0f}% over the "
-              f"better fixed setting (the oracle: {100 * (1 - oracle / default_total):.0f}%): worth considering.")
+        print(
+            f"  A hybrid on context-length similarity saves {100 * (1 - best_rule / default_total):.0f}% over the "
+            f"better fixed setting (the oracle: {100 * (1 - oracle / default_total):.0f}%): worth considering."
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,14 @@ sys.path.insert(0, str(REPO / "tests"))
 from plm_core import LLM, SamplingParams  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "media"
-QUESTIONS = ["Describe the image in detail.", "What colours dominate?", "What is in the background?",
-             "Write a caption for this picture.", "What might happen next?", "Count the objects you see."]
+QUESTIONS = [
+    "Describe the image in detail.",
+    "What colours dominate?",
+    "What is in the background?",
+    "Write a caption for this picture.",
+    "What might happen next?",
+    "Count the objects you see.",
+]
 
 
 def distinct_images(n: int) -> list[Image.Image]:
@@ -45,8 +51,16 @@ def distinct_images(n: int) -> list[Image.Image]:
                 base.append(Image.open(p).convert("RGB"))
     if not base:
         rng = np.random.default_rng(0)
-        base = [Image.fromarray((rng.random((300 + 40 * i, 400, 3)) * 255).astype(np.uint8)) for i in range(6)]
-    variants = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(90, expand=True)]
+        base = [
+            Image.fromarray((rng.random((300 + 40 * i, 400, 3)) * 255).astype(np.uint8))
+            for i in range(6)
+        ]
+    variants = [
+        lambda im: im,
+        ImageOps.mirror,
+        ImageOps.flip,
+        lambda im: im.rotate(90, expand=True),
+    ]
     out = []
     for v in variants:
         for im in base:
@@ -60,7 +74,11 @@ DETAIL = "high"
 
 
 def chat(img: Image.Image, question: str) -> list[dict]:
-    image = {"type": "image", "image": img, "detail": DETAIL}  # "low": the 448-px thumbnail only, 256 tokens
+    image = {
+        "type": "image",
+        "image": img,
+        "detail": DETAIL,
+    }  # "low": the 448-px thumbnail only, 256 tokens
     return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
 
 
@@ -77,8 +95,13 @@ def ours_throughput(llm: LLM, convs, max_tokens: int) -> dict:
     outs = llm.generate_prompts(prompts, params)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
-    return {"wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
-            "prompt_tokens": sum(len(p.prompt_token_ids) for p in prompts), "ids": [o.token_ids for o in outs]}
+    return {
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "prompt_tokens": sum(len(p.prompt_token_ids) for p in prompts),
+        "ids": [o.token_ids for o in outs],
+    }
 
 
 def ours_ttft(llm: LLM, conv) -> float:
@@ -98,8 +121,12 @@ def ours_itl(llm: LLM, long_conv, n_streams: int, warm_steps: int = 8) -> dict:
     core = llm.engine
     long_prompt = llm.process(long_conv)
     for i in range(n_streams):
-        p = llm.process([{"role": "user", "content": f"Stream {i}: tell a long story about the number {i}."}])
-        core.add_request(f"s{i}", p, SamplingParams(temperature=0, max_tokens=100_000 // 100, ignore_eos=True))
+        p = llm.process(
+            [{"role": "user", "content": f"Stream {i}: tell a long story about the number {i}."}]
+        )
+        core.add_request(
+            f"s{i}", p, SamplingParams(temperature=0, max_tokens=100_000 // 100, ignore_eos=True)
+        )
     last = {}
     before, during = [], []
     step = 0
@@ -110,29 +137,41 @@ def ours_itl(llm: LLM, long_conv, n_streams: int, warm_steps: int = 8) -> dict:
         for d in deltas:
             if d.request_id.startswith("s"):
                 if d.request_id in last and step > 2:
-                    (during if added_at is not None and first_at is None else before).append(now - last[d.request_id])
+                    (during if added_at is not None and first_at is None else before).append(
+                        now - last[d.request_id]
+                    )
                 last[d.request_id] = now
             elif d.request_id == "long" and first_at is None:
                 first_at = now
         step += 1
         if step == warm_steps:
-            core.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            core.add_request(
+                "long", long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+            )
             added_at = time.perf_counter()
         if first_at is not None:
             break
     for i in range(n_streams):
         core.abort(f"s{i}")
-    return {"long_prompt_tokens": len(long_prompt.prompt_token_ids), "long_ttft_s": first_at - added_at,
-            "decode_only_p50_ms": 1000 * pct(before, 50), "during_prefill_p50_ms": 1000 * pct(during, 50),
-            "during_prefill_p99_ms": 1000 * pct(during, 99), "during_prefill_max_ms": 1000 * max(during),
-            "samples": len(during), "p99_over_p50": pct(during, 99) / pct(during, 50)}
+    return {
+        "long_prompt_tokens": len(long_prompt.prompt_token_ids),
+        "long_ttft_s": first_at - added_at,
+        "decode_only_p50_ms": 1000 * pct(before, 50),
+        "during_prefill_p50_ms": 1000 * pct(during, 50),
+        "during_prefill_p99_ms": 1000 * pct(during, 99),
+        "during_prefill_max_ms": 1000 * max(during),
+        "samples": len(during),
+        "p99_over_p50": pct(during, 99) / pct(during, 50),
+    }
 
 
 # -- HF reference -----------------------------------------------------------------------------------
 def hf_prepare(path: str, convs):
     from hf_reference import hf_inputs
 
-    vit = "vanilla" if DETAIL == "low" else "thumb+tile"  # HF's single-tile mode = our thumbnail-only
+    vit = (
+        "vanilla" if DETAIL == "low" else "thumb+tile"
+    )  # HF's single-tile mode = our thumbnail-only
     return [hf_inputs(path, c, vision_input_type=vit) for c in convs]
 
 
@@ -140,7 +179,7 @@ def hf_prepare(path: str, convs):
 def hf_generate(model, inputs, n: int) -> list[int]:
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def fresh_llm(path: str, **kwargs) -> LLM:
@@ -157,57 +196,100 @@ def ours_variant(args, path: str, images, convs, graphs: bool) -> dict:
     global DETAIL
     tag = "CUDA-graph decode" if graphs else "eager decode"
     DETAIL = args.detail
-    llm = fresh_llm(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.throughput_chunk,
-                    cuda_graphs=graphs)
+    llm = fresh_llm(
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_batched_tokens=args.throughput_chunk,
+        cuda_graphs=graphs,
+    )
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     ours = ours_throughput(llm, convs, args.max_tokens)
-    print(f"\n1. [{tag}] {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens "
-          f"each ({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})")
-    print(f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s")
+    print(
+        f"\n1. [{tag}] {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens "
+        f"each ({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})"
+    )
+    print(
+        f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s"
+    )
     DETAIL = "high"  # TTFT and ITL runs use full-size images
     cold_img = images[args.concurrency]
     cold = ours_ttft(llm, chat(cold_img, QUESTIONS[0]))
     warm = ours_ttft(llm, chat(cold_img, QUESTIONS[1]))
-    print(f"2. [{tag}] time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
-          f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)")
+    print(
+        f"2. [{tag}] time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
+        f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)"
+    )
     ttft = {"cold_s": cold, "repeat_s": warm, "ratio": cold / warm}
     del llm
-    llm = fresh_llm(path, device=args.device, dtype=args.dtype, max_num_batched_tokens=args.chunk, cuda_graphs=graphs,
-                    max_encoder_tiles_per_step=args.encoder_tiles)
+    llm = fresh_llm(
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_batched_tokens=args.chunk,
+        cuda_graphs=graphs,
+        max_encoder_tiles_per_step=args.encoder_tiles,
+    )
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     itl = ours_itl(llm, chat(images[args.concurrency + 1], QUESTIONS[2]), args.itl_streams)
-    print(f"3. [{tag}] {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt "
-          f"prefills (max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)")
-    print(f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
-          f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
-          f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
-          f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s")
+    print(
+        f"3. [{tag}] {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt "
+        f"prefills (max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)"
+    )
+    print(
+        f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
+        f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
+        f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
+        f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s"
+    )
     if graphs and llm.engine.runner.graphs is not None:
         g = llm.engine.runner.graphs
         itl["graph_steps"] = g.num_runs
-        print(f"   decode steps served by graphs in this run: {g.num_runs} ({len(g.graphs)} graphs captured)")
-    return {"throughput": {k: v for k, v in ours.items() if k != "ids"}, "ids": ours["ids"], "ttft": ttft,
-            "itl": itl}
+        print(
+            f"   decode steps served by graphs in this run: {g.num_runs} ({len(g.graphs)} graphs captured)"
+        )
+    return {
+        "throughput": {k: v for k, v in ours.items() if k != "ids"},
+        "ids": ours["ids"],
+        "ttft": ttft,
+        "itl": itl,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: build the bench preset)")
+    ap.add_argument(
+        "--checkpoint", default=None, help="checkpoint dir (default: build the bench preset)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--itl-streams", type=int, default=8)
-    ap.add_argument("--throughput-chunk", type=int, default=8192,
-                    help="max_num_batched_tokens for the throughput and TTFT runs")
+    ap.add_argument(
+        "--throughput-chunk",
+        type=int,
+        default=8192,
+        help="max_num_batched_tokens for the throughput and TTFT runs",
+    )
     ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens for the ITL run")
-    ap.add_argument("--encoder-tiles", type=int, default=4, help="max_encoder_tiles_per_step for the ITL run")
-    ap.add_argument("--detail", choices=["high", "low"], default="high",
-                    help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail")
+    ap.add_argument(
+        "--encoder-tiles", type=int, default=4, help="max_encoder_tiles_per_step for the ITL run"
+    )
+    ap.add_argument(
+        "--detail",
+        choices=["high", "low"],
+        default="high",
+        help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail",
+    )
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
-                    help="decode with CUDA graphs: off, on, or both (eager first, then graphs, one HF run; the "
-                         "graph run's tokens are compared with the eager run's) (default: %(default)s)")
+    ap.add_argument(
+        "--cuda-graphs",
+        choices=["off", "on", "both"],
+        default="off",
+        help="decode with CUDA graphs: off, on, or both (eager first, then graphs, one HF run; the "
+        "graph run's tokens are compared with the eager run's) (default: %(default)s)",
+    )
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -217,10 +299,18 @@ def main() -> int:
         args.checkpoint = str(checkpoint_path("bench"))
     path = args.checkpoint
     torch.manual_seed(0)
-    print(f"checkpoint {path}; device {args.device} {args.dtype}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    results: dict = {"checkpoint": path, "device": args.device, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
-                     "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    print(
+        f"checkpoint {path}; device {args.device} {args.dtype}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    results: dict = {
+        "checkpoint": path,
+        "device": args.device,
+        "dtype": args.dtype,
+        "cuda_graphs": args.cuda_graphs,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+    }
     global DETAIL
     images = distinct_images(args.concurrency + 3)  # the last one is only for warming up
     DETAIL = args.detail
@@ -232,7 +322,9 @@ def main() -> int:
         name = "graphs" if graphs else "eager"
         try:
             runs[name] = ours_variant(args, path, images, convs, graphs)
-        except Exception as e:  # a failed graph capture must not cost the other figures of a scarce GPU run
+        except (
+            Exception
+        ) as e:  # a failed graph capture must not cost the other figures of a scarce GPU run
             if len(variants) == 1:
                 raise
             traceback.print_exc()
@@ -245,10 +337,14 @@ def main() -> int:
         results["graphs_vs_eager"] = {
             "identical_requests": same,
             "throughput_ratio": g["throughput"]["tokens_per_s"] / e["throughput"]["tokens_per_s"],
-            "decode_only_itl_ratio": g["itl"]["decode_only_p50_ms"] / e["itl"]["decode_only_p50_ms"]}
-        print(f"\nCUDA graphs vs eager: {same}/{len(convs)} requests token-identical; throughput "
-              f"{results['graphs_vs_eager']['throughput_ratio']:.2f}x; decode-only ITL p50 "
-              f"{g['itl']['decode_only_p50_ms']:.1f} ms vs {e['itl']['decode_only_p50_ms']:.1f} ms")
+            "decode_only_itl_ratio": g["itl"]["decode_only_p50_ms"]
+            / e["itl"]["decode_only_p50_ms"],
+        }
+        print(
+            f"\nCUDA graphs vs eager: {same}/{len(convs)} requests token-identical; throughput "
+            f"{results['graphs_vs_eager']['throughput_ratio']:.2f}x; decode-only ITL p50 "
+            f"{g['itl']['decode_only_p50_ms']:.1f} ms vs {e['itl']['decode_only_p50_ms']:.1f} ms"
+        )
 
     if not args.skip_hf:
         from transformers import PerceptionLMForConditionalGeneration
@@ -258,7 +354,9 @@ def main() -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         dtype = getattr(torch, args.dtype)
-        hf = PerceptionLMForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        hf = PerceptionLMForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa"
+        )
         hf = hf.to(args.device).eval()
         hf_in = hf_prepare(path, convs)
         hf_generate(hf, hf_prepare(path, [chat(images[-1], "warm up")])[0], 2)
@@ -266,14 +364,16 @@ def main() -> int:
         hf_ids = [hf_generate(hf, x, args.max_tokens) for x in hf_in]
         wall = time.perf_counter() - t0
         tps = sum(map(len, hf_ids)) / wall
-        print(f"\nHF generate, one request at a time on the same prompts:")
+        print("\nHF generate, one request at a time on the same prompts:")
         print(f"1. {sum(map(len, hf_ids))} tokens in {wall:.1f} s = {tps:.2f} tok/s")
         results["hf"] = {"wall_s": wall, "tokens_per_s": tps}
         for name, run in runs.items():
             same = sum(a == b for a, b in zip(hf_ids, run["ids"]))
             speedup = run["throughput"]["tokens_per_s"] / tps
-            print(f"   plm-serve ({name}) speedup {speedup:.2f}x (target >= 6x); "
-                  f"{same}/{len(hf_ids)} requests token-identical to HF")
+            print(
+                f"   plm-serve ({name}) speedup {speedup:.2f}x (target >= 6x); "
+                f"{same}/{len(hf_ids)} requests token-identical to HF"
+            )
             results[name]["throughput"].update(speedup=speedup, identical_to_hf=same)
         DETAIL = "high"
         x = hf_prepare(path, [chat(images[args.concurrency], QUESTIONS[1])])[0]
@@ -289,8 +389,10 @@ def main() -> int:
         hf_generate(hf, x, 33)
         t2 = time.perf_counter()
         per_token = ((t2 - t1) - (t1 - t0)) / 32
-        print(f"3. HF one at a time: a stream waits the whole {t1 - t0:.2f} s prefill of the other request; "
-              f"its own decode step is {per_token * 1000:.1f} ms")
+        print(
+            f"3. HF one at a time: a stream waits the whole {t1 - t0:.2f} s prefill of the other request; "
+            f"its own decode step is {per_token * 1000:.1f} ms"
+        )
         results["hf"].update(prefill_s=t1 - t0, decode_step_ms=per_token * 1000)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

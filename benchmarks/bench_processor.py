@@ -48,7 +48,11 @@ def hf_token_count(pixel_values: torch.Tensor, patch_size: int = 14, pooling_rat
 
     media = pixel_values[0]
     height, width = get_image_size(to_numpy_array(media))
-    return (height // patch_size // pooling_ratio) * (width // patch_size // pooling_ratio) * media.shape[0]
+    return (
+        (height // patch_size // pooling_ratio)
+        * (width // patch_size // pooling_ratio)
+        * media.shape[0]
+    )
 
 
 def bench_images(media: Path, runs: int) -> None:
@@ -56,7 +60,9 @@ def bench_images(media: Path, runs: int) -> None:
 
     hf = PerceptionLMImageProcessor()
     print("(a) images: PIL image -> pixel_values [N, 3, 448, 448] (max_num_tiles=36)")
-    print(f"{'image':28s} {'size':>10s} {'tiles':>5s} {'HF ms':>8s} {'HF+count':>9s} {'ours ms':>8s} {'speedup':>8s}")
+    print(
+        f"{'image':28s} {'size':>10s} {'tiles':>5s} {'HF ms':>8s} {'HF+count':>9s} {'ours ms':>8s} {'speedup':>8s}"
+    )
     for path in sorted(p for p in media.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         pil = Image.open(path)
         pil.load()
@@ -80,8 +86,10 @@ def bench_images(media: Path, runs: int) -> None:
         t_hf_count = median_time(hf_with_count, runs)
         t_ours = median_time(ours_run, runs)
         size = f"{pil.width}x{pil.height}"
-        print(f"{path.name:28s} {size:>10s} {n:5d} {t_hf * 1e3:8.1f} {t_hf_count * 1e3:9.1f} "
-              f"{t_ours * 1e3:8.1f} {t_hf / t_ours:7.2f}x")
+        print(
+            f"{path.name:28s} {size:>10s} {n:5d} {t_hf * 1e3:8.1f} {t_hf_count * 1e3:9.1f} "
+            f"{t_ours * 1e3:8.1f} {t_hf / t_ours:7.2f}x"
+        )
 
 
 def bench_videos(media: Path, runs: int) -> None:
@@ -89,8 +97,10 @@ def bench_videos(media: Path, runs: int) -> None:
     from transformers.video_utils import read_video_pyav
 
     print("\n(b) videos: 32 sampled frames -> uint8 [32, 3, H, W]")
-    print(f"{'video':20s} {'frames':>6s} {'all+index ms':>13s} {'HF reader ms':>13s} {'ours ms':>8s} "
-          f"{'vs all':>7s} {'vs HF':>7s}  decoded/seeks")
+    print(
+        f"{'video':20s} {'frames':>6s} {'all+index ms':>13s} {'HF reader ms':>13s} {'ours ms':>8s} "
+        f"{'vs all':>7s} {'vs HF':>7s}  decoded/seeks"
+    )
     for name in ("bikes.mp4", "bigbuckbunny.mp4"):
         path = media / name
         if not path.is_file():
@@ -107,7 +117,9 @@ def bench_videos(media: Path, runs: int) -> None:
             return np.stack([frames[i] for i in indices])
 
         def hf_reader():
-            video, _ = read_video_pyav(str(path), sample_indices_fn=lambda metadata, **kw: np.array(indices))
+            video, _ = read_video_pyav(
+                str(path), sample_indices_fn=lambda metadata, **kw: np.array(indices)
+            )
             return video
 
         def ours():
@@ -120,8 +132,10 @@ def bench_videos(media: Path, runs: int) -> None:
         t_all = median_time(decode_all_then_index, runs)
         t_hf = median_time(hf_reader, runs)
         t_ours = median_time(ours, runs)
-        print(f"{name:20s} {info.num_frames:6d} {t_all * 1e3:13.1f} {t_hf * 1e3:13.1f} {t_ours * 1e3:8.1f} "
-              f"{t_all / t_ours:6.2f}x {t_hf / t_ours:6.2f}x  {stats.decoded}/{stats.seeks} ({stats.mode})")
+        print(
+            f"{name:20s} {info.num_frames:6d} {t_all * 1e3:13.1f} {t_hf * 1e3:13.1f} {t_ours * 1e3:8.1f} "
+            f"{t_all / t_ours:6.2f}x {t_hf / t_ours:6.2f}x  {stats.decoded}/{stats.seeks} ({stats.mode})"
+        )
 
 
 def main() -> None:

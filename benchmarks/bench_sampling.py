@@ -27,7 +27,9 @@ LONG_SCHEMA = {"type": "array", "items": {"type": "string", "pattern": "^[a-z ]+
 
 
 def bench_draw(vocab: int, rows: int, runs: int = 10) -> float:
-    probs = torch.softmax(torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)), dim=-1)
+    probs = torch.softmax(
+        torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
     generators = [torch.Generator().manual_seed(i) for i in range(rows)]
     _draw(probs, generators)
     t = time.perf_counter()
@@ -38,8 +40,11 @@ def bench_draw(vocab: int, rows: int, runs: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the bench preset, "
-                                                        "built into .cache/ on first use)")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a checkpoint directory (default: the bench preset, built into .cache/ on first use)",
+    )
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=2)
@@ -52,14 +57,30 @@ def main() -> None:
         path = str(checkpoint_path("bench"))
     llm = LLM(path, device="cpu", dtype="float32")
     vocab = llm.model_config.text.vocab_size
-    print(f"checkpoint {path}; vocabulary {vocab}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"(a) draw of {args.streams} rows: {bench_draw(vocab, args.streams) * 1e3:.1f} ms per step")
+    print(
+        f"checkpoint {path}; vocabulary {vocab}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"(a) draw of {args.streams} rows: {bench_draw(vocab, args.streams) * 1e3:.1f} ms per step"
+    )
 
-    convs = [[{"role": "user", "content": f"Request {i}: describe the number {i}."}] for i in range(args.streams)]
+    convs = [
+        [{"role": "user", "content": f"Request {i}: describe the number {i}."}]
+        for i in range(args.streams)
+    ]
     spec = StructuredOutput(json=json.dumps(LONG_SCHEMA))
-    cases = {"unconstrained": SamplingParams(temperature=1.0, seed=0, max_tokens=args.max_tokens, ignore_eos=True),
-             "json_schema": SamplingParams(temperature=1.0, seed=0, max_tokens=args.max_tokens, ignore_eos=True,
-                                           structured_output=spec)}
+    cases = {
+        "unconstrained": SamplingParams(
+            temperature=1.0, seed=0, max_tokens=args.max_tokens, ignore_eos=True
+        ),
+        "json_schema": SamplingParams(
+            temperature=1.0,
+            seed=0,
+            max_tokens=args.max_tokens,
+            ignore_eos=True,
+            structured_output=spec,
+        ),
+    }
     llm.chat(convs[:2], cases["json_schema"])  # warm-up; builds the grammar tables once
     print(f"(b) {args.streams} streams x {args.max_tokens} sampled tokens")
     for run in range(args.runs):

@@ -101,7 +101,12 @@ def hf_conversation(messages: list) -> tuple[list[dict], list[Image.Image], list
         role, content = msg["role"], msg.get("content")
         if isinstance(content, str):
             # HF's PLM template drops a plain-string user message; keep it as a text part, as plm-serve does.
-            out.append({"role": role, "content": content if role == "system" else [{"type": "text", "text": content}]})
+            out.append(
+                {
+                    "role": role,
+                    "content": content if role == "system" else [{"type": "text", "text": content}],
+                }
+            )
             continue
         if not isinstance(content, list):
             raise BadRequest("message content must be a string or a list of parts")
@@ -113,7 +118,9 @@ def hf_conversation(messages: list) -> tuple[list[dict], list[Image.Image], list
             elif kind == "image_url":
                 spec = part.get("image_url") or {}
                 try:
-                    images.append(Image.open(io.BytesIO(data_url_bytes(spec.get("url")))).convert("RGB"))
+                    images.append(
+                        Image.open(io.BytesIO(data_url_bytes(spec.get("url")))).convert("RGB")
+                    )
                 except (OSError, Image.DecompressionBombError) as e:
                     raise BadRequest(f"cannot open the image: {e}") from None
                 details.add("vanilla" if spec.get("detail") == "low" else "thumb+tile")
@@ -127,7 +134,9 @@ def hf_conversation(messages: list) -> tuple[list[dict], list[Image.Image], list
                 raise BadRequest(f"unsupported content part type {kind!r}")
         out.append({"role": role, "content": parts})
     if len(details) > 1:
-        raise BadRequest("HF's processor takes one vision_input_type per call: mix of detail low and high")
+        raise BadRequest(
+            "HF's processor takes one vision_input_type per call: mix of detail low and high"
+        )
     return out, images, videos, details.pop() if details else "thumb+tile"
 
 
@@ -136,7 +145,9 @@ def build_inputs(processor, messages: list) -> dict:
     conv, images, videos, vision_input_type = hf_conversation(messages)
     text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     media = {name: items for name, items in (("images", images), ("videos", videos)) if items}
-    enc = processor(text=text, add_special_tokens=False, vision_input_type=vision_input_type, **media)
+    enc = processor(
+        text=text, add_special_tokens=False, vision_input_type=vision_input_type, **media
+    )
     inputs = {"input_ids": torch.tensor([enc["input_ids"][0]])}
     # Tiles of all images (frames of all videos) go in one row: HF cannot stack different tile counts.
     for name, key in (("images", "pixel_values"), ("videos", "pixel_values_videos")):
@@ -186,7 +197,7 @@ class TextDeltas:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        delta, self.sent = text[self.sent:], len(text)
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
 
@@ -200,33 +211,53 @@ class Baseline:
         self.device = torch.device(device)
         # fp32 on CPU (bf16 matmuls are very slow there), bf16 on GPU: what plm-serve's dtype=auto picks
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.model = PerceptionLMForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
+        self.model = (
+            PerceptionLMForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa"
+            )
+            .to(self.device)
+            .eval()
+        )
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
 
     def prepare(self, body: dict, cancel: threading.Event) -> Job:
         inputs = build_inputs(self.processor, body["messages"])
-        inputs = {k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
-                  for k, v in inputs.items()}
+        inputs = {
+            k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+        }
         temperature = body.get("temperature")
-        return Job(inputs, requested_max_tokens(body), bool(body.get("ignore_eos")),
-                   1.0 if temperature is None else float(temperature), float(body.get("top_p") or 1.0),
-                   body.get("seed"), cancel)
+        return Job(
+            inputs,
+            requested_max_tokens(body),
+            bool(body.get("ignore_eos")),
+            1.0 if temperature is None else float(temperature),
+            float(body.get("top_p") or 1.0),
+            body.get("seed"),
+            cancel,
+        )
 
     @torch.inference_mode()
     def generate(self, job: Job, on_token) -> None:
         """Runs HF generate for one job, calling on_token(id) per new token; on the worker thread."""
         if job.seed is not None:
             torch.manual_seed(job.seed)
-        sampling = {"do_sample": False} if job.temperature == 0 else {
-            "do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
-        self.model.generate(**job.inputs, max_new_tokens=job.max_tokens,
-                            min_new_tokens=job.max_tokens if job.ignore_eos else 0,
-                            pad_token_id=self.processor.tokenizer.pad_token_id,
-                            streamer=TokenStreamer(on_token), stopping_criteria=[Cancelled(job.cancel)],
-                            **sampling)
+        sampling = (
+            {"do_sample": False}
+            if job.temperature == 0
+            else {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
+        )
+        self.model.generate(
+            **job.inputs,
+            max_new_tokens=job.max_tokens,
+            min_new_tokens=job.max_tokens if job.ignore_eos else 0,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+            streamer=TokenStreamer(on_token),
+            stopping_criteria=[Cancelled(job.cancel)],
+            **sampling,
+        )
 
     async def run(self, body: dict):
         """Async iterator for one request, in turn with all the others (one worker): first the prompt
@@ -291,15 +322,23 @@ class Reply:
         return finish_reason(self.last, self.completion, self.body, self.eos_ids)
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.n_prompt, "completion_tokens": self.completion,
-                "total_tokens": self.n_prompt + self.completion}
+        return {
+            "prompt_tokens": self.n_prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.n_prompt + self.completion,
+        }
 
     def wants_usage(self) -> bool:
         return bool((self.body.get("stream_options") or {}).get("include_usage"))
 
     def chunk(self, choices: list, usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": choices}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.wants_usage():
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -314,8 +353,17 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "hf-baseline"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served_model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "hf-baseline",
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -323,7 +371,11 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
             body = json.loads(await request.body())
         except ValueError:
             return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("messages"), list)
+            or not body["messages"]
+        ):
             return JSONResponse(error_body("'messages' must be a non-empty list"), status_code=400)
         tokens = baseline.run(body)
         try:  # the first item, the prompt length, comes once preprocessing succeeded
@@ -331,7 +383,9 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
         except BadRequest as e:
             return JSONResponse(error_body(str(e)), status_code=400)
         except Exception as e:  # noqa: BLE001 — reported to the client
-            return JSONResponse(error_body(f"generation failed: {e}", "server_error"), status_code=500)
+            return JSONResponse(
+                error_body(f"generation failed: {e}", "server_error"), status_code=500
+            )
         reply = Reply(baseline, served_model_name, n_prompt, body)
         if body.get("stream"):
             return StreamingResponse(_sse(tokens, reply), media_type="text/event-stream")
@@ -339,20 +393,37 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
             async for t in tokens:
                 reply.add(t)
         except Exception as e:  # noqa: BLE001
-            return JSONResponse(error_body(f"generation failed: {e}", "server_error"), status_code=500)
-        return {"id": reply.id, "object": "chat.completion", "created": reply.created, "model": served_model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text()},
-                             "finish_reason": reply.finish(), "logprobs": None}],
-                "usage": reply.usage()}
+            return JSONResponse(
+                error_body(f"generation failed: {e}", "server_error"), status_code=500
+            )
+        return {
+            "id": reply.id,
+            "object": "chat.completion",
+            "created": reply.created,
+            "model": served_model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text()},
+                    "finish_reason": reply.finish(),
+                    "logprobs": None,
+                }
+            ],
+            "usage": reply.usage(),
+        }
 
     async def _sse(tokens, reply: Reply):
         try:
-            yield reply.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield reply.chunk(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
             try:
                 async for t in tokens:
                     text = reply.add(t)
                     if text:
-                        yield reply.chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+                        yield reply.chunk(
+                            [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
+                        )
             except Exception as e:  # noqa: BLE001 — an error event, then [DONE]
                 yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -368,13 +439,21 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", required=True, help="local PerceptionLM checkpoint directory (HF layout) or hub id")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="local PerceptionLM checkpoint directory (HF layout) or hub id",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=8001, help="port to listen on")
-    ap.add_argument("--served-model-name", default=None,
-                    help="model name /v1/models reports (requests may name any model); default: --model")
+    ap.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name /v1/models reports (requests may name any model); default: --model",
+    )
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     ap.add_argument("--log-level", default="warning", help="uvicorn log level")
     args = ap.parse_args(argv)

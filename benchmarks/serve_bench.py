@@ -50,11 +50,20 @@ KINDS = ("text", "image", "video")
 IMAGE_SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1280, 720), (448, 448)]
 VIDEO_SIZE = (320, 240)
 VIDEO_FPS = 8
-WORDS = ("river stone lantern orbit maple signal copper harbor violet engine meadow cipher falcon glacier "
-         "ember tunnel quartz willow beacon canyon thread marble comet forest prism anchor velvet summit").split()
-QUESTIONS = ["Describe this in detail.", "What colours dominate?", "What shapes can you see?",
-             "Write a caption for it.", "What is in the background?", "Count the objects you see.",
-             "What might happen next?", "Summarise it in one sentence."]
+WORDS = (
+    "river stone lantern orbit maple signal copper harbor violet engine meadow cipher falcon glacier "
+    "ember tunnel quartz willow beacon canyon thread marble comet forest prism anchor velvet summit"
+).split()
+QUESTIONS = [
+    "Describe this in detail.",
+    "What colours dominate?",
+    "What shapes can you see?",
+    "Write a caption for it.",
+    "What is in the background?",
+    "Count the objects you see.",
+    "What might happen next?",
+    "Summarise it in one sentence.",
+]
 
 
 # -- workload ---------------------------------------------------------------------------------------
@@ -91,7 +100,9 @@ def parse_mix(spec: str) -> dict[str, float]:
         name, _, weight = item.partition("=")
         name = name.strip()
         if name not in KINDS or not weight:
-            raise ValueError(f"bad --mix item {item!r}: use kind=weight with kind in {', '.join(KINDS)}")
+            raise ValueError(
+                f"bad --mix item {item!r}: use kind=weight with kind in {', '.join(KINDS)}"
+            )
         mix[name] = float(weight)
     if sum(mix.values()) <= 0 or any(w < 0 for w in mix.values()):
         raise ValueError("--mix weights must be non-negative and not all zero")
@@ -103,7 +114,9 @@ def kind_counts(mix: dict[str, float], n: int) -> dict[str, int]:
     total = sum(mix.values())
     share = {k: n * mix.get(k, 0) / total for k in KINDS}
     counts = {k: int(share[k]) for k in KINDS}
-    for k in sorted(KINDS, key=lambda k: share[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+    for k in sorted(KINDS, key=lambda k: share[k] - counts[k], reverse=True)[
+        : n - sum(counts.values())
+    ]:
         counts[k] += 1
     return counts
 
@@ -132,12 +145,15 @@ def synthetic_video(rng: np.random.Generator, frames: int) -> bytes:
     """An h264 mp4 clip: shapes moving across a fixed noisy background."""
     w, h = VIDEO_SIZE
     background = np.asarray(synthetic_image(rng, VIDEO_SIZE))
-    movers = [(rng.integers(0, w, 2), rng.integers(-12, 13, 2), tuple(rng.integers(0, 256, 3).tolist()))
-              for _ in range(3)]
+    movers = [
+        (rng.integers(0, w, 2), rng.integers(-12, 13, 2), tuple(rng.integers(0, 256, 3).tolist()))
+        for _ in range(3)
+    ]
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"preset": "veryfast", "crf": "28",
-                                                                          "threads": "1"})
+        stream = container.add_stream(
+            "libx264", rate=VIDEO_FPS, options={"preset": "veryfast", "crf": "28", "threads": "1"}
+        )
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for t in range(frames):
             img = Image.fromarray(background)
@@ -145,7 +161,9 @@ def synthetic_video(rng: np.random.Generator, frames: int) -> bytes:
             for (x, y), (dx, dy), colour in movers:
                 cx, cy = (x + dx * t) % w, (y + dy * t) % h
                 draw.ellipse((cx - 20, cy - 20, cx + 20, cy + 20), fill=colour)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -173,7 +191,10 @@ def make_workload(cfg: WorkloadConfig, salt: str) -> list[BenchRequest]:
     np_rng = np.random.default_rng(rng.getrandbits(64))
     kinds = [k for k, n in kind_counts(cfg.mix, cfg.num_prompts).items() for _ in range(n)]
     rng.shuffle(kinds)
-    seen: dict[str, list[tuple[str, dict]]] = {"image": [], "video": []}  # kind -> [(media id, part)]
+    seen: dict[str, list[tuple[str, dict]]] = {
+        "image": [],
+        "video": [],
+    }  # kind -> [(media id, part)]
     out = []
     for i, kind in enumerate(kinds):
         if kind == "text":
@@ -186,11 +207,21 @@ def make_workload(cfg: WorkloadConfig, salt: str) -> list[BenchRequest]:
             media_id = f"{kind}-{len(seen[kind])}"
             if kind == "image":
                 img = synthetic_image(np_rng, IMAGE_SIZES[int(np_rng.integers(len(IMAGE_SIZES)))])
-                part = {"type": "image_url", "image_url": {"url": data_url("image/png", png_bytes(img)),
-                                                           "detail": cfg.image_detail}}
+                part = {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": data_url("image/png", png_bytes(img)),
+                        "detail": cfg.image_detail,
+                    },
+                }
             else:
-                part = {"type": "video_url", "video_url": {"url": data_url("video/mp4", synthetic_video(
-                    np_rng, cfg.video_frames)), "num_frames": cfg.num_frames}}
+                part = {
+                    "type": "video_url",
+                    "video_url": {
+                        "url": data_url("video/mp4", synthetic_video(np_rng, cfg.video_frames)),
+                        "num_frames": cfg.num_frames,
+                    },
+                }
             seen[kind].append((media_id, part))
         question = f"{rng.choice(QUESTIONS)} (request {i}, {rng.choice(WORDS)})"
         content = [part, {"type": "text", "text": question}]
@@ -199,9 +230,17 @@ def make_workload(cfg: WorkloadConfig, salt: str) -> list[BenchRequest]:
 
 
 def request_body(req: BenchRequest, model: str, cfg: WorkloadConfig) -> bytes:
-    return json.dumps({"model": model, "messages": req.messages, "max_tokens": cfg.max_tokens, "temperature": 0,
-                       "ignore_eos": cfg.ignore_eos, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    return json.dumps(
+        {
+            "model": model,
+            "messages": req.messages,
+            "max_tokens": cfg.max_tokens,
+            "temperature": 0,
+            "ignore_eos": cfg.ignore_eos,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
 
 
 # -- one request ------------------------------------------------------------------------------------
@@ -251,7 +290,9 @@ class StreamParser:
             return
         if "error" in event:
             err = event["error"]
-            rec.error = rec.error or f"error event: {err.get('message') if isinstance(err, dict) else err}"
+            rec.error = (
+                rec.error or f"error event: {err.get('message') if isinstance(err, dict) else err}"
+            )
             return
         if event.get("usage"):
             rec.prompt_tokens = event["usage"].get("prompt_tokens")
@@ -281,14 +322,17 @@ class StreamParser:
         return rec
 
 
-async def send(client: httpx.AsyncClient, url: str, req: BenchRequest, body: bytes, run_start: float
-               ) -> RequestRecord:
+async def send(
+    client: httpx.AsyncClient, url: str, req: BenchRequest, body: bytes, run_start: float
+) -> RequestRecord:
     """Sends one streamed chat and times it; never raises (failures land in the record)."""
     rec = RequestRecord(req.index, req.kind, req.media_id, req.reused)
     sent_at = time.perf_counter()
     rec.start_s = sent_at - run_start
     try:
-        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as resp:
+        async with client.stream(
+            "POST", url, content=body, headers={"content-type": "application/json"}
+        ) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
                 rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
@@ -316,8 +360,16 @@ def arrival_times(n: int, rate: float, rng: random.Random) -> list[float]:
     return out
 
 
-async def run_level(url: str, requests: list[BenchRequest], bodies: list[bytes], concurrency: int, rate: float,
-                    seed: str, timeout_s: float, progress: tqdm) -> tuple[list[RequestRecord], float]:
+async def run_level(
+    url: str,
+    requests: list[BenchRequest],
+    bodies: list[bytes],
+    concurrency: int,
+    rate: float,
+    seed: str,
+    timeout_s: float,
+    progress: tqdm,
+) -> tuple[list[RequestRecord], float]:
     """Sends the requests as they fall due, at most `concurrency` in flight (0: no limit); (records, seconds)."""
     slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
     due = arrival_times(len(requests), rate, random.Random(seed))
@@ -345,8 +397,14 @@ def distribution(values: list[float]) -> dict:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     arr = np.asarray(values, dtype=float)
     p50, p90, p99 = np.percentile(arr, [50, 90, 99]).tolist()
-    return {"count": len(values), "mean": float(arr.mean()), "p50": p50, "p90": p90, "p99": p99,
-            "max": float(arr.max())}
+    return {
+        "count": len(values),
+        "mean": float(arr.mean()),
+        "p50": p50,
+        "p90": p90,
+        "p99": p99,
+        "max": float(arr.max()),
+    }
 
 
 def summarize(records: list[RequestRecord], duration_s: float) -> dict:
@@ -358,23 +416,33 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
     for kind in KINDS:
         mine = [r for r in ok if r.kind == kind]
         if mine:
-            per_kind[kind] = {"completed": len(mine),
-                              "prompt_tokens_mean": float(np.mean([r.prompt_tokens or 0 for r in mine])),
-                              "ttft_s": distribution([r.ttft_s for r in mine if r.ttft_s is not None]),
-                              "e2e_s": distribution([r.e2e_s for r in mine])}
+            per_kind[kind] = {
+                "completed": len(mine),
+                "prompt_tokens_mean": float(np.mean([r.prompt_tokens or 0 for r in mine])),
+                "ttft_s": distribution([r.ttft_s for r in mine if r.ttft_s is not None]),
+                "e2e_s": distribution([r.e2e_s for r in mine]),
+            }
     return {
-        "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
+        "requests": len(records),
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
         "errors": [f"#{r.index} ({r.kind}): {r.error}" for r in records if not r.ok],
         "duration_s": duration_s,
-        "prompt_tokens": prompt_tokens, "output_tokens": out_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": out_tokens,
         "request_throughput": len(ok) / duration_s,
         "output_throughput": out_tokens / duration_s,
         "total_token_throughput": (out_tokens + prompt_tokens) / duration_s,
         "ttft_s": distribution([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_s": distribution([x for r in ok for x in r.itl_s]),
         "e2e_s": distribution([r.e2e_s for r in ok]),
-        "tpot_s": distribution([(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
-                                if r.ttft_s is not None and (r.output_tokens or 0) > 1]),
+        "tpot_s": distribution(
+            [
+                (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
+                for r in ok
+                if r.ttft_s is not None and (r.output_tokens or 0) > 1
+            ]
+        ),
         "per_kind": per_kind,
     }
 
@@ -395,19 +463,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(kind: str, model: str, port: int, name: str, extra: list[str], device: str = "cpu"
-                   ) -> list[str]:
+def server_command(
+    kind: str, model: str, port: int, name: str, extra: list[str], device: str = "cpu"
+) -> list[str]:
     if kind == "plm-serve":
-        return [sys.executable, "-m", "server", "--model", model, "--port", str(port), "--device", device,
-                "--served-model-name", name, "--log-level", "warning", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--served-model-name",
+            name,
+            "--log-level",
+            "warning",
+            *extra,
+        ]
     if kind == "hf-baseline":
-        return [sys.executable, str(REPO / "benchmarks" / "hf_baseline_server.py"), "--model", model,
-                "--port", str(port), "--device", device, "--served-model-name", name, "--log-level", "warning"]
+        return [
+            sys.executable,
+            str(REPO / "benchmarks" / "hf_baseline_server.py"),
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--served-model-name",
+            name,
+            "--log-level",
+            "warning",
+        ]
     raise ValueError(f"unknown server kind {kind!r}: plm-serve or hf-baseline")
 
 
-def start_server(cmd: list[str], base: str, ready_paths: list[str], log_path: Path, timeout_s: float
-                 ) -> subprocess.Popen:
+def start_server(
+    cmd: list[str], base: str, ready_paths: list[str], log_path: Path, timeout_s: float
+) -> subprocess.Popen:
     """Starts a server (output to log_path) and waits until every path in ready_paths answers 200."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -416,8 +512,10 @@ def start_server(cmd: list[str], base: str, ready_paths: list[str], log_path: Pa
     pending = list(ready_paths)
     while pending:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); last log lines:\n"
-                               + log_path.read_text(errors="replace")[-2000:])
+            raise RuntimeError(
+                f"server exited ({proc.returncode}); last log lines:\n"
+                + log_path.read_text(errors="replace")[-2000:]
+            )
         if time.time() > deadline:
             stop_server(proc)
             raise RuntimeError(f"server not ready within {timeout_s:.0f} s: {shlex.join(cmd)}")
@@ -455,7 +553,9 @@ def level_label(concurrency: int, rate: float | None) -> str:
 def environment() -> dict:
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+            return subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
 
@@ -467,45 +567,77 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(
-                os, "sched_getaffinity") else os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), **versions,
-            "git_commit": head.stdout.strip() if head and head.returncode == 0 else None,
-            "git_dirty": None if dirty is None else dirty.returncode != 0,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **versions,
+        "git_commit": head.stdout.strip() if head and head.returncode == 0 else None,
+        "git_dirty": None if dirty is None else dirty.returncode != 0,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
 
 
-def bench_target(target: Target, args, cfg: WorkloadConfig, workloads: dict, results: dict, out: Path) -> None:
+def bench_target(
+    target: Target, args, cfg: WorkloadConfig, workloads: dict, results: dict, out: Path
+) -> None:
     """Starts the target if asked, warms it up, runs each of its load levels, stops it."""
     proc, base = None, target.url
     if target.launch:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         extra = shlex.split(args.plm_serve_args) if target.launch == "plm-serve" else []
-        cmd = server_command(target.launch, args.model, port, args.served_model_name, extra, args.device)
+        cmd = server_command(
+            target.launch, args.model, port, args.served_model_name, extra, args.device
+        )
         ready = ["/health", "/ready"] if target.launch == "plm-serve" else ["/health"]
         print(f"[{target.name}] starting: {shlex.join(cmd)}", file=sys.stderr)
-        proc = start_server(cmd, base, ready, out / "logs" / f"{target.name}.log", args.startup_timeout)
+        proc = start_server(
+            cmd, base, ready, out / "logs" / f"{target.name}.log", args.startup_timeout
+        )
         results["servers"][target.name] = {"command": cmd, "kind": target.launch}
     try:
         model = args.model_name or served_model(base)
         url = f"{base}/v1/chat/completions"
 
         def measure(reqs: list[BenchRequest], concurrency: int, rate: float, salt: str, desc: str):
-            bar = tqdm(total=len(reqs), desc=f"{target.name} {desc}", unit="req", disable=args.no_progress)
+            bar = tqdm(
+                total=len(reqs), desc=f"{target.name} {desc}", unit="req", disable=args.no_progress
+            )
             try:
-                return asyncio.run(run_level(url, reqs, [request_body(r, model, cfg) for r in reqs], concurrency,
-                                             rate, salt, args.request_timeout, bar))
+                return asyncio.run(
+                    run_level(
+                        url,
+                        reqs,
+                        [request_body(r, model, cfg) for r in reqs],
+                        concurrency,
+                        rate,
+                        salt,
+                        args.request_timeout,
+                        bar,
+                    )
+                )
             finally:
                 bar.close()
 
         if args.warmup:
-            warm = make_workload(WorkloadConfig(**{**asdict(cfg), "num_prompts": args.warmup}), "warmup")
+            warm = make_workload(
+                WorkloadConfig(**{**asdict(cfg), "num_prompts": args.warmup}), "warmup"
+            )
             records, _ = measure(warm, 1, math.inf, "warmup", "warmup")
             if not all(r.ok for r in records):
-                print(f"[{target.name}] warmup failures: {[r.error for r in records if not r.ok]}", file=sys.stderr)
-        levels = args.baseline_concurrency if target.name == args.baseline and args.baseline_concurrency else \
-            args.concurrency
+                print(
+                    f"[{target.name}] warmup failures: {[r.error for r in records if not r.ok]}",
+                    file=sys.stderr,
+                )
+        levels = (
+            args.baseline_concurrency
+            if target.name == args.baseline and args.baseline_concurrency
+            else args.concurrency
+        )
         for concurrency in levels:
             for rate in args.request_rate:
                 salt, label = f"c{concurrency}-r{rate:g}", level_label(concurrency, rate)
@@ -514,16 +646,28 @@ def bench_target(target: Target, args, cfg: WorkloadConfig, workloads: dict, res
                 load_before = load_average()
                 records, duration = measure(workloads[salt], concurrency, rate, salt, label)
                 summary = summarize(records, duration)
-                results["runs"].append({"target": target.name, "url": base, "model": model,
-                                        "concurrency": concurrency,
-                                        "request_rate": None if math.isinf(rate) else rate, "workload": salt,
-                                        "load_average": [load_before, load_average()], "summary": summary,
-                                        "records": [rounded(asdict(r)) for r in records]})
-                print(f"[{target.name}] {label}: {summary['completed']}/{summary['requests']} ok in {duration:.1f} s, "
-                      f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} out tok/s, "
-                      f"TTFT p50 {fmt_ms(summary['ttft_s']['p50'])} ms, E2E p50 {fmt_ms(summary['e2e_s']['p50'])} ms",
-                      file=sys.stderr)
-                write_json(results, out / "results.json")  # after every run: a crash keeps what was measured
+                results["runs"].append(
+                    {
+                        "target": target.name,
+                        "url": base,
+                        "model": model,
+                        "concurrency": concurrency,
+                        "request_rate": None if math.isinf(rate) else rate,
+                        "workload": salt,
+                        "load_average": [load_before, load_average()],
+                        "summary": summary,
+                        "records": [rounded(asdict(r)) for r in records],
+                    }
+                )
+                print(
+                    f"[{target.name}] {label}: {summary['completed']}/{summary['requests']} ok in {duration:.1f} s, "
+                    f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} out tok/s, "
+                    f"TTFT p50 {fmt_ms(summary['ttft_s']['p50'])} ms, E2E p50 {fmt_ms(summary['e2e_s']['p50'])} ms",
+                    file=sys.stderr,
+                )
+                write_json(
+                    results, out / "results.json"
+                )  # after every run: a crash keeps what was measured
     finally:
         if proc is not None:
             stop_server(proc)
@@ -539,6 +683,7 @@ def load_average() -> float | None:
 
 def rounded(record: dict) -> dict:
     """A record's times to the microsecond (keeps results.json small)."""
+
     def r(x):
         return round(x, 6) if isinstance(x, float) else x
 
@@ -593,7 +738,9 @@ def _colours(runs: list[dict]) -> dict[tuple[str, str], tuple]:
     return out
 
 
-def plot_cdf(runs: list[dict], values, path: Path, title: str, ylabel: str = "fraction of requests") -> None:
+def plot_cdf(
+    runs: list[dict], values, path: Path, title: str, ylabel: str = "fraction of requests"
+) -> None:
     """One empirical CDF line per (target, level) of values(run) in seconds, log x axis."""
     import matplotlib.pyplot as plt
 
@@ -604,8 +751,13 @@ def plot_cdf(runs: list[dict], values, path: Path, title: str, ylabel: str = "fr
         if len(xs) == 0:
             continue
         ys = np.arange(len(xs) + 1) / len(xs)
-        ax.step(np.r_[xs[0], xs], ys, where="post", color=colours[(run["target"], _run_level(run))],
-                label=f"{run['target']} {_run_level(run)}")
+        ax.step(
+            np.r_[xs[0], xs],
+            ys,
+            where="post",
+            color=colours[(run["target"], _run_level(run))],
+            label=f"{run['target']} {_run_level(run)}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("seconds (log scale)")
     ax.set_ylabel(ylabel)
@@ -626,13 +778,19 @@ def plot_throughput(runs: list[dict], path: Path) -> None:
     levels = [_run_level(r) for r in sorted(runs, key=_level_order)]
     levels = list(dict.fromkeys(levels))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
-    panels = [("output_throughput", "output tokens/s"), ("request_throughput", "requests/s"),
-              ("e2e_p50", "end-to-end latency p50 (s)")]
+    panels = [
+        ("output_throughput", "output tokens/s"),
+        ("request_throughput", "requests/s"),
+        ("e2e_p50", "end-to-end latency p50 (s)"),
+    ]
     for target, cmap in _target_colours(runs).items():
         mine = sorted((r for r in runs if r["target"] == target), key=_level_order)
         xs = [levels.index(_run_level(r)) for r in mine]
         for ax, (key, label) in zip(axes, panels):
-            ys = [r["summary"]["e2e_s"]["p50"] if key == "e2e_p50" else r["summary"][key] for r in mine]
+            ys = [
+                r["summary"]["e2e_s"]["p50"] if key == "e2e_p50" else r["summary"][key]
+                for r in mine
+            ]
             ax.plot(xs, ys, marker="o", label=target, color=colormaps[cmap](0.75))
             ax.set_ylabel(label)
     for ax in axes:
@@ -662,48 +820,75 @@ def report_markdown(results: dict) -> str:
     targets = list(dict.fromkeys(r["target"] for r in results["runs"]))
     runs = sorted(results["runs"], key=lambda r: (targets.index(r["target"]), _level_order(r)))
     env, wl = results["environment"], results["workload"]
-    lines = [f"# Serving benchmark: {', '.join(targets)}", "",
-             "Made with (from the repository root):", "", "```bash", results["command"], "```", "",
-             f"- Date: {env.get('date')}; git commit `{env.get('git_commit')}`"
-             + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-             f"- Machine: {env.get('cpus_usable')} usable CPUs ({env.get('cpu_count')} in all), "
-             f"{env.get('platform')}; Python {env.get('python')}, torch {env.get('torch')}, "
-             f"transformers {env.get('transformers')}"]
+    lines = [
+        f"# Serving benchmark: {', '.join(targets)}",
+        "",
+        "Made with (from the repository root):",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        f"- Date: {env.get('date')}; git commit `{env.get('git_commit')}`"
+        + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
+        f"- Machine: {env.get('cpus_usable')} usable CPUs ({env.get('cpu_count')} in all), "
+        f"{env.get('platform')}; Python {env.get('python')}, torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}",
+    ]
     lines += [f"- Note: {n}" for n in results.get("notes") or []]
     for name, server in (results.get("servers") or {}).items():
-        cmd = shlex.join(server["command"]).replace(f"{REPO}/", "")  # paths as seen from the repository root
+        cmd = shlex.join(server["command"]).replace(
+            f"{REPO}/", ""
+        )  # paths as seen from the repository root
         lines.append(f"- `{name}` was started as `{cmd}`")
     counts = kind_counts(wl["mix"], wl["num_prompts"])
-    lines += ["", "## Workload", "",
-              f"{wl['num_prompts']} streamed chats per load level ({', '.join(f'{n} {k}' for k, n in counts.items())}),"
-              f" {wl['max_tokens']} output tokens each (temperature 0, ignore_eos {wl['ignore_eos']}); images "
-              f"with detail `{wl['image_detail']}`, videos of {wl['video_frames']} frames sampled to "
-              f"{wl['num_frames']}; an image/video chat reuses an earlier item of its level with a new question "
-              f"with probability {wl['repeat_media_ratio']}; seed {wl['seed']}. Every level has its own media and "
-              "texts, identical across targets. Concurrency c = at most c requests in flight, the next sent as "
-              "one finishes; all are due at once unless a request rate is shown.", "",
-              "Timing from the moment a request is sent: TTFT to the first content chunk, ITL = gaps between "
-              "content chunks (about one per token on both servers), E2E to `[DONE]`. Throughputs count completed "
-              "requests over the run's wall time; total tokens = prompt + output tokens (from `usage`). The load "
-              "average (1 minute, before and after each run) shows other work on the machine.", ""]
+    lines += [
+        "",
+        "## Workload",
+        "",
+        f"{wl['num_prompts']} streamed chats per load level ({', '.join(f'{n} {k}' for k, n in counts.items())}),"
+        f" {wl['max_tokens']} output tokens each (temperature 0, ignore_eos {wl['ignore_eos']}); images "
+        f"with detail `{wl['image_detail']}`, videos of {wl['video_frames']} frames sampled to "
+        f"{wl['num_frames']}; an image/video chat reuses an earlier item of its level with a new question "
+        f"with probability {wl['repeat_media_ratio']}; seed {wl['seed']}. Every level has its own media and "
+        "texts, identical across targets. Concurrency c = at most c requests in flight, the next sent as "
+        "one finishes; all are due at once unless a request rate is shown.",
+        "",
+        "Timing from the moment a request is sent: TTFT to the first content chunk, ITL = gaps between "
+        "content chunks (about one per token on both servers), E2E to `[DONE]`. Throughputs count completed "
+        "requests over the run's wall time; total tokens = prompt + output tokens (from `usage`). The load "
+        "average (1 minute, before and after each run) shows other work on the machine.",
+        "",
+    ]
     kinds_tokens = {}
     for run in results["runs"]:
         for kind, k in run["summary"]["per_kind"].items():
             kinds_tokens.setdefault(kind, []).append(k["prompt_tokens_mean"])
     if kinds_tokens:
-        lines += ["Mean prompt tokens: " + ", ".join(f"{k} {np.mean(v):.0f}" for k, v in kinds_tokens.items()), ""]
-    lines += ["## Results", "",
-              "| target | level | ok | failed | wall s | req/s | output tok/s | total tok/s | "
-              "TTFT ms mean / p50 / p90 / p99 | ITL ms mean / p50 / p90 / p99 | E2E s mean / p50 / p90 / p99 | "
-              "load avg before / after |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Mean prompt tokens: "
+            + ", ".join(f"{k} {np.mean(v):.0f}" for k, v in kinds_tokens.items()),
+            "",
+        ]
+    lines += [
+        "## Results",
+        "",
+        "| target | level | ok | failed | wall s | req/s | output tok/s | total tok/s | "
+        "TTFT ms mean / p50 / p90 / p99 | ITL ms mean / p50 / p90 / p99 | E2E s mean / p50 / p90 / p99 | "
+        "load avg before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         s = r["summary"]
-        lines.append(f"| {r['target']} | {_run_level(r)} | {s['completed']} | {s['failed']} | {s['duration_s']:.1f} | "
-                     f"{s['request_throughput']:.3f} | {s['output_throughput']:.1f} | "
-                     f"{s['total_token_throughput']:.0f} | {_ms(s['ttft_s'])} | {_ms(s['itl_s'])} | {_s(s['e2e_s'])} | "
-                     + " / ".join("-" if x is None else f"{x:.1f}" for x in r.get("load_average") or [None, None])
-                     + " |")
+        lines.append(
+            f"| {r['target']} | {_run_level(r)} | {s['completed']} | {s['failed']} | {s['duration_s']:.1f} | "
+            f"{s['request_throughput']:.3f} | {s['output_throughput']:.1f} | "
+            f"{s['total_token_throughput']:.0f} | {_ms(s['ttft_s'])} | {_ms(s['itl_s'])} | {_s(s['e2e_s'])} | "
+            + " / ".join(
+                "-" if x is None else f"{x:.1f}" for x in r.get("load_average") or [None, None]
+            )
+            + " |"
+        )
     base = results.get("baseline")
     base_runs = {_run_level(r): r["summary"] for r in runs if r["target"] == base}
     others = [r for r in runs if r["target"] != base and _run_level(r) in base_runs]
@@ -711,27 +896,53 @@ def report_markdown(results: dict) -> str:
     if not others:
         lines.append(f"No level was run on both `{base}` and another target.")
     else:
-        lines += ["| target | level | output tok/s | req/s | TTFT p50 (lower by) | E2E p50 (lower by) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| target | level | output tok/s | req/s | TTFT p50 (lower by) | E2E p50 (lower by) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in others:
             s, b = r["summary"], base_runs[_run_level(r)]
-            lines.append(f"| {r['target']} | {_run_level(r)} | "
-                         f"{_ratio(s['output_throughput'], b['output_throughput'])} | "
-                         f"{_ratio(s['request_throughput'], b['request_throughput'])} | "
-                         f"{_ratio(b['ttft_s']['p50'], s['ttft_s']['p50'])} | "
-                         f"{_ratio(b['e2e_s']['p50'], s['e2e_s']['p50'])} |")
-    lines += ["", "## By request kind", "", "TTFT p50 ms / E2E p50 s (completed requests)", "",
-              "| target | level | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
+            lines.append(
+                f"| {r['target']} | {_run_level(r)} | "
+                f"{_ratio(s['output_throughput'], b['output_throughput'])} | "
+                f"{_ratio(s['request_throughput'], b['request_throughput'])} | "
+                f"{_ratio(b['ttft_s']['p50'], s['ttft_s']['p50'])} | "
+                f"{_ratio(b['e2e_s']['p50'], s['e2e_s']['p50'])} |"
+            )
+    lines += [
+        "",
+        "## By request kind",
+        "",
+        "TTFT p50 ms / E2E p50 s (completed requests)",
+        "",
+        "| target | level | " + " | ".join(KINDS) + " |",
+        "|---|---|" + "---|" * len(KINDS),
+    ]
     for r in runs:
         pk = r["summary"]["per_kind"]
-        cells = [f"{fmt_ms(pk[k]['ttft_s']['p50'])} / {pk[k]['e2e_s']['p50']:.2f} ({pk[k]['completed']})"
-                 if k in pk else "-" for k in KINDS]
+        cells = [
+            f"{fmt_ms(pk[k]['ttft_s']['p50'])} / {pk[k]['e2e_s']['p50']:.2f} ({pk[k]['completed']})"
+            if k in pk
+            else "-"
+            for k in KINDS
+        ]
         lines.append(f"| {r['target']} | {_run_level(r)} | " + " | ".join(cells) + " |")
     failed = [(r, e) for r in runs for e in r["summary"]["errors"]]
     lines += ["", "## Failed requests", ""]
     lines += [f"- {r['target']} {_run_level(r)}: {e}" for r, e in failed] or ["None."]
-    lines += ["", "## Plots", "", "![throughput and latency against load](throughput.png)", "",
-              "![TTFT CDF](ttft_cdf.png)", "", "![E2E latency CDF](e2e_cdf.png)", "", "![ITL CDF](itl_cdf.png)", ""]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![throughput and latency against load](throughput.png)",
+        "",
+        "![TTFT CDF](ttft_cdf.png)",
+        "",
+        "![E2E latency CDF](e2e_cdf.png)",
+        "",
+        "![ITL CDF](itl_cdf.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -743,79 +954,186 @@ def write_report(results: dict, out: Path) -> None:
     runs = results["runs"]
     ok = lambda run: [r for r in run["records"] if r["ok"]]  # noqa: E731
     plot_throughput(runs, out / "throughput.png")
-    plot_cdf(runs, lambda run: [r["ttft_s"] for r in ok(run) if r["ttft_s"] is not None], out / "ttft_cdf.png",
-             "Time to first token")
-    plot_cdf(runs, lambda run: [r["e2e_s"] for r in ok(run)], out / "e2e_cdf.png", "End-to-end latency")
-    plot_cdf(runs, lambda run: [x for r in ok(run) for x in r["itl_s"]], out / "itl_cdf.png",
-             "Inter-token latency (gaps between content chunks)", "fraction of gaps")
+    plot_cdf(
+        runs,
+        lambda run: [r["ttft_s"] for r in ok(run) if r["ttft_s"] is not None],
+        out / "ttft_cdf.png",
+        "Time to first token",
+    )
+    plot_cdf(
+        runs, lambda run: [r["e2e_s"] for r in ok(run)], out / "e2e_cdf.png", "End-to-end latency"
+    )
+    plot_cdf(
+        runs,
+        lambda run: [x for r in ok(run) for x in r["itl_s"]],
+        out / "itl_cdf.png",
+        "Inter-token latency (gaps between content chunks)",
+        "fraction of gaps",
+    )
     (out / "report.md").write_text(report_markdown(results))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     srv = ap.add_argument_group("servers")
-    srv.add_argument("--target", action="append", default=[], metavar="NAME=URL",
-                     help="a running server by base URL, e.g. plm-serve=http://127.0.0.1:8000 (repeatable; "
-                          "default: none)")
-    srv.add_argument("--launch", action="append", default=[], choices=["plm-serve", "hf-baseline"],
-                     help="start this server on --model, benchmark it, stop it; repeatable, run in the order "
-                          "given, after the --target servers (default: none)")
-    srv.add_argument("--model", default=None, help="checkpoint directory for --launch (default: none)")
-    srv.add_argument("--device", default="cpu",
-                     help="device of the launched servers: cpu, or cuda (bf16 on both) (default: %(default)s)")
-    srv.add_argument("--served-model-name", default="plm-bench",
-                     help="model name the launched servers serve (default: %(default)s)")
-    srv.add_argument("--model-name", default=None,
-                     help="model name to send; default: the first id of the target's /v1/models")
-    srv.add_argument("--plm-serve-args", default="",
-                     help="extra command-line arguments for a launched plm-serve, as one string "
-                          "(default: none)")
-    srv.add_argument("--baseline", default="hf-baseline",
-                     help="target name the speedups are measured against (default: %(default)s)")
-    srv.add_argument("--startup-timeout", type=float, default=600, help="seconds a launched server may take to "
-                     "become ready (default: %(default)s)")
+    srv.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a running server by base URL, e.g. plm-serve=http://127.0.0.1:8000 (repeatable; "
+        "default: none)",
+    )
+    srv.add_argument(
+        "--launch",
+        action="append",
+        default=[],
+        choices=["plm-serve", "hf-baseline"],
+        help="start this server on --model, benchmark it, stop it; repeatable, run in the order "
+        "given, after the --target servers (default: none)",
+    )
+    srv.add_argument(
+        "--model", default=None, help="checkpoint directory for --launch (default: none)"
+    )
+    srv.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the launched servers: cpu, or cuda (bf16 on both) (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        default="plm-bench",
+        help="model name the launched servers serve (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--model-name",
+        default=None,
+        help="model name to send; default: the first id of the target's /v1/models",
+    )
+    srv.add_argument(
+        "--plm-serve-args",
+        default="",
+        help="extra command-line arguments for a launched plm-serve, as one string (default: none)",
+    )
+    srv.add_argument(
+        "--baseline",
+        default="hf-baseline",
+        help="target name the speedups are measured against (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600,
+        help="seconds a launched server may take to become ready (default: %(default)s)",
+    )
     wl = ap.add_argument_group("workload")
-    wl.add_argument("--num-prompts", type=int, default=32, help="requests per load level (default: %(default)s)")
-    wl.add_argument("--mix", default="text=1,image=2,video=1",
-                    help="relative weights of text, image and video chats (default: %(default)s)")
-    wl.add_argument("--image-detail", choices=["low", "high", "auto"], default="low",
-                    help="image_url.detail: low = one 448-px thumbnail (256 tokens), high/auto = up to 36 "
-                         "tiles + thumbnail (default: %(default)s)")
-    wl.add_argument("--num-frames", type=int, default=8,
-                    help="video_url.num_frames: frames the server samples per video, 256 tokens each "
-                         "(default: %(default)s)")
-    wl.add_argument("--video-frames", type=int, default=16,
-                    help=f"frames in each synthetic {VIDEO_SIZE[0]}x{VIDEO_SIZE[1]} {VIDEO_FPS}-fps clip "
-                         "(default: %(default)s)")
-    wl.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default: %(default)s)")
-    wl.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                    help="let requests stop at end-of-sequence (default: ignore_eos, fixed output length)")
-    wl.add_argument("--repeat-media-ratio", type=float, default=0.25,
-                    help="chance that an image/video chat reuses an earlier item of its level with a new "
-                         "question (default: %(default)s)")
+    wl.add_argument(
+        "--num-prompts", type=int, default=32, help="requests per load level (default: %(default)s)"
+    )
+    wl.add_argument(
+        "--mix",
+        default="text=1,image=2,video=1",
+        help="relative weights of text, image and video chats (default: %(default)s)",
+    )
+    wl.add_argument(
+        "--image-detail",
+        choices=["low", "high", "auto"],
+        default="low",
+        help="image_url.detail: low = one 448-px thumbnail (256 tokens), high/auto = up to 36 "
+        "tiles + thumbnail (default: %(default)s)",
+    )
+    wl.add_argument(
+        "--num-frames",
+        type=int,
+        default=8,
+        help="video_url.num_frames: frames the server samples per video, 256 tokens each "
+        "(default: %(default)s)",
+    )
+    wl.add_argument(
+        "--video-frames",
+        type=int,
+        default=16,
+        help=f"frames in each synthetic {VIDEO_SIZE[0]}x{VIDEO_SIZE[1]} {VIDEO_FPS}-fps clip "
+        "(default: %(default)s)",
+    )
+    wl.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        help="output tokens per request (default: %(default)s)",
+    )
+    wl.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let requests stop at end-of-sequence (default: ignore_eos, fixed output length)",
+    )
+    wl.add_argument(
+        "--repeat-media-ratio",
+        type=float,
+        default=0.25,
+        help="chance that an image/video chat reuses an earlier item of its level with a new "
+        "question (default: %(default)s)",
+    )
     wl.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
     load = ap.add_argument_group("load")
-    load.add_argument("--concurrency", type=parse_levels, default=[1, 4, 8],
-                      help="comma-separated concurrency limits, one run each; 0 = no limit (default: 1,4,8)")
-    load.add_argument("--baseline-concurrency", type=parse_levels, default=None,
-                      help="levels for the --baseline target instead of --concurrency (default: the same)")
-    load.add_argument("--request-rate", type=parse_rates, default=[math.inf],
-                      help="comma-separated request rates (req/s, Poisson arrivals), one run each with every "
-                           "concurrency; inf = all at once (default: inf)")
-    load.add_argument("--warmup", type=int, default=2,
-                      help="unmeasured requests (own media) sent one by one before a target's runs "
-                           "(default: %(default)s)")
-    load.add_argument("--request-timeout", type=float, default=900, help="seconds per request (default: "
-                      "%(default)s)")
+    load.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=[1, 4, 8],
+        help="comma-separated concurrency limits, one run each; 0 = no limit (default: 1,4,8)",
+    )
+    load.add_argument(
+        "--baseline-concurrency",
+        type=parse_levels,
+        default=None,
+        help="levels for the --baseline target instead of --concurrency (default: the same)",
+    )
+    load.add_argument(
+        "--request-rate",
+        type=parse_rates,
+        default=[math.inf],
+        help="comma-separated request rates (req/s, Poisson arrivals), one run each with every "
+        "concurrency; inf = all at once (default: inf)",
+    )
+    load.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured requests (own media) sent one by one before a target's runs "
+        "(default: %(default)s)",
+    )
+    load.add_argument(
+        "--request-timeout",
+        type=float,
+        default=900,
+        help="seconds per request (default: %(default)s)",
+    )
     outg = ap.add_argument_group("output")
-    outg.add_argument("--out", default="serve-bench-out",
-                      help="directory for results.json, report.md, plots and server logs (default: %(default)s)")
-    outg.add_argument("--note", action="append", default=[],
-                      help="a line for the report's notes, e.g. about the hardware (repeatable; default: none)")
-    outg.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on stderr)")
-    outg.add_argument("--replot", metavar="DIR", default=None,
-                      help="only rewrite report.md and the plots from DIR/results.json (default: off)")
+    outg.add_argument(
+        "--out",
+        default="serve-bench-out",
+        help="directory for results.json, report.md, plots and server logs (default: %(default)s)",
+    )
+    outg.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the report's notes, e.g. about the hardware (repeatable; default: none)",
+    )
+    outg.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: bars on stderr)"
+    )
+    outg.add_argument(
+        "--replot",
+        metavar="DIR",
+        default=None,
+        help="only rewrite report.md and the plots from DIR/results.json (default: off)",
+    )
     return ap
 
 
@@ -844,23 +1162,41 @@ def main(argv: list[str] | None = None) -> int:
         mix = parse_mix(args.mix)
     except ValueError as e:
         ap.error(str(e))
-    cfg = WorkloadConfig(args.num_prompts, mix, args.image_detail, args.num_frames, args.video_frames,
-                         args.max_tokens, args.repeat_media_ratio, args.ignore_eos, args.seed)
+    cfg = WorkloadConfig(
+        args.num_prompts,
+        mix,
+        args.image_detail,
+        args.num_frames,
+        args.video_frames,
+        args.max_tokens,
+        args.repeat_media_ratio,
+        args.ignore_eos,
+        args.seed,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     argv_used = sys.argv[1:] if argv is None else argv
     python = Path(sys.executable)
     python = python.relative_to(REPO) if python.is_relative_to(REPO) else python.name
-    results = {"command": shlex.join([str(python), "benchmarks/serve_bench.py", *argv_used]),
-               "environment": environment(), "workload": asdict(cfg), "baseline": args.baseline,
-               "notes": args.note, "servers": {}, "runs": []}
+    results = {
+        "command": shlex.join([str(python), "benchmarks/serve_bench.py", *argv_used]),
+        "environment": environment(),
+        "workload": asdict(cfg),
+        "baseline": args.baseline,
+        "notes": args.note,
+        "servers": {},
+        "runs": [],
+    }
     workloads: dict[str, list[BenchRequest]] = {}
     for target in targets:
         bench_target(target, args, cfg, workloads, results, out)
     write_json(results, out / "results.json")
     write_report(results, out)
     failed = sum(r["summary"]["failed"] for r in results["runs"])
-    print(f"wrote {out / 'results.json'} and {out / 'report.md'}; {failed} failed requests", file=sys.stderr)
+    print(
+        f"wrote {out / 'results.json'} and {out / 'report.md'}; {failed} failed requests",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 

@@ -1,7 +1,7 @@
 """`python -m plm_core`: one chat with the offline engine, printed to the terminal.
 
-    python -m plm_core --image photo.jpg --prompt "Describe the image."
-    python -m plm_core --demo --video clip.mp4 --prompt "What happens?"   # offline random checkpoint
+python -m plm_core --image photo.jpg --prompt "Describe the image."
+python -m plm_core --demo --video clip.mp4 --prompt "What happens?"   # offline random checkpoint
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def demo_checkpoint(preset: str = "tiny") -> Path:
 
     path = demo_dir() / f"demo-{preset}"
     if not (path / "config.json").exists():
-        print(f"building the offline demo checkpoint ({preset}, random weights) in {path} ...", file=sys.stderr)
+        print(
+            f"building the offline demo checkpoint ({preset}, random weights) in {path} ...",
+            file=sys.stderr,
+        )
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         write_checkpoint(preset, tmp, overwrite=True)
         try:
@@ -57,40 +60,73 @@ def _demo_image():
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plm_core", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="facebook/Perception-LM-1B", help="hub id or local checkpoint directory")
+    p = argparse.ArgumentParser(
+        prog="python -m plm_core",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="facebook/Perception-LM-1B", help="hub id or local checkpoint directory"
+    )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--demo", nargs="?", const="tiny", default=None, metavar="PRESET",
-                   help="use an offline random-weight demo checkpoint (tiny or bench) instead of --model")
+    p.add_argument(
+        "--demo",
+        nargs="?",
+        const="tiny",
+        default=None,
+        metavar="PRESET",
+        help="use an offline random-weight demo checkpoint (tiny or bench) instead of --model",
+    )
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
     p.add_argument("--prompt", default="Describe the image in detail.", help="the user's question")
-    p.add_argument("--system", default=None, help="system prompt (default: the checkpoint's template default)")
+    p.add_argument(
+        "--system", default=None, help="system prompt (default: the checkpoint's template default)"
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-num-tiles", type=int, default=None, help="tile budget per image (checkpoint default: 36)")
-    p.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default 32)")
+    p.add_argument(
+        "--max-num-tiles",
+        type=int,
+        default=None,
+        help="tile budget per image (checkpoint default: 36)",
+    )
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="frames sampled per video (default 32)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     from plm_core import LLM, MediaOptions, SamplingParams
 
     try:
         return _chat(args, LLM, MediaOptions, SamplingParams)
-    except ValueError as e:  # ConfigError, CheckpointError, PromptError, MediaError: the user's to fix
+    except (
+        ValueError
+    ) as e:  # ConfigError, CheckpointError, PromptError, MediaError: the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
 def _chat(args, LLM, MediaOptions, SamplingParams) -> int:
     model = str(demo_checkpoint(args.demo)) if args.demo else args.model
-    llm = LLM(model, revision=None if args.demo else args.revision, device=args.device, dtype=args.dtype,
-              max_num_tiles=args.max_num_tiles)
+    llm = LLM(
+        model,
+        revision=None if args.demo else args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_tiles=args.max_num_tiles,
+    )
     parts: list[dict] = []
     for url in args.image:
         parts.append({"type": "image_url", "image_url": {"url": url}})
@@ -99,13 +135,20 @@ def _chat(args, LLM, MediaOptions, SamplingParams) -> int:
     if not args.image and not args.video:
         parts.append({"type": "image", "image": _demo_image()})
     parts.append({"type": "text", "text": args.prompt})
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": parts}]
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": parts}
+    ]
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens
+    )
     out = llm.chat(messages, params, media_options=MediaOptions(num_frames=args.num_frames))[0]
     m = out.metrics
     print(out.text)
-    print(f"\n[{m['prompt_tokens']} prompt tokens, {m['completion_tokens']} generated, finish_reason={out.finish_reason}, "
-          f"first token {m['ttft_s']:.2f}s, total {m['e2e_s']:.2f}s]", file=sys.stderr)
+    print(
+        f"\n[{m['prompt_tokens']} prompt tokens, {m['completion_tokens']} generated, finish_reason={out.finish_reason}, "
+        f"first token {m['ttft_s']:.2f}s, total {m['e2e_s']:.2f}s]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -116,10 +116,19 @@ def _text_config(d: dict) -> TextConfig:
         if kind == "default":
             scaling = None
         elif kind != "llama3":
-            raise ConfigError(f"unsupported rope scaling type {kind!r} (PerceptionLM uses llama3 or none)")
+            raise ConfigError(
+                f"unsupported rope scaling type {kind!r} (PerceptionLM uses llama3 or none)"
+            )
         else:
-            scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")}
+            scaling = {
+                k: scaling[k]
+                for k in (
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                )
+            }
     return TextConfig(
         hidden_size=hidden,
         intermediate_size=int(d["intermediate_size"]),
@@ -149,8 +158,10 @@ def _chat_template(path: Path, tokenizer_config: dict, processor_config: dict) -
         template = source.get("chat_template")
         if isinstance(template, str):
             return template
-    raise ConfigError(f"no chat template in {path} (looked for chat_template.jinja, chat_template.json, "
-                      "processor_config.json and tokenizer_config.json)")
+    raise ConfigError(
+        f"no chat template in {path} (looked for chat_template.jinja, chat_template.json, "
+        "processor_config.json and tokenizer_config.json)"
+    )
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -159,11 +170,15 @@ def load_model_config(path: str | Path) -> ModelConfig:
     try:
         cfg = _read_json(path / "config.json")
     except FileNotFoundError:
-        raise ConfigError(f"{path} has no config.json: not a Hugging Face checkpoint directory") from None
+        raise ConfigError(
+            f"{path} has no config.json: not a Hugging Face checkpoint directory"
+        ) from None
     model_type = cfg.get("model_type")
     if model_type != "perception_lm":
-        raise ConfigError(f"{path} holds a {model_type!r} model; plm-serve serves PerceptionLM "
-                          "(model_type 'perception_lm') checkpoints only")
+        raise ConfigError(
+            f"{path} holds a {model_type!r} model; plm-serve serves PerceptionLM "
+            "(model_type 'perception_lm') checkpoints only"
+        )
     for key in ("text_config", "vision_config"):
         if not isinstance(cfg.get(key), dict):
             raise ConfigError(f"config.json in {path} lacks {key}")
@@ -172,8 +187,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
     vcfg = cfg["vision_config"]
     model_args = dict(vcfg.get("model_args") or {})
     proc_cfg = _optional_json(path / "processor_config.json")
-    image_cfg = _optional_json(path / "preprocessor_config.json") or proc_cfg.get("image_processor", {})
-    video_cfg = _optional_json(path / "video_preprocessor_config.json") or proc_cfg.get("video_processor", {})
+    image_cfg = _optional_json(path / "preprocessor_config.json") or proc_cfg.get(
+        "image_processor", {}
+    )
+    video_cfg = _optional_json(path / "video_preprocessor_config.json") or proc_cfg.get(
+        "video_processor", {}
+    )
     if not image_cfg:
         raise ConfigError(f"{path} has no image processor configuration (preprocessor_config.json)")
     patch_size = int(proc_cfg.get("patch_size") or 14)
@@ -204,7 +223,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
     eos = gen_cfg.get("eos_token_id", cfg["text_config"].get("eos_token_id", [128001, 128009]))
     eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     bos = gen_cfg.get("bos_token_id", cfg["text_config"].get("bos_token_id", 128000))
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or cfg["text_config"].get("dtype") or "float32"
+    dtype = (
+        cfg.get("dtype") or cfg.get("torch_dtype") or cfg["text_config"].get("dtype") or "float32"
+    )
     return ModelConfig(
         path=path,
         text=text,
@@ -241,11 +262,19 @@ class EngineConfig:
     download_dir: str | None = None  # hub cache directory (default: huggingface_hub's)
     # scheduling and caches
     block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU; on GPU what gpu_memory_utilization leaves
-    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV cache
+    kv_cache_memory_gb: float | None = (
+        None  # default: 2 GiB on CPU; on GPU what gpu_memory_utilization leaves
+    )
+    gpu_memory_utilization: float = (
+        0.9  # share of the GPU's memory for weights + activations + KV cache
+    )
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens per step: prefill chunks + decode tokens
     enable_prefix_caching: bool = True
-    encoder_cache_tokens: int | None = None  # vision-encoder cache budget in LM tokens (default 65536)
-    max_encoder_tiles_per_step: int = 64  # tiles/frames encoded per step; larger items span several steps
+    encoder_cache_tokens: int | None = (
+        None  # vision-encoder cache budget in LM tokens (default 65536)
+    )
+    max_encoder_tiles_per_step: int = (
+        64  # tiles/frames encoded per step; larger items span several steps
+    )
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (opt-in until measured on a GPU)

@@ -41,7 +41,9 @@ class ProcessedPrompt:
 
     prompt_token_ids: list[int]
     media: list[MediaItem]
-    prompt_text: str  # the rendered template, media placeholders unexpanded (for logs and debugging)
+    prompt_text: (
+        str  # the rendered template, media placeholders unexpanded (for logs and debugging)
+    )
 
     @property
     def num_media_tokens(self) -> int:

@@ -32,7 +32,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos, stop token or stop string) or "length" (max_tokens or context full)
+    finish_reason: (
+        str  # "stop" (eos, stop token or stop string) or "length" (max_tokens or context full)
+    )
     stop_reason: int | str | None = None
     logprobs: list[Logprobs] | None = None
 
@@ -60,7 +62,9 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-def pick_device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+def pick_device_and_dtype(
+    device: str = "auto", dtype: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
     """cuda when available (bf16) else cpu (fp32, since bf16 matmuls are slow on CPUs), unless asked."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,8 +74,14 @@ def pick_device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[to
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if dtype not in names:
             raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         dt = names[dtype]
@@ -99,33 +109,59 @@ class LLM:
     kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...).
     """
 
-    def __init__(self, model: str = EngineConfig.model, *, limits: MediaLimits | None = None, **engine_kwargs):
+    def __init__(
+        self, model: str = EngineConfig.model, *, limits: MediaLimits | None = None, **engine_kwargs
+    ):
         self.engine_config = EngineConfig(model=model, **engine_kwargs)
         ec = self.engine_config
         t0 = time.perf_counter()
         path = resolve_checkpoint(model, revision=ec.revision, cache_dir=ec.download_dir)
         self.model_config = load_model_config(path)
         self.device, self.dtype = pick_device_and_dtype(ec.device, ec.dtype)
-        self.max_model_len = min(ec.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
-        self.tokenizer = PLMTokenizer(path, self.model_config.chat_template,
-                                      bos_token_id=self.model_config.bos_token_id,
-                                      eos_token_ids=self.model_config.eos_token_ids)
+        self.max_model_len = min(
+            ec.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len
+        )
+        self.tokenizer = PLMTokenizer(
+            path,
+            self.model_config.chat_template,
+            bos_token_id=self.model_config.bos_token_id,
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
         limits = limits or MediaLimits(max_video_frames=ec.max_num_frames)
-        self.processor = PLMProcessor(self.model_config, self.tokenizer, max_num_tiles=ec.max_num_tiles,
-                                      default_num_frames=ec.default_num_frames, limits=limits)
-        self.engine = EngineCore(self.model_config, self.tokenizer, ec, device=self.device, dtype=self.dtype,
-                                 max_model_len=self.max_model_len)
+        self.processor = PLMProcessor(
+            self.model_config,
+            self.tokenizer,
+            max_num_tiles=ec.max_num_tiles,
+            default_num_frames=ec.default_num_frames,
+            limits=limits,
+        )
+        self.engine = EngineCore(
+            self.model_config,
+            self.tokenizer,
+            ec,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+        )
         self._ids = count()
-        log.info("loaded %s on %s (%s) in %.1fs", path, self.device, self.dtype, time.perf_counter() - t0)
+        log.info(
+            "loaded %s on %s (%s) in %.1fs", path, self.device, self.dtype, time.perf_counter() - t0
+        )
 
     @property
     def model(self):
         return self.engine.runner.model
 
     # -- public API ---------------------------------------------------------------------------------
-    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             media_options: MediaOptions | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        media_options: MediaOptions | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
         """Generates for one conversation (a list of messages) or a list of conversations, batched.
 
         `continue_final_message=True, add_generation_prompt=False` continues the final assistant message."""
@@ -136,18 +172,37 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(conversations)
-        prompts = [self.process(conv, media_options, add_generation_prompt=add_generation_prompt,
-                                continue_final_message=continue_final_message) for conv in conversations]
+        prompts = [
+            self.process(
+                conv,
+                media_options,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            for conv in conversations
+        ]
         return self.generate_prompts(prompts, params)
 
-    def process(self, messages: list[dict], media_options: MediaOptions | None = None, *,
-                add_generation_prompt: bool = True, continue_final_message: bool = False) -> ProcessedPrompt:
+    def process(
+        self,
+        messages: list[dict],
+        media_options: MediaOptions | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> ProcessedPrompt:
         """The prompt token ids and preprocessed media of one conversation (no generation)."""
-        return self.processor.process(messages, media_options, max_prompt_len=self.max_model_len - 1,
-                                      add_generation_prompt=add_generation_prompt,
-                                      continue_final_message=continue_final_message)
+        return self.processor.process(
+            messages,
+            media_options,
+            max_prompt_len=self.max_model_len - 1,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
 
-    def generate_prompts(self, prompts: list[ProcessedPrompt], params: list[SamplingParams]) -> list[RequestOutput]:
+    def generate_prompts(
+        self, prompts: list[ProcessedPrompt], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
         """Runs already-processed prompts through the engine together; returns outputs in order."""
         t0 = time.perf_counter()
         results: list[RequestOutput] = []
@@ -162,7 +217,9 @@ class LLM:
                     lps = [] if p.logprobs is not None else None
                     out.outputs.append(CompletionOutput(i, "", [], "", logprobs=lps))
                     child = f"{rid}#{i}"
-                    self.engine.add_request(child, prompt, choice_params(p, i), prefix_parent=f"{rid}#0" if i else None)
+                    self.engine.add_request(
+                        child, prompt, choice_params(p, i), prefix_parent=f"{rid}#0" if i else None
+                    )
                     by_id[child] = (out, i)
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
@@ -177,11 +234,16 @@ class LLM:
                     if delta.finished:
                         c.finish_reason, c.stop_reason = delta.finish_reason, delta.stop_reason
                         out.metrics["e2e_s"] = time.perf_counter() - t0
-        except BaseException:  # a rejected request (e.g. a prompt too long), an error or Ctrl-C: leave none queued
+        except (
+            BaseException
+        ):  # a rejected request (e.g. a prompt too long), an error or Ctrl-C: leave none queued
             for child in by_id:
                 self.engine.abort(child)
             raise
         for out in results:
-            out.metrics.update(prompt_tokens=len(out.prompt_token_ids), ttft_s=first_token.get(out.request_id),
-                               completion_tokens=sum(len(c.token_ids) for c in out.outputs))
+            out.metrics.update(
+                prompt_tokens=len(out.prompt_token_ids),
+                ttft_s=first_token.get(out.request_id),
+                completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+            )
         return results

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts logit_bias values in [-100, 100] and rejects the rest
-SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts (it reads seeds modulo 2**64)
+SEED_MIN, SEED_MAX = (
+    -(2**63),
+    2**64 - 1,
+)  # what torch.Generator.manual_seed accepts (it reads seeds modulo 2**64)
 _GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
 
 
@@ -46,8 +49,10 @@ class StructuredOutput:
         kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
         kinds += ["json_object"] if self.json_object else []
         if len(kinds) != 1:
-            raise ValueError(f"structured output needs exactly one of json, json_object, regex, choice and "
-                             f"grammar; got {kinds or 'none'}")
+            raise ValueError(
+                f"structured output needs exactly one of json, json_object, regex, choice and "
+                f"grammar; got {kinds or 'none'}"
+            )
         if self.json is not None:
             text = self.json if isinstance(self.json, str) else None
             try:
@@ -72,7 +77,9 @@ class StructuredOutput:
     def kind(self) -> str:
         if self.json_object:
             return "json_object"
-        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+        return next(
+            k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None
+        )
 
 
 @dataclass
@@ -94,17 +101,34 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
-    repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt + output tokens
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit; values in [-100, 100]
+    repetition_penalty: float = (
+        1.0  # divides (or multiplies, if negative) logits of prompt + output tokens
+    )
+    logit_bias: dict[int, float] | None = (
+        None  # token id -> added to its logit; values in [-100, 100]
+    )
     stop: list[str] | str | None = None  # stop strings; normalised to a list
-    include_stop_str_in_output: bool = False  # keep the stop string (or stop/eos token's text) in the text
+    include_stop_str_in_output: bool = (
+        False  # keep the stop string (or stop/eos token's text) in the text
+    )
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k (0..20)
     skip_special_tokens: bool = True
-    min_tokens: int = 0  # eos, stop tokens and stop strings do not end the output before this many tokens
-    structured_output: StructuredOutput | None = None  # constrain the text to a JSON schema, regex, ...
+    min_tokens: int = (
+        0  # eos, stop tokens and stop strings do not end the output before this many tokens
+    )
+    structured_output: StructuredOutput | None = (
+        None  # constrain the text to a JSON schema, regex, ...
+    )
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             setattr(self, name, _finite(name, getattr(self, name)))
         for name in ("top_k", "max_tokens", "n", "min_tokens"):
             setattr(self, name, _integer(name, getattr(self, name)))
@@ -133,7 +157,9 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
         if self.seed is not None:
             self.seed = _integer("seed", self.seed)
             if not SEED_MIN <= self.seed <= SEED_MAX:
@@ -152,8 +178,12 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
 
-        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
-            raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutput
+        ):
+            raise ValueError(
+                f"structured_output must be a StructuredOutput, got {self.structured_output!r}"
+            )
 
         if self.logit_bias is not None:
             bias = {}
@@ -163,10 +193,14 @@ class SamplingParams:
                 except (TypeError, ValueError):
                     raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
                 if token_id < 0:
-                    raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id}")
+                    raise ValueError(
+                        f"logit_bias keys must be non-negative token ids, got {token_id}"
+                    )
                 value = _finite(f"logit_bias[{token_id}]", value)
                 if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token_id}")
+                    raise ValueError(
+                        f"logit_bias values must be in [-100, 100], got {value} for token {token_id}"
+                    )
                 bias[token_id] = value
             self.logit_bias = bias
 

@@ -28,7 +28,11 @@ class InvalidTextError(ValueError):
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table from each byte to the printable character that byte-level BPE vocabularies spell it with."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -40,7 +44,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _CHAR_OF_BYTE = bytes_to_unicode()
-_BYTE_OF_CHAR = {c: b for b, c in _CHAR_OF_BYTE.items()}  # the inverse: vocabulary character -> byte
+_BYTE_OF_CHAR = {
+    c: b for b, c in _CHAR_OF_BYTE.items()
+}  # the inverse: vocabulary character -> byte
 
 
 def _raise(message: str):
@@ -48,13 +54,22 @@ def _raise(message: str):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 class PLMTokenizer:
     """Wraps the checkpoint's `tokenizer.json` and chat template."""
 
-    def __init__(self, path: str | Path, chat_template: str, *, bos_token_id: int, eos_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        path: str | Path,
+        chat_template: str,
+        *,
+        bos_token_id: int,
+        eos_token_ids: tuple[int, ...],
+    ):
         path = Path(path)
         try:
             self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -63,7 +78,9 @@ class PLMTokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(eos_token_ids)
         self.bos_token = self._tok.id_to_token(bos_token_id)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -71,8 +88,12 @@ class PLMTokenizer:
             self._template = env.from_string(chat_template)
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"the checkpoint's chat template does not parse: {e}") from e
-        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}  # id -> text
-        self._token_bytes: dict[int, bytes] = {}  # cache of token_bytes(); filled as tokens are asked for
+        self._added = {
+            i: t.content for i, t in self._tok.get_added_tokens_decoder().items()
+        }  # id -> text
+        self._token_bytes: dict[
+            int, bytes
+        ] = {}  # cache of token_bytes(); filled as tokens are asked for
 
     @cached_property
     def vocab_size(self) -> int:
@@ -91,8 +112,12 @@ class PLMTokenizer:
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """Renders template-ready messages (content as a list of {"type": ...} parts) to text."""
         eos = self._tok.id_to_token(self.eos_token_ids[-1]) if self.eos_token_ids else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=eos)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=eos,
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without special tokens added; InvalidTextError (a ValueError) for invalid Unicode."""
@@ -100,8 +125,10 @@ class PLMTokenizer:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise InvalidTextError(f"the text contains a lone surrogate ({text[e.start]!r} at character "
-                                       f"{e.start}), which is not valid Unicode") from None
+                raise InvalidTextError(
+                    f"the text contains a lone surrogate ({text[e.start]!r} at character "
+                    f"{e.start}), which is not valid Unicode"
+                ) from None
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
@@ -114,7 +141,10 @@ class PLMTokenizer:
         if None in ids.values():
             return False
         # and its decoder must read it that way: "Ġ" is a space, "Ã" + "©" is "é"
-        space, e_acute = [ids[_CHAR_OF_BYTE[b]] for b in b" "], [ids[_CHAR_OF_BYTE[b]] for b in "é".encode()]
+        space, e_acute = (
+            [ids[_CHAR_OF_BYTE[b]] for b in b" "],
+            [ids[_CHAR_OF_BYTE[b]] for b in "é".encode()],
+        )
         return self._tok.decode(space) == " " and self._tok.decode(e_acute) == "é"
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -141,6 +171,8 @@ class PLMTokenizer:
         if self.is_byte_level:
             try:
                 return bytes(_BYTE_OF_CHAR[c] for c in token)
-            except KeyError:  # not spelled in the byte alphabet: the decoder, too, takes such a token as it is
+            except (
+                KeyError
+            ):  # not spelled in the byte alphabet: the decoder, too, takes such a token as it is
                 return token.encode()
         return self._tok.decode([token_id], skip_special_tokens=False).encode()

@@ -29,8 +29,14 @@ from plm_core.media.errors import MediaError
 from plm_core.processor import ContextLengthError, PromptError
 from server.media_fetch import MediaFetcher
 from server.metrics import Metrics
-from server.protocol import (APIError, ChatCompletionRequest, completion_id, logprobs_content, now,
-                             to_engine_inputs)
+from server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    completion_id,
+    logprobs_content,
+    now,
+    to_engine_inputs,
+)
 
 log = logging.getLogger("plm_serve")
 STARTED = int(time.time())  # the model cards' `created`
@@ -55,20 +61,29 @@ class ServerState:
     llm: LLM | None = None
     engine: AsyncEngine | None = None
     api_key: str | None = None  # Bearer token required on every route but /health, /ready, /metrics
-    max_pending: int = 256  # chat requests admitted at once (preprocessing, waiting or running); then 429
+    max_pending: int = (
+        256  # chat requests admitted at once (preprocessing, waiting or running); then 429
+    )
     max_body_bytes: int = 64 << 20  # larger request bodies get 413 before they are parsed
     max_media_items: int = 8  # images + videos per request, checked before any fetch or decode
-    body_timeout_s: float = 30.0  # a request body not received within this gets 408 (no slot held meanwhile)
-    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API ("*" for any)
+    body_timeout_s: float = (
+        30.0  # a request body not received within this gets 408 (no slot held meanwhile)
+    )
+    allowed_origins: tuple[
+        str, ...
+    ] = ()  # CORS: browser origins allowed to call the API ("*" for any)
     receiving_bytes: int = 0  # bytes of request bodies being received right now (not yet parsed)
-    max_receiving_bytes: int | None = None  # cap on receiving_bytes; default max(1 GiB, 2 x max_body_bytes)
+    max_receiving_bytes: int | None = (
+        None  # cap on receiving_bytes; default max(1 GiB, 2 x max_body_bytes)
+    )
     pending: int = 0
     draining: bool = False
     metrics: Metrics | None = None
     fetcher: MediaFetcher | None = None  # http(s) media; default: SSRF guard on, 32 MiB per item
     # output constraints compile here, apart from media preprocessing, so slow ones delay only each other
     grammar_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="plm-grammar"))
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="plm-grammar")
+    )
 
     @property
     def receiving_budget(self) -> int:
@@ -124,8 +139,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(_APIKeyMiddleware, state=state)
     if state.allowed_origins:  # added last, so it runs first: preflights need no API key
-        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            max_age=600,
+        )
 
     @app.get("/health")
     async def health():
@@ -133,19 +153,31 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get("/ready")
     async def ready():
         if not state.ready:
-            return JSONResponse({"status": "unavailable", "reason": state.not_ready_reason}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "reason": state.not_ready_reason}, status_code=503
+            )
         return {"status": "ready"}
 
-    for path, route in (("/health", health), ("/ready", ready)):  # HEAD too, as load balancers may probe with it
+    for path, route in (
+        ("/health", health),
+        ("/ready", ready),
+    ):  # HEAD too, as load balancers may probe with it
         app.add_api_route(path, route, methods=["HEAD"], include_in_schema=False)
 
     def model_card() -> dict:
-        card = {"id": state.served_model_name, "object": "model", "created": STARTED, "owned_by": "plm-serve"}
+        card = {
+            "id": state.served_model_name,
+            "object": "model",
+            "created": STARTED,
+            "owned_by": "plm-serve",
+        }
         if state.llm is not None:
             card["max_model_len"] = state.llm.max_model_len
         return card
@@ -157,30 +189,49 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != state.served_model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
-                                f"'{state.served_model_name}'", type="not_found_error", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{model_id}' does not exist; this server serves "
+                f"'{state.served_model_name}'",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         if not state.ready:
             state.metrics.rejected.labels("not_ready").inc()
-            raise APIError(503, f"the server is not ready ({state.not_ready_reason})", type="server_error",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                f"the server is not ready ({state.not_ready_reason})",
+                type="server_error",
+                headers={"Retry-After": "5"},
+            )
         if state.pending >= state.max_pending:  # refuse before reading a body when already full
             state.metrics.rejected.labels("capacity").inc()
-            raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
-                           type="rate_limit_error", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is at capacity ({state.max_pending} requests in flight); retry later",
+                type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         try:
             req = await _parse(request, state)
         except APIError:
             state.metrics.rejected.labels("invalid").inc()
             raise
-        if state.pending >= state.max_pending:  # admission once the body is in: a stalled upload holds no slot
+        if (
+            state.pending >= state.max_pending
+        ):  # admission once the body is in: a stalled upload holds no slot
             state.metrics.rejected.labels("capacity").inc()
-            raise APIError(429, f"the server is at capacity ({state.max_pending} requests in flight); retry later",
-                           type="rate_limit_error", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is at capacity ({state.max_pending} requests in flight); retry later",
+                type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         state.pending += 1
         try:
             response = await _chat(state, request, req)
@@ -210,8 +261,13 @@ class _APIKeyMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"")
             token = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, key.encode()):
-                response = _error_response(APIError(401, "invalid or missing API key (send 'Authorization: "
-                                                         "Bearer <key>')", code="invalid_api_key"))
+                response = _error_response(
+                    APIError(
+                        401,
+                        "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                        code="invalid_api_key",
+                    )
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -228,31 +284,53 @@ async def _release_after(stream, state: ServerState):
 async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest):
     """Validates, preprocesses and runs one parsed chat completion (JSON or SSE)."""
     arrival = time.perf_counter()
-    media_items = sum(1 for m in req.messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-                      for p in m["content"] if isinstance(p, dict)
-                      and p.get("type") in ("image_url", "video_url", "image", "video"))
+    media_items = sum(
+        1
+        for m in req.messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") in ("image_url", "video_url", "image", "video")
+    )
     if media_items > state.max_media_items:
-        raise APIError(400, f"the request has {media_items} images/videos; this server accepts at most "
-                            f"{state.max_media_items} per request", param="messages")
+        raise APIError(
+            400,
+            f"the request has {media_items} images/videos; this server accepts at most "
+            f"{state.max_media_items} per request",
+            param="messages",
+        )
     if req.model != state.served_model_name:
-        raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
-                            f"'{state.served_model_name}'", type="not_found_error", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"the model '{req.model}' does not exist; this server serves "
+            f"'{state.served_model_name}'",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
     llm = state.llm
     prompt_len_cap = llm.max_model_len - 1
-    params, media, constraint_field = to_engine_inputs(req, default_max_tokens=llm.max_model_len,
-                                                       vocab_size=llm.model_config.text.vocab_size)
-    if params.structured_output is not None:  # compiled off the event loop; the engine's own compile hits the cache
+    params, media, constraint_field = to_engine_inputs(
+        req, default_max_tokens=llm.max_model_len, vocab_size=llm.model_config.text.vocab_size
+    )
+    if (
+        params.structured_output is not None
+    ):  # compiled off the event loop; the engine's own compile hits the cache
         try:
-            await asyncio.get_running_loop().run_in_executor(state.grammar_pool, llm.engine.grammars.compile,
-                                                             params.structured_output)
+            await asyncio.get_running_loop().run_in_executor(
+                state.grammar_pool, llm.engine.grammars.compile, params.structured_output
+            )
         except ValueError as e:
             raise APIError(400, str(e), param=constraint_field) from None
     try:
         messages = await state.fetcher.fetch_request_media(req.messages)
-        prompt = await asyncio.to_thread(llm.processor.process, messages, media, max_prompt_len=prompt_len_cap,
-                                         add_generation_prompt=req.add_generation_prompt,
-                                         continue_final_message=req.continue_final_message)
+        prompt = await asyncio.to_thread(
+            llm.processor.process,
+            messages,
+            media,
+            max_prompt_len=prompt_len_cap,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
     except (PromptError, MediaError) as e:
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         raise APIError(400, str(e), param=_message_param(str(e)), code=code) from None
@@ -262,17 +340,25 @@ async def _chat(state: ServerState, request: Request, req: ChatCompletionRequest
         params.max_tokens = llm.max_model_len - n_prompt
     elif n_prompt + explicit > llm.max_model_len:
         name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
-                            f"has {n_prompt} tokens and {name} asks for {explicit} more",
-                       param=name, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {llm.max_model_len} tokens; the prompt "
+            f"has {n_prompt} tokens and {name} asks for {explicit} more",
+            param=name,
+            code="context_length_exceeded",
+        )
     rid = completion_id()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, rid, prompt, params, include_usage, arrival),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(state, rid, prompt, params, include_usage, arrival),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     task = asyncio.create_task(_complete(state, rid, prompt, params, arrival))
-    while True:  # a client that goes away aborts its request (and frees its KV) within a poll interval
+    while (
+        True
+    ):  # a client that goes away aborts its request (and frees its KV) within a poll interval
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if done:
             return JSONResponse(task.result())
@@ -294,10 +380,16 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
             state.receiving_bytes += len(chunk)
             if size > limit:
                 raise APIError(413, f"the request body exceeds the {limit}-byte limit")
-            if state.receiving_bytes > state.receiving_budget:  # many large uploads at once, stalled or not
+            if (
+                state.receiving_bytes > state.receiving_budget
+            ):  # many large uploads at once, stalled or not
                 state.metrics.rejected.labels("capacity").inc()
-                raise APIError(429, "the server is receiving too many request bodies at once; retry later",
-                               type="rate_limit_error", headers={"Retry-After": "1"})
+                raise APIError(
+                    429,
+                    "the server is receiving too many request bodies at once; retry later",
+                    type="rate_limit_error",
+                    headers={"Retry-After": "1"},
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(400, "the client disconnected while sending the request body") from None
@@ -309,8 +401,11 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
 def _message_param(message: str) -> str:
     """`param` for a prompt or media error: the spot its message starts with (`messages[1].content[0]`,
     or a request-level field such as `max_num_tiles`), else `messages`."""
-    m = re.match(r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|"
-                 r"(max_num_tiles|num_frames|fps|continue_final_message)\b", message)
+    m = re.match(
+        r"messages\[\d+\](?:\.content(?:\[\d+\])?)?|"
+        r"(max_num_tiles|num_frames|fps|continue_final_message)\b",
+        message,
+    )
     return m.group(0) if m else "messages"
 
 
@@ -344,7 +439,9 @@ async def _parse(request: Request, state: ServerState) -> ChatCompletionRequest:
         body = await asyncio.wait_for(_read_body(request, state), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
-    if len(body) > INLINE_PARSE_BYTES:  # megabytes of JSON would stall every stream on the event loop
+    if (
+        len(body) > INLINE_PARSE_BYTES
+    ):  # megabytes of JSON would stall every stream on the event loop
         return await asyncio.to_thread(_validate_body, body)
     return _validate_body(body)
 
@@ -358,17 +455,24 @@ def _validate_body(body: bytes) -> ChatCompletionRequest:
         raise APIError(400, "the request body must be a JSON object")
     bad = _find_lone_surrogate(data)
     if bad is not None:
-        raise APIError(400, f"{bad} contains a lone surrogate escape, which is not Unicode text", param=bad)
+        raise APIError(
+            400, f"{bad} contains a lone surrogate escape, which is not Unicode text", param=bad
+        )
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = _param_path(err.get("loc", ()))
-        raise APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param) from None
+        raise APIError(
+            400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param
+        ) from None
 
 
 def _choices(state: ServerState, rid: str, prompt, params):
-    return [(i, state.engine.generate(f"{rid}-{i}", prompt, choice_params(params, i))) for i in range(params.n)]
+    return [
+        (i, state.engine.generate(f"{rid}-{i}", prompt, choice_params(params, i)))
+        for i in range(params.n)
+    ]
 
 
 class _Timer:
@@ -405,35 +509,56 @@ async def _complete(state: ServerState, rid: str, prompt, params, arrival: float
         return i, text, ids, lps, finish, cached
 
     try:
-        results = await asyncio.gather(*(run(i, g) for i, g in _choices(state, rid, prompt, params)))
+        results = await asyncio.gather(
+            *(run(i, g) for i, g in _choices(state, rid, prompt, params))
+        )
     except EngineDeadError as e:
         raise APIError(500, f"the engine failed: {e}", type="server_error") from None
     except ValueError as e:  # the engine refused the request before running it
         raise APIError(400, str(e)) from None
     choices = []
     for i, text, ids, lps, finish, _ in results:
-        choice = {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "finish_reason": finish if finish in ("stop", "length") else "stop", "logprobs": None}
+        choice = {
+            "index": i,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "finish_reason": finish if finish in ("stop", "length") else "stop",
+            "logprobs": None,
+        }
         if params.logprobs is not None:
-            choice["logprobs"] = {"content": logprobs_content(lps, state.llm.tokenizer), "refusal": None}
+            choice["logprobs"] = {
+                "content": logprobs_content(lps, state.llm.tokenizer),
+                "refusal": None,
+            }
         choices.append(choice)
     completion = sum(len(r[2]) for r in results)
-    return {"id": rid, "object": "chat.completion", "created": now(), "model": state.served_model_name,
-            "choices": choices, "usage": _usage(prompt, completion, results[0][5])}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": now(),
+        "model": state.served_model_name,
+        "choices": choices,
+        "usage": _usage(prompt, completion, results[0][5]),
+    }
 
 
 def _usage(prompt, completion: int, cached: int) -> dict:
     """OpenAI's usage; `cached_tokens`: the prompt tokens the prefix cache served (of the first choice)."""
     n_prompt = len(prompt.prompt_token_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": completion,
+        "total_tokens": n_prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _stream(state: ServerState, rid: str, prompt, params, include_usage: bool, arrival: float):
+async def _stream(
+    state: ServerState, rid: str, prompt, params, include_usage: bool, arrival: float
+):
     created, model = now(), state.served_model_name
     timers = [_Timer(state.metrics, arrival) for _ in range(params.n)]
     queue: asyncio.Queue = asyncio.Queue()
@@ -448,7 +573,13 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
             await queue.put((i, None))
 
     def chunk(choices, usage=None):
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
         if include_usage:
             body["usage"] = usage
         return _sse(body)
@@ -457,8 +588,16 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
     completion, cached = 0, 0
     try:
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
         open_choices = params.n
         while open_choices:
             i, d = await queue.get()
@@ -474,13 +613,21 @@ async def _stream(state: ServerState, rid: str, prompt, params, include_usage: b
             timers[i].token()
             if d.finished:
                 timers[i].done()
-            choice = {"index": i, "delta": {"content": d.new_text} if d.new_text else {},
-                      "logprobs": None, "finish_reason": None}
+            choice = {
+                "index": i,
+                "delta": {"content": d.new_text} if d.new_text else {},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             if params.logprobs is not None:
-                choice["logprobs"] = {"content": logprobs_content(d.new_logprobs, state.llm.tokenizer),
-                                      "refusal": None}
+                choice["logprobs"] = {
+                    "content": logprobs_content(d.new_logprobs, state.llm.tokenizer),
+                    "refusal": None,
+                }
             if d.finished:
-                choice["finish_reason"] = d.finish_reason if d.finish_reason in ("stop", "length") else "stop"
+                choice["finish_reason"] = (
+                    d.finish_reason if d.finish_reason in ("stop", "length") else "stop"
+                )
             if choice["delta"] or choice["finish_reason"] or params.logprobs is not None:
                 yield chunk([choice])
         if include_usage:

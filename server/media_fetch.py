@@ -25,24 +25,41 @@ def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified or not ip.is_global)
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
 
 
 class MediaFetcher:
     """One per server: the limits and the shared httpx client."""
 
-    def __init__(self, *, max_bytes: int = 32 << 20, timeout_s: float = 10.0, max_redirects: int = 3,
-                 allow_private: bool = False, allowed_domains: list[str] | None = None):
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 32 << 20,
+        timeout_s: float = 10.0,
+        max_redirects: int = 3,
+        allow_private: bool = False,
+        allowed_domains: list[str] | None = None,
+    ):
         self.max_bytes, self.max_redirects = max_bytes, max_redirects
         self.allow_private = allow_private
         self.allowed_domains = [d.lower().lstrip(".") for d in allowed_domains or []]
         # No keep-alive: connections go to vetted IP addresses, and a pooled one must never carry a
         # request for another host name (its TLS certificate was checked for the first one).
-        self.client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                        limits=httpx.Limits(max_keepalive_connections=0),
-                                        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-                                        headers={"Accept-Encoding": "identity", "User-Agent": "plm-serve"})
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            headers={"Accept-Encoding": "identity", "User-Agent": "plm-serve"},
+        )
 
     async def _check(self, url: str) -> str | None:
         """Refuses a URL the guard forbids; returns the vetted address to connect to (None: no pinning)."""
@@ -50,16 +67,22 @@ class MediaFetcher:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise MediaError("media URLs must be http(s) URLs with a host")
         host = parsed.hostname.lower()
-        if self.allowed_domains and not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
+        if self.allowed_domains and not any(
+            host == d or host.endswith("." + d) for d in self.allowed_domains
+        ):
             raise MediaError(f"media host {host} is not in the allowed media domains")
         if self.allow_private:
             return None
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or 443, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, parsed.port or 443, type=socket.SOCK_STREAM
+            )
         except socket.gaierror:
             raise MediaError(f"cannot resolve media host {host}") from None
         if not infos or not all(_is_public(info[4][0]) for info in infos):
-            raise MediaError(f"media host {host} resolves to a private or reserved address; refused")
+            raise MediaError(
+                f"media host {host} resolves to a private or reserved address; refused"
+            )
         return infos[0][4][0]
 
     def _request(self, url: str, address: str | None) -> httpx.Request:
@@ -70,9 +93,12 @@ class MediaFetcher:
         literal = f"[{address}]" if ":" in address else address
         netloc = literal if parsed.port is None else f"{literal}:{parsed.port}"
         host_header = parsed.netloc.rsplit("@", 1)[-1]  # never forward userinfo
-        return self.client.build_request("GET", parsed._replace(netloc=netloc).geturl(),
-                                         headers={"Host": host_header},
-                                         extensions={"sni_hostname": parsed.hostname})
+        return self.client.build_request(
+            "GET",
+            parsed._replace(netloc=netloc).geturl(),
+            headers={"Host": host_header},
+            extensions={"sni_hostname": parsed.hostname},
+        )
 
     async def fetch(self, url: str) -> bytes:
         """The body of `url`, following at most max_redirects redirects, each one re-checked."""
@@ -118,15 +144,23 @@ class MediaFetcher:
         out = []
         for msg in messages:
             if isinstance(msg, dict) and isinstance(msg.get("content"), list):
-                msg = dict(msg, content=[dict(p) if isinstance(p, dict) else p for p in msg["content"]])
+                msg = dict(
+                    msg, content=[dict(p) if isinstance(p, dict) else p for p in msg["content"]]
+                )
                 for part in msg["content"]:
-                    key = {"image_url": "image_url", "video_url": "video_url"}.get(part.get("type")) \
-                        if isinstance(part, dict) else None
+                    key = (
+                        {"image_url": "image_url", "video_url": "video_url"}.get(part.get("type"))
+                        if isinstance(part, dict)
+                        else None
+                    )
                     spec = part.get(key) if key else None
                     if isinstance(spec, str):
                         spec = {"url": spec}
-                    if isinstance(spec, dict) and isinstance(spec.get("url"), str) \
-                            and spec["url"].lower().startswith(("http://", "https://")):
+                    if (
+                        isinstance(spec, dict)
+                        and isinstance(spec.get("url"), str)
+                        and spec["url"].lower().startswith(("http://", "https://"))
+                    ):
                         spec = dict(spec)
                         part[key] = spec
                         jobs.append(self.fetch(spec["url"]))

@@ -6,8 +6,26 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                   40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class _EngineCollector:
@@ -17,28 +35,57 @@ class _EngineCollector:
         self.state = state
 
     def collect(self):
-        yield GaugeMetricFamily("plm:server_ready", "1 when the server takes requests (loaded, not draining, "
-                                "engine alive)", value=float(self.state.ready))
-        yield GaugeMetricFamily("plm:pending_http_requests", "Chat requests admitted by the HTTP layer",
-                                value=self.state.pending)
+        yield GaugeMetricFamily(
+            "plm:server_ready",
+            "1 when the server takes requests (loaded, not draining, engine alive)",
+            value=float(self.state.ready),
+        )
+        yield GaugeMetricFamily(
+            "plm:pending_http_requests",
+            "Chat requests admitted by the HTTP layer",
+            value=self.state.pending,
+        )
         if self.state.engine is None:  # still loading: no engine figures yet
             return
         s = self.state.engine.core.stats
-        yield GaugeMetricFamily("plm:num_requests_running", "Sequences in the running batch", value=s.num_running)
-        yield GaugeMetricFamily("plm:num_requests_waiting", "Sequences waiting to be scheduled", value=s.num_waiting)
-        yield GaugeMetricFamily("plm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use", value=s.kv_usage)
-        yield CounterMetricFamily("plm:prompt_tokens", "Prompt tokens admitted", value=s.prompt_tokens)
-        yield CounterMetricFamily("plm:generation_tokens", "Tokens generated", value=s.generation_tokens)
-        yield CounterMetricFamily("plm:num_preemptions", "Sequences preempted", value=s.num_preemptions)
+        yield GaugeMetricFamily(
+            "plm:num_requests_running", "Sequences in the running batch", value=s.num_running
+        )
+        yield GaugeMetricFamily(
+            "plm:num_requests_waiting", "Sequences waiting to be scheduled", value=s.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "plm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use", value=s.kv_usage
+        )
+        yield CounterMetricFamily(
+            "plm:prompt_tokens", "Prompt tokens admitted", value=s.prompt_tokens
+        )
+        yield CounterMetricFamily(
+            "plm:generation_tokens", "Tokens generated", value=s.generation_tokens
+        )
+        yield CounterMetricFamily(
+            "plm:num_preemptions", "Sequences preempted", value=s.num_preemptions
+        )
         prefix = s.prefix_cache or {}
-        yield CounterMetricFamily("plm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                  value=prefix.get("queries", 0))
-        yield CounterMetricFamily("plm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=prefix.get("hits", 0))
+        yield CounterMetricFamily(
+            "plm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=prefix.get("queries", 0),
+        )
+        yield CounterMetricFamily(
+            "plm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            value=prefix.get("hits", 0),
+        )
         enc = s.encoder_cache or {}
-        yield CounterMetricFamily("plm:encoder_cache_hits", "Media items whose encoder output was cached",
-                                  value=enc.get("hits", 0))
-        yield CounterMetricFamily("plm:encoder_cache_misses", "Media items encoded", value=enc.get("misses", 0))
+        yield CounterMetricFamily(
+            "plm:encoder_cache_hits",
+            "Media items whose encoder output was cached",
+            value=enc.get("hits", 0),
+        )
+        yield CounterMetricFamily(
+            "plm:encoder_cache_misses", "Media items encoded", value=enc.get("misses", 0)
+        )
 
 
 class Metrics:
@@ -47,14 +94,30 @@ class Metrics:
     def __init__(self, state):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(state))
-        self.ttft = Histogram("plm:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
-                              registry=self.registry)
-        self.itl = Histogram("plm:inter_token_latency_seconds", "Time between tokens of a stream",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("plm:e2e_request_latency_seconds", "Request latency, arrival to last token",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.rejected = Counter("plm:request_rejected", "Requests refused before running, by reason", ["reason"],
-                                registry=self.registry)
+        self.ttft = Histogram(
+            "plm:time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "plm:inter_token_latency_seconds",
+            "Time between tokens of a stream",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "plm:e2e_request_latency_seconds",
+            "Request latency, arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "plm:request_rejected",
+            "Requests refused before running, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

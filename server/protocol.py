@@ -20,14 +20,35 @@ from server.structured import ConstraintError, structured_output
 class APIError(Exception):
     """An error the client should see, in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class StreamOptions(BaseModel):
@@ -78,27 +99,43 @@ class ChatCompletionRequest(BaseModel):
     num_frames: int | None = Field(None, ge=1, strict=True)
     fps: float | None = Field(None, gt=0, strict=True)
 
-    @field_validator("stream", "n", "logprobs", "ignore_eos", "min_tokens", "include_stop_str_in_output",
-                     "skip_special_tokens", "add_generation_prompt", "continue_final_message", mode="before")
+    @field_validator(
+        "stream",
+        "n",
+        "logprobs",
+        "ignore_eos",
+        "min_tokens",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+        "add_generation_prompt",
+        "continue_final_message",
+        mode="before",
+    )
     @classmethod
     def _null_is_default(cls, value, info):
         return cls.model_fields[info.field_name].default if value is None else value
 
 
 UNSUPPORTED = {  # request field -> why this server cannot honour it
-    "tools": "PerceptionLM has no tool calling", "tool_choice": "PerceptionLM has no tool calling",
-    "functions": "PerceptionLM has no tool calling", "function_call": "PerceptionLM has no tool calling",
-    "audio": "PerceptionLM has no audio output", "prediction": "predicted outputs are not supported",
+    "tools": "PerceptionLM has no tool calling",
+    "tool_choice": "PerceptionLM has no tool calling",
+    "functions": "PerceptionLM has no tool calling",
+    "function_call": "PerceptionLM has no tool calling",
+    "audio": "PerceptionLM has no audio output",
+    "prediction": "predicted outputs are not supported",
 }
 
 
-def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, vocab_size: int
-                     ) -> tuple[SamplingParams, MediaOptions, str | None]:
+def to_engine_inputs(
+    req: ChatCompletionRequest, *, default_max_tokens: int, vocab_size: int
+) -> tuple[SamplingParams, MediaOptions, str | None]:
     """Validated request -> engine types, and the field its output constraint came from (for errors when
     it is compiled); raises APIError(400) for what the engine cannot honour."""
     extra = req.model_extra or {}
     for name, why in UNSUPPORTED.items():
-        if extra.get(name) not in (None, [], {}) and not (name == "tool_choice" and extra[name] == "none"):
+        if extra.get(name) not in (None, [], {}) and not (
+            name == "tool_choice" and extra[name] == "none"
+        ):
             raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name)
     modalities = extra.get("modalities")
     if modalities not in (None, ["text"]):
@@ -108,16 +145,26 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
     except ConstraintError as e:
         raise APIError(400, str(e), param=e.param) from None
     if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        raise APIError(
+            400, "stream_options is only allowed when stream is true", param="stream_options"
+        )
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         if not key.strip().isdigit() or len(key.strip()) > 12 or int(key) >= vocab_size:
-            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias key {key!r} is not a token id in [0, {vocab_size})",
+                param="logit_bias",
+            )
         if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for {key}", param="logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias values must be in [-100, 100], got {value} for {key}",
+                param="logit_bias",
+            )
         bias[int(key)] = float(value)
     try:
         params = SamplingParams(
@@ -142,8 +189,12 @@ def to_engine_inputs(req: ChatCompletionRequest, *, default_max_tokens: int, voc
             structured_output=constraint,
         )
     except ValueError as e:
-        field = str(e).split(" ", 1)[0]  # SamplingParams names the field first ("min_tokens (5) must be ...")
-        raise APIError(400, str(e), param=field if field in ChatCompletionRequest.model_fields else None) from None
+        field = str(e).split(" ", 1)[
+            0
+        ]  # SamplingParams names the field first ("min_tokens (5) must be ...")
+        raise APIError(
+            400, str(e), param=field if field in ChatCompletionRequest.model_fields else None
+        ) from None
     media = MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
     return params, media, constraint_field
 
@@ -163,8 +214,14 @@ def logprobs_content(entries, tokenizer) -> list[dict]:
 
     def entry(token_id: int, logprob: float) -> dict:
         # -inf (a token a structured output forbids) is not JSON: vLLM's floor instead
-        return {"token": tokenizer.token_text(token_id), "logprob": max(logprob, LOGPROB_FLOOR),
-                "bytes": list(tokenizer.token_bytes(token_id))}
+        return {
+            "token": tokenizer.token_text(token_id),
+            "logprob": max(logprob, LOGPROB_FLOOR),
+            "bytes": list(tokenizer.token_bytes(token_id)),
+        }
 
-    return [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
-            for lp in entries if lp is not None]
+    return [
+        dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+        for lp in entries
+        if lp is not None
+    ]

@@ -10,7 +10,12 @@ from plm_core.sampling import StructuredOutput
 
 _SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 
 
 class ConstraintError(ValueError):
@@ -37,8 +42,9 @@ def structured_output(extra: dict) -> tuple[StructuredOutput | None, str | None]
         if extra.get(name) is not None:
             found.append((_vllm({kind: extra[name]}, name), name))
     if len(found) > 1:
-        raise ConstraintError(f"give one output constraint, not {' and '.join(p for _, p in found)}",
-                              found[1][1])
+        raise ConstraintError(
+            f"give one output constraint, not {' and '.join(p for _, p in found)}", found[1][1]
+        )
     return found[0] if found else (None, None)
 
 
@@ -51,29 +57,42 @@ def _response_format(fmt) -> StructuredOutput | None:
     if kind == "json_object":
         return StructuredOutput(json_object=True)
     if kind != "json_schema":
-        raise ConstraintError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
-                              f"'json_schema'", "response_format.type")
+        raise ConstraintError(
+            f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+            f"'json_schema'",
+            "response_format.type",
+        )
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
-        raise ConstraintError("response_format of type 'json_schema' needs a 'json_schema' object",
-                              "response_format.json_schema")
+        raise ConstraintError(
+            "response_format of type 'json_schema' needs a 'json_schema' object",
+            "response_format.json_schema",
+        )
     name = spec.get("name")
     if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
-        raise ConstraintError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
-                              "response_format.json_schema.name")
+        raise ConstraintError(
+            "response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
+            "response_format.json_schema.name",
+        )
     schema = spec.get("schema", {})  # no schema: any JSON value
     if not isinstance(schema, dict):
-        raise ConstraintError("response_format.json_schema.schema must be a JSON Schema object",
-                              "response_format.json_schema.schema")
+        raise ConstraintError(
+            "response_format.json_schema.schema must be a JSON Schema object",
+            "response_format.json_schema.schema",
+        )
     try:
         return StructuredOutput(json=json.dumps(schema))
     except RecursionError:
-        raise ConstraintError("the JSON schema is nested too deeply", "response_format.json_schema.schema") from None
+        raise ConstraintError(
+            "the JSON schema is nested too deeply", "response_format.json_schema.schema"
+        ) from None
 
 
 def _vllm(so, param: str) -> StructuredOutput:
     if not isinstance(so, dict):
-        raise ConstraintError(f"{param} must be an object with one of {', '.join(_VLLM_KINDS)}", param)
+        raise ConstraintError(
+            f"{param} must be an object with one of {', '.join(_VLLM_KINDS)}", param
+        )
     kwargs = {k: v for k, v in so.items() if k in _VLLM_KINDS and v is not None and v is not False}
     try:
         if isinstance(kwargs.get("json"), dict):

@@ -38,5 +38,7 @@ def tiny_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def shared_media() -> Path:
     if not SHARED_MEDIA.is_dir():
-        pytest.skip(f"shared test media not found at {SHARED_MEDIA} (only present in the project workspace)")
+        pytest.skip(
+            f"shared test media not found at {SHARED_MEDIA} (only present in the project workspace)"
+        )
     return SHARED_MEDIA

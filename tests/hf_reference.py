@@ -21,7 +21,9 @@ def hf_processor(path: str, max_num_tiles: int = 36, vision_input_type: str = "t
     proc = AutoProcessor.from_pretrained(path)
     # HF ignores a per-call max_num_tiles when choosing the grid: set it on the instance.
     proc.image_processor.max_num_tiles = max_num_tiles
-    proc.image_processor.vision_input_type = vision_input_type  # "vanilla": one squashed tile (our detail=low)
+    proc.image_processor.vision_input_type = (
+        vision_input_type  # "vanilla": one squashed tile (our detail=low)
+    )
     return proc
 
 
@@ -30,7 +32,8 @@ def hf_model(path: str):
     from transformers import PerceptionLMForConditionalGeneration
 
     return PerceptionLMForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        path, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def decode_all_frames(path) -> tuple[np.ndarray, float]:
@@ -49,7 +52,9 @@ def hf_sampled_frames(path, num_frames: int = 32) -> np.ndarray:
     frames, fps = decode_all_frames(path)
     from transformers import PerceptionLMVideoProcessor
 
-    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, width=frames.shape[2], height=frames.shape[1])
+    meta = VideoMetadata(
+        total_num_frames=len(frames), fps=fps, width=frames.shape[2], height=frames.shape[1]
+    )
     indices = PerceptionLMVideoProcessor().sample_frames(meta, num_frames=num_frames)
     return frames[np.asarray(indices)]
 
@@ -78,8 +83,9 @@ def to_hf_messages(messages: list[dict]) -> tuple[list[dict], list[Image.Image],
     return out, images, videos
 
 
-def hf_inputs(path: str, messages: list[dict], max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"
-              ) -> dict:
+def hf_inputs(
+    path: str, messages: list[dict], max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"
+) -> dict:
     """HF's input_ids and pixel tensors for a conversation (several tile counts allowed)."""
     proc = hf_processor(path, max_num_tiles, vision_input_type)
     hf_msgs, images, videos = to_hf_messages(messages)
@@ -92,19 +98,27 @@ def hf_inputs(path: str, messages: list[dict], max_num_tiles: int = 36, vision_i
     enc = proc(text=text, add_special_tokens=False, **kwargs)
     inputs = {"input_ids": torch.tensor([enc["input_ids"][0]])}
     if images:
-        inputs["pixel_values"] = torch.cat([torch.as_tensor(np.asarray(p)) for p in enc["pixel_values"]])[None]
+        inputs["pixel_values"] = torch.cat(
+            [torch.as_tensor(np.asarray(p)) for p in enc["pixel_values"]]
+        )[None]
     if videos:
         inputs["pixel_values_videos"] = torch.cat(
-            [torch.as_tensor(np.asarray(p)) for p in enc["pixel_values_videos"]])[None]
+            [torch.as_tensor(np.asarray(p)) for p in enc["pixel_values_videos"]]
+        )[None]
     return inputs
 
 
 @torch.inference_mode()
-def hf_generate(path: str, messages: list[dict], max_new_tokens: int, max_num_tiles: int = 36,
-                vision_input_type: str = "thumb+tile") -> tuple[list[int], list[int]]:
+def hf_generate(
+    path: str,
+    messages: list[dict],
+    max_new_tokens: int,
+    max_num_tiles: int = 36,
+    vision_input_type: str = "thumb+tile",
+) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy generated ids) from HF generate in fp32."""
     inputs = hf_inputs(path, messages, max_num_tiles, vision_input_type)
     model = hf_model(path)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
+    return prompt, out[0, len(prompt) :].tolist()

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageDraw
-
 from conftest import SHARED_MEDIA
+from PIL import Image, ImageDraw
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 HAVE_SHARED = SHARED_MEDIA.is_dir()
@@ -40,7 +39,9 @@ def _pattern(size: tuple[int, int], seed: int) -> Image.Image:
     base = (rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8)
     img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
-    draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), outline=(255, 255, 0), width=max(1, w // 50))
+    draw.ellipse(
+        (w // 4, h // 4, 3 * w // 4, 3 * h // 4), outline=(255, 255, 0), width=max(1, w // 50)
+    )
     return img
 
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import httpx
-
 from conftest import REPO, checkpoint_path
 
 
@@ -18,11 +17,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra: str, model_name: str = "plm-test", timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+def start_server(
+    *extra: str, model_name: str = "plm-test", timeout_s: float = 120
+) -> tuple[subprocess.Popen, str]:
     """(process, base URL) of a server on the tiny checkpoint, once /ready answers 200 (model loaded)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", str(checkpoint_path("tiny")), "--port", str(port),
-           "--device", "cpu", "--served-model-name", model_name, "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        str(checkpoint_path("tiny")),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--served-model-name",
+        model_name,
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s

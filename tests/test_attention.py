@@ -24,28 +24,44 @@ def slot_of(table: list[int], pos: int, block_size: int = BLOCK_SIZE) -> int:
     return table[pos // block_size] * block_size + pos % block_size
 
 
-def reference(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, start: int) -> torch.Tensor:
+def reference(
+    q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, start: int
+) -> torch.Tensor:
     """q: [n, nh, D] at positions start..start+n-1; k_full, v_full: [start + n, nkv, D] -> [n, nh, D]."""
     n, nh, _ = q.shape
     ctx, nkv, _ = k_full.shape
     rep = nh // nkv
-    keys = k_full.transpose(0, 1).repeat_interleave(rep, dim=0)  # [nh, ctx, D]; head h uses kv head h // rep
+    keys = k_full.transpose(0, 1).repeat_interleave(
+        rep, dim=0
+    )  # [nh, ctx, D]; head h uses kv head h // rep
     values = v_full.transpose(0, 1).repeat_interleave(rep, dim=0)
     q_pos = torch.arange(start, start + n)[:, None]
     mask = torch.arange(ctx)[None, :] <= q_pos  # [n, ctx]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask)[0]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask
+    )[0]
     return o.transpose(0, 1)
 
 
-def make_case(specs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, *, seed: int = 0,
-              extra_blocks: int = 7, spare_table_blocks: int = 2):
+def make_case(
+    specs: list[tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    seed: int = 0,
+    extra_blocks: int = 7,
+    spare_table_blocks: int = 2,
+):
     """specs: (start, query_len) per sequence. Returns everything a step needs plus the per-sequence truth."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     needed = [-(-(s + n) // BLOCK_SIZE) + spare_table_blocks for s, n in specs]
     num_blocks = sum(needed) + extra_blocks
     ids = list(range(num_blocks))
-    rng.shuffle(ids)  # block tables are shuffled and interleaved across sequences: nothing contiguous
+    rng.shuffle(
+        ids
+    )  # block tables are shuffled and interleaved across sequences: nothing contiguous
     tables: list[list[int]] = [[] for _ in specs]
     while any(len(t) < m for t, m in zip(tables, needed)):  # dealt round-robin: tables interleave
         for t, m in zip(tables, needed):
@@ -66,13 +82,29 @@ def make_case(specs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim:
         qs.append(torch.randn(n, heads, head_dim, generator=gen))
         ks.append(kf[start:])
         vs.append(vf[start:])
-    return dict(tables=tables, starts=[s for s, _ in specs], lens=[n for _, n in specs], k_cache=k_cache,
-                v_cache=v_cache, q=torch.cat(qs), k=torch.cat(ks), v=torch.cat(vs), k_full=k_full, v_full=v_full)
+    return dict(
+        tables=tables,
+        starts=[s for s, _ in specs],
+        lens=[n for _, n in specs],
+        k_cache=k_cache,
+        v_cache=v_cache,
+        q=torch.cat(qs),
+        k=torch.cat(ks),
+        v=torch.cat(vs),
+        k_full=k_full,
+        v_full=v_full,
+    )
 
 
 def run_and_check(case: dict, batch_decodes: bool) -> torch.Tensor:
-    meta = build_metadata(case["tables"], case["starts"], case["lens"], BLOCK_SIZE, torch.device("cpu"),
-                          batch_decodes=batch_decodes)
+    meta = build_metadata(
+        case["tables"],
+        case["starts"],
+        case["lens"],
+        BLOCK_SIZE,
+        torch.device("cpu"),
+        batch_decodes=batch_decodes,
+    )
     k_before, v_before = case["k_cache"].clone(), case["v_cache"].clone()
     out = paged_attention(case["q"], case["k"], case["v"], case["k_cache"], case["v_cache"], meta)
     assert out.shape == case["q"].shape and out.dtype == case["q"].dtype
@@ -80,10 +112,14 @@ def run_and_check(case: dict, batch_decodes: bool) -> torch.Tensor:
     # The outputs, sequence by sequence.
     offset = 0
     for i, (start, n) in enumerate(zip(case["starts"], case["lens"])):
-        expected = reference(case["q"][offset:offset + n], case["k_full"][i], case["v_full"][i], start)
-        got = out[offset:offset + n]
+        expected = reference(
+            case["q"][offset : offset + n], case["k_full"][i], case["v_full"][i], start
+        )
+        got = out[offset : offset + n]
         err = (got - expected).abs().max().item()
-        assert err <= ATOL, f"sequence {i} (start {start}, query_len {n}, batch_decodes={batch_decodes}): max err {err}"
+        assert err <= ATOL, (
+            f"sequence {i} (start {start}, query_len {n}, batch_decodes={batch_decodes}): max err {err}"
+        )
         offset += n
 
     # The new K/V landed in their slots, and nothing else in the cache changed.
@@ -153,15 +189,22 @@ def test_random_batches_both_modes_agree(seed):
             specs.append((rng.randint(0, 400), 1))
         else:
             specs.append((rng.choice([0, rng.randint(1, 300)]), rng.randint(2, 80)))
-    outs = [run_and_check(make_case(specs, 8, 2, 32, seed=seed), batch_decodes) for batch_decodes in (True, False)]
+    outs = [
+        run_and_check(make_case(specs, 8, 2, 32, seed=seed), batch_decodes)
+        for batch_decodes in (True, False)
+    ]
     assert (outs[0] - outs[1]).abs().max().item() <= ATOL
 
 
 def test_metadata_layout():
     case = make_case(MIXED, 8, 2, 32, seed=5)
     cpu = torch.device("cpu")
-    batched = build_metadata(case["tables"], case["starts"], case["lens"], BLOCK_SIZE, cpu, batch_decodes=True)
-    looped = build_metadata(case["tables"], case["starts"], case["lens"], BLOCK_SIZE, cpu, batch_decodes=False)
+    batched = build_metadata(
+        case["tables"], case["starts"], case["lens"], BLOCK_SIZE, cpu, batch_decodes=True
+    )
+    looped = build_metadata(
+        case["tables"], case["starts"], case["lens"], BLOCK_SIZE, cpu, batch_decodes=False
+    )
     decodes = [i for i, n in enumerate(case["lens"]) if n == 1]
     assert batched.decode_seqs == decodes
     assert sorted(batched.decode_seqs + batched.prefill_seqs) == list(range(len(MIXED)))
@@ -177,8 +220,11 @@ def test_metadata_layout():
     assert batched.decode_mask.shape == (len(decodes), 1, 1, max_ctx)
     for row, i in enumerate(decodes):
         assert batched.decode_mask[row, 0, 0].sum().item() == ctx[i]
-        assert torch.equal(batched.decode_slots[row, :ctx[i]], batched.context_slots[i])
+        assert torch.equal(batched.decode_slots[row, : ctx[i]], batched.context_slots[i])
         assert batched.decode_rows[row].item() == batched.query_starts[i]
-    slot_mapping = [slot_of(t, p) for t, s, n in zip(case["tables"], case["starts"], case["lens"])
-                    for p in range(s, s + n)]
+    slot_mapping = [
+        slot_of(t, p)
+        for t, s, n in zip(case["tables"], case["starts"], case["lens"])
+        for p in range(s, s + n)
+    ]
     assert batched.slot_mapping.tolist() == slot_mapping == looped.slot_mapping.tolist()

@@ -15,11 +15,20 @@ BS = 4
 
 
 def make_request(rid: str, tokens: list[int], media: list[MediaItem] | None = None) -> Request:
-    return Request(request_id=rid, prompt_token_ids=list(tokens), sampling_params=SamplingParams(), media=media or [])
+    return Request(
+        request_id=rid,
+        prompt_token_ids=list(tokens),
+        sampling_params=SamplingParams(),
+        media=media or [],
+    )
 
 
-def image(content_hash: str = "hashA", offset: int = 2, num_tokens: int = 8, settings=("tiles", 448, 36)) -> MediaItem:
-    return MediaItem("image", content_hash, settings, num_tiles=2, num_tokens=num_tokens, offset=offset)
+def image(
+    content_hash: str = "hashA", offset: int = 2, num_tokens: int = 8, settings=("tiles", 448, 36)
+) -> MediaItem:
+    return MediaItem(
+        "image", content_hash, settings, num_tiles=2, num_tokens=num_tokens, offset=offset
+    )
 
 
 def admit(bm: BlockManager, req: Request) -> int:
@@ -155,7 +164,9 @@ def test_same_image_hits_and_different_image_misses():
 
 def test_text_prefix_before_an_image_is_shared():
     bm = BlockManager(num_blocks=16, block_size=BS)
-    tokens = list(range(100, 104)) + [7] * 8 + list(range(200, 205))  # image at offset 4, block aligned
+    tokens = (
+        list(range(100, 104)) + [7] * 8 + list(range(200, 205))
+    )  # image at offset 4, block aligned
     admit(bm, make_request("a", tokens, [image("hashA", offset=4)]))
     assert bm.get_computed_blocks(make_request("b", tokens, [image("hashB", offset=4)]))[1] == 4
     assert bm.get_computed_blocks(make_request("c", tokens, [image("hashA", offset=4)]))[1] == 16
@@ -223,7 +234,9 @@ def test_lru_eviction_order():
     bm.free(old)
     bm.free(new)
     assert bm.num_cached_blocks == 6
-    assert list(bm.free_queue) == old_ids[::-1] + new_ids[::-1]  # older request first, tail before head
+    assert (
+        list(bm.free_queue) == old_ids[::-1] + new_ids[::-1]
+    )  # older request first, tail before head
 
     filler = make_request("f", range(500, 524))
     taken = []
@@ -247,7 +260,9 @@ def test_eviction_removes_the_hash():
     f = make_request("f", range(50, 54))
     assert bm.allocate_slots(f, 4) and f.block_ids == [tail]
     assert bm.block_hash[tail] is None and bm.num_cached_blocks == 2
-    assert bm.get_computed_blocks(make_request("r2", list(range(12)) + [0]))[1] == 8  # the tail now misses
+    assert (
+        bm.get_computed_blocks(make_request("r2", list(range(12)) + [0]))[1] == 8
+    )  # the tail now misses
     bm.free(f)
     bm.check_invariants()
 
@@ -328,11 +343,13 @@ def test_random_workload(seed, prefix_caching):
     for op in range(400):
         action = rng.random()
         if action < 0.35 or not running:
-            prompt = rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(0, 10))]
+            prompt = rng.choice(prefixes) + [
+                rng.randrange(1000) for _ in range(rng.randrange(0, 10))
+            ]
             media = []
             if len(prompt) >= 6 and rng.random() < 0.5:
                 start = rng.randrange(0, len(prompt) - 4)
-                prompt[start:start + 4] = [7] * 4
+                prompt[start : start + 4] = [7] * 4
                 media = [image(rng.choice(images), offset=start, num_tokens=4)]
             req = make_request(f"r{op}", prompt, media)
             blocks, n = bm.get_computed_blocks(req)

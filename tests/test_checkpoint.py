@@ -11,7 +11,9 @@ from plm_core.checkpoint import ALLOW_PATTERNS, CheckpointError, resolve_checkpo
 from plm_core.config import ConfigError, load_model_config
 
 
-def _fake_hub_cache(tmp_path, checkpoint, repo="facebook/Perception-LM-1B", commit="a" * 40, ref="main"):
+def _fake_hub_cache(
+    tmp_path, checkpoint, repo="facebook/Perception-LM-1B", commit="a" * 40, ref="main"
+):
     root = tmp_path / "hub"
     repo_dir = root / ("models--" + repo.replace("/", "--"))
     snap = repo_dir / "snapshots" / commit
@@ -37,10 +39,16 @@ def test_local_directory_resolves_and_parses(tiny_checkpoint):
 def test_hub_id_offline_from_cache(tiny_checkpoint, tmp_path, monkeypatch):
     root, snap = _fake_hub_cache(tmp_path, tiny_checkpoint)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve_checkpoint("facebook/Perception-LM-1B", cache_dir=str(root), progress=False) == snap
+    assert (
+        resolve_checkpoint("facebook/Perception-LM-1B", cache_dir=str(root), progress=False) == snap
+    )
     # an explicit revision (commit hash) resolves to that snapshot
-    assert resolve_checkpoint("facebook/Perception-LM-1B", revision="a" * 40, cache_dir=str(root),
-                              progress=False) == snap
+    assert (
+        resolve_checkpoint(
+            "facebook/Perception-LM-1B", revision="a" * 40, cache_dir=str(root), progress=False
+        )
+        == snap
+    )
 
 
 def test_hub_id_offline_missing_names_the_problem(tmp_path, monkeypatch):
@@ -64,7 +72,9 @@ def test_download_asks_only_for_hf_files(tiny_checkpoint, tmp_path, monkeypatch)
     assert calls["repo_id"] == "facebook/Perception-LM-3B" and calls["revision"] == "v1"
     assert calls["allow_patterns"] == ALLOW_PATTERNS and calls["local_files_only"] is False
     patterns = " ".join(ALLOW_PATTERNS)
-    assert "consolidated" not in patterns and ".pth" not in patterns and "params.json" not in patterns
+    assert (
+        "consolidated" not in patterns and ".pth" not in patterns and "params.json" not in patterns
+    )
 
 
 def test_missing_files_are_named(tiny_checkpoint, tmp_path):
@@ -143,5 +153,7 @@ def test_weight_errors_are_named(tiny_checkpoint, tmp_path):
         build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)
     tensors["model.language_model.norm.weight"] = torch.cat([dropped, dropped])
     save_file(tensors, st, metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"norm\.weight has shape \(128,\), the config implies \(64,\)"):
+    with pytest.raises(
+        ConfigError, match=r"norm\.weight has shape \(128,\), the config implies \(64,\)"
+    ):
         build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)

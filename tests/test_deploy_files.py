@@ -25,7 +25,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO, checkpoint_path
 from server_proc import free_port
 
@@ -34,11 +33,24 @@ COMPOSE = REPO / "docker-compose.yml"
 PLM_SERVICES = ("plm-gpu0", "plm-gpu1", "plm-cpu")
 LB_LABEL = "traefik.http.services.plm.loadBalancer."
 # apt packages only a build needs: none may reach the final image
-BUILD_PACKAGES = {"build-essential", "gcc", "g++", "clang", "make", "cmake", "ninja-build", "git", "cuda-toolkit",
-                  "cuda-nvcc", "python3-pip", "python3-venv"}
+BUILD_PACKAGES = {
+    "build-essential",
+    "gcc",
+    "g++",
+    "clang",
+    "make",
+    "cmake",
+    "ninja-build",
+    "git",
+    "cuda-toolkit",
+    "cuda-nvcc",
+    "python3-pip",
+    "python3-venv",
+}
 
 
 # --- a small Dockerfile parser ---------------------------------------------------------------------------
+
 
 @dataclass
 class Stage:
@@ -69,7 +81,9 @@ class Dockerfile:
         stages, stage = [], self.stage(name)
         while True:
             stages.append(stage)
-            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], stage.base)
+            base = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], stage.base
+            )
             if not any(s.name == base for s in self.stages):
                 return stages, base
             stage = self.stage(base)
@@ -125,7 +139,7 @@ def exec_form(args: str) -> list[str]:
 
 def healthcheck_command(df: Dockerfile) -> list[str]:
     args = df.stages[-1].one("HEALTHCHECK")
-    return exec_form(args[args.index("CMD") + 3:].strip())
+    return exec_form(args[args.index("CMD") + 3 :].strip())
 
 
 def entrypoint_and_cmd(df: Dockerfile) -> list[str]:
@@ -152,9 +166,12 @@ def apt_packages(run: str) -> list[str]:
 
 # --- the Dockerfile ----------------------------------------------------------------------------------------
 
+
 def test_dockerfile_stages_and_bases(dockerfile):
     final = dockerfile.stages[-1]
-    assert any(args.startswith("--from=builder ") for args in final.all("COPY")), "the final stage copies the build"
+    assert any(args.startswith("--from=builder ") for args in final.all("COPY")), (
+        "the final stage copies the build"
+    )
     cuda_stages, cuda_image = dockerfile.chain(final.name)
     assert dockerfile.args["VARIANT"] == "cuda"
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-(base|runtime)-ubuntu[\d.]+", cuda_image), cuda_image
@@ -173,7 +190,9 @@ def test_dockerfile_final_stage_has_no_build_tools(dockerfile):
     assert packages, "the base installs Python with apt-get"
     tools = [p for p in packages if p in BUILD_PACKAGES or p.endswith("-dev")]
     assert not tools, f"build tools in the final image: {tools}"
-    assert not any("pip " in run for run in runs), "the final stage copies the virtualenv instead of installing"
+    assert not any("pip " in run for run in runs), (
+        "the final stage copies the virtualenv instead of installing"
+    )
 
 
 def test_dockerfile_runtime_settings(dockerfile):
@@ -187,7 +206,9 @@ def test_dockerfile_runtime_settings(dockerfile):
     env = " ".join(final.all("ENV"))
     assert "HF_HOME=/cache/" in env, "the hub cache lives on the volume"
     assert "PLM_SERVE_CACHE=/cache/" in env, "so do the --demo checkpoints"
-    assert "--from=builder /opt/venv /opt/venv" in final.all("COPY") and "PATH=/opt/venv/bin:" in env
+    assert (
+        "--from=builder /opt/venv /opt/venv" in final.all("COPY") and "PATH=/opt/venv/bin:" in env
+    )
     argv = entrypoint_and_cmd(dockerfile)
     assert argv[0] == "plm-serve"
     args = server_args(argv)
@@ -202,29 +223,43 @@ def test_dockerfile_cpu_variant_uses_the_cpu_torch_index(dockerfile):
     defaults = dict(a.partition("=")[::2] for a in builder.all("ARG"))
     assert defaults["CPU_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     install = next(run for run in builder.all("RUN") if "pip install" in run and "/wheels/" in run)
-    assert 'cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple"' in install
+    assert (
+        'cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple"'
+        in install
+    )
 
 
 def test_cpu_image_drops_triton_which_structured_outputs_never_import(dockerfile):
-    install = next(run for run in dockerfile.stage("builder").all("RUN") if "pip install" in run and "/wheels/" in run)
+    install = next(
+        run
+        for run in dockerfile.stage("builder").all("RUN")
+        if "pip install" in run and "/wheels/" in run
+    )
     assert 'if [ "$VARIANT" = cpu ]; then python -m pip uninstall -y triton; fi' in install
     # triton is hidden as if it were not installed (torch and xgrammar import it only when present)
-    code = ("import sys\nclass NoTriton:\n    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'triton' or name.startswith('triton.'):\n"
-            "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
-            "sys.meta_path.insert(0, NoTriton())\n"
-            "from plm_core.llm import LLM\nfrom plm_core.sampling import SamplingParams, StructuredOutput\n"
-            f"llm = LLM({str(checkpoint_path('tiny'))!r}, device='cpu')\n"
-            "out = llm.chat([{'role': 'user', 'content': 'x'}], SamplingParams(max_tokens=8, structured_output="
-            "StructuredOutput(choice=('yes', 'no'))))[0].outputs[0]\n"
-            "assert out.text in ('yes', 'no'), out.text\nassert 'triton' not in sys.modules")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    code = (
+        "import sys\nclass NoTriton:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "from plm_core.llm import LLM\nfrom plm_core.sampling import SamplingParams, StructuredOutput\n"
+        f"llm = LLM({str(checkpoint_path('tiny'))!r}, device='cpu')\n"
+        "out = llm.chat([{'role': 'user', 'content': 'x'}], SamplingParams(max_tokens=8, structured_output="
+        "StructuredOutput(choice=('yes', 'no'))))[0].outputs[0]\n"
+        "assert out.text in ('yes', 'no'), out.text\nassert 'triton' not in sys.modules"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_dockerignore_keeps_what_the_build_copies(dockerfile):
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", ".cache"} <= ignored
     for args in dockerfile.stage("builder").all("COPY"):
         for source in args.split()[:-1]:
@@ -256,18 +291,24 @@ def test_dockerfile_wheel_build_runs_here(dockerfile, tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("plm_serve-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+        entry_points = z.read(
+            next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        ).decode()
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert re.search(r"^plm-serve = server\.cli:main$", entry_points, re.M)
-    modules = {p.relative_to(src).as_posix() for package in ("plm_core", "server")
-               for p in (src / package).rglob("*.py")}
+    modules = {
+        p.relative_to(src).as_posix()
+        for package in ("plm_core", "server")
+        for p in (src / package).rglob("*.py")
+    }
     assert modules and modules <= names, sorted(modules - names)
     assert "Requires-Dist: torch==2.14.1" in metadata
 
 
 def plm_serve_executable() -> str:
     found = shutil.which("plm-serve", path=sysconfig.get_path("scripts")) or shutil.which(
-        "plm-serve", path=str(Path(sys.executable).parent))
+        "plm-serve", path=str(Path(sys.executable).parent)
+    )
     if found is None:
         pytest.skip("plm-serve is not installed in this environment (pip install -e .)")
     return found
@@ -307,22 +348,29 @@ def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tm
     argv[argv.index("--port") + 1] = str(port)
     liveness = check_here(healthcheck_command(dockerfile), image_port, port)
     readiness = check_here(compose_healthcheck(compose, "plm-cpu"), image_port, port)
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         wait_until_passes(liveness, proc)  # the port is open; the model may still be loading
         wait_until_passes(readiness, proc)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == "plm-demo-tiny"
-        assert (tmp_path / "cache" / "plm-serve" / "checkpoints" / "demo-tiny" / "config.json").exists()
+        assert (
+            tmp_path / "cache" / "plm-serve" / "checkpoints" / "demo-tiny" / "config.json"
+        ).exists()
         proc.send_signal(signal.SIGTERM)  # docker stop
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        assert run_check(liveness) != 0 and run_check(readiness) != 0, "a check passes with no server"
+        assert run_check(liveness) != 0 and run_check(readiness) != 0, (
+            "a check passes with no server"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 # --- docker-compose.yml and the Traefik files ---------------------------------------------------------------
+
 
 def load(path: Path):
     return yaml.safe_load(path.read_text())
@@ -352,18 +400,27 @@ def test_compose_replicas_match_the_server(compose, dockerfile):
     entrypoint = exec_form(dockerfile.stages[-1].one("ENTRYPOINT"))
     for name in PLM_SERVICES:
         service = compose["services"][name]
-        args = server_args(entrypoint + [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in service["command"]])
+        args = server_args(
+            entrypoint + [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in service["command"]]
+        )
         labels = service["labels"]
         assert labels["traefik.enable"] == "true"
         assert labels[LB_LABEL + "server.port"] == str(args.port)
         grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
-        assert grace and int(grace.group(1)) > args.drain_timeout, "docker stop must outwait the drain"
+        assert grace and int(grace.group(1)) > args.drain_timeout, (
+            "docker stop must outwait the drain"
+        )
         # one named volume holds the hub cache of every replica, where the image keeps it
-        assert service["volumes"] == ["hf-cache:" + json.loads(dockerfile.stages[-1].one("VOLUME"))[0]]
+        assert service["volumes"] == [
+            "hf-cache:" + json.loads(dockerfile.stages[-1].one("VOLUME"))[0]
+        ]
         # Docker health gates Traefik's discovery: it must mean "ready", and wait out a first download
         health = service["healthcheck"]
         assert f"http://127.0.0.1:{args.port}/ready" in " ".join(compose_healthcheck(compose, name))
-        assert re.fullmatch(r"(\d+)m", health["start_period"]) and int(health["start_period"][:-1]) >= 10
+        assert (
+            re.fullmatch(r"(\d+)m", health["start_period"])
+            and int(health["start_period"][:-1]) >= 10
+        )
     assert "hf-cache" in compose["volumes"]
 
 
@@ -384,7 +441,9 @@ def test_compose_traefik_settings(compose):
     assert retry["attempts"] >= 2
     # only connection failures: no status codes, and POSTs are never re-sent after they reached a replica
     assert not {"status", "retryNonIdempotentMethod", "disableRetryOnNetworkError"} & set(retry)
-    transport = dynamic["serversTransports"][labels[LB_LABEL + "serversTransport"].removesuffix("@file")]
+    transport = dynamic["serversTransports"][
+        labels[LB_LABEL + "serversTransport"].removesuffix("@file")
+    ]
     timeouts = transport["forwardingTimeouts"]
     assert timeouts["responseHeaderTimeout"] == "0s"
     assert int(timeouts["idleConnTimeout"].removesuffix("s")) < 5, "below uvicorn's 5 s keep-alive"
@@ -405,13 +464,33 @@ def test_compose_config_parses_with_docker():
     version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if version.returncode != 0:
         reason = (version.stderr.strip().splitlines() or ["no output"])[0]
-        pytest.skip(f"`docker compose` is not available here (the CLI has no compose plugin): {reason}")
-    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", "gpu", "--profile", "cpu",
-                           "--profile", "monitoring", "config", "--quiet"], capture_output=True, text=True, cwd=REPO)
+        pytest.skip(
+            f"`docker compose` is not available here (the CLI has no compose plugin): {reason}"
+        )
+    done = subprocess.run(
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(COMPOSE),
+            "--profile",
+            "gpu",
+            "--profile",
+            "cpu",
+            "--profile",
+            "monitoring",
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
 
 
 # --- Prometheus and Grafana ---------------------------------------------------------------------------------
+
 
 class _Zeros:
     """A server state (and engine stats) whose every field reads 0."""
@@ -427,9 +506,14 @@ def exposed_metric_names() -> set[str]:
     from server.metrics import Metrics
 
     state = _Zeros()
-    state.engine = SimpleNamespace(core=SimpleNamespace(stats=_Zeros()))  # loaded: engine figures too
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",)}
+    state.engine = SimpleNamespace(
+        core=SimpleNamespace(stats=_Zeros())
+    )  # loaded: engine figures too
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+    }
     names = set()
     for family in text_string_to_metric_families(Metrics(state).render().decode()):
         names |= {family.name + s for s in suffixes[family.type]}
@@ -441,7 +525,11 @@ def test_prometheus_scrapes_every_replica(compose):
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "plm-serve")
     assert job["metrics_path"] == "/metrics"
     (sd,) = job["dns_sd_configs"]
-    balanced = {name for name, s in compose["services"].items() if s.get("labels", {}).get("traefik.enable") == "true"}
+    balanced = {
+        name
+        for name, s in compose["services"].items()
+        if s.get("labels", {}).get("traefik.enable") == "true"
+    }
     assert set(sd["names"]) == balanced == set(PLM_SERVICES) and sd["type"] == "A"
     assert str(sd["port"]) == compose["services"]["plm-cpu"]["labels"][LB_LABEL + "server.port"]
     mounts = compose["services"]["prometheus"]["volumes"]
@@ -450,7 +538,9 @@ def test_prometheus_scrapes_every_replica(compose):
 
 def test_grafana_dashboard_uses_real_metrics():
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "plm-serve.json").read_text())
-    datasource = load(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    datasource = load(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[
+        "datasources"
+    ][0]
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"plm:[A-Za-z0-9_:]+", e)}
     exposed = exposed_metric_names()
@@ -461,12 +551,22 @@ def test_grafana_dashboard_uses_real_metrics():
 
 # --- Kubernetes ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def k8s() -> dict[str, dict]:
-    docs = [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    docs = [
+        d
+        for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d
+    ]
     by_kind = {d["kind"]: d for d in docs}
-    assert len(by_kind) == len(docs) and {"Deployment", "Service", "PersistentVolumeClaim",
-                                          "HorizontalPodAutoscaler"} <= set(by_kind)
+    assert len(by_kind) == len(docs) and {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "HorizontalPodAutoscaler",
+    } <= set(by_kind)
     return by_kind
 
 
@@ -476,7 +576,10 @@ def test_k8s_deployment_probes_and_shutdown(k8s, dockerfile):
     args = server_args(exec_form(dockerfile.stages[-1].one("ENTRYPOINT")) + container["args"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == args.port
-    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    probes = {
+        kind: container[kind]["httpGet"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
     assert probes["readinessProbe"]["path"] == "/ready"
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/health"
     assert {"/ready", "/health"} <= server_routes()
@@ -487,10 +590,15 @@ def test_k8s_deployment_probes_and_shutdown(k8s, dockerfile):
     assert margin >= 10, f"grace period leaves {margin} s after preStop + --drain-timeout"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     uid = re.search(r"--uid (\d+)", " ".join(dockerfile.stages[-1].all("RUN"))).group(1)
-    assert pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["runAsNonRoot"]
+    assert (
+        pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["runAsNonRoot"]
+    )
     cache = next(m for m in container["volumeMounts"] if m["mountPath"] == "/cache")
     volume = next(v for v in pod["volumes"] if v["name"] == cache["name"])
-    assert volume["persistentVolumeClaim"]["claimName"] == k8s["PersistentVolumeClaim"]["metadata"]["name"]
+    assert (
+        volume["persistentVolumeClaim"]["claimName"]
+        == k8s["PersistentVolumeClaim"]["metadata"]["name"]
+    )
 
 
 def test_k8s_service_and_hpa_target_the_deployment(k8s):
@@ -500,10 +608,15 @@ def test_k8s_service_and_hpa_target_the_deployment(k8s):
     assert selector.items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert k8s["Service"]["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    assert k8s["Service"]["spec"]["ports"][0]["targetPort"] in {
+        p["name"] for p in container["ports"]
+    }
     hpa = k8s["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     (metric,) = hpa["metrics"]
     # the custom-metrics adapter renames plm:<name> to plm_<name> (see the comment in hpa.yaml)
     assert metric["pods"]["metric"]["name"].replace("plm_", "plm:", 1) in exposed_metric_names()

@@ -11,8 +11,32 @@ from plm_core.testing.tokenizer import build_llama3_style_tokenizer
 from plm_core.tokenizer import bytes_to_unicode
 
 EOT, IMAGE = 128009, 128002
-PIECES = ["Hello", " world", ".", " The", " cat", " 😀", "😀", " 你好", "世界", " café", " naïve", " 🚀🌍", "\n",
-          " ", " über", "ß", " 1234", "!", " Ω≈ç√", " 👩‍👩‍👧", " a", "bc", "##", "#"]
+PIECES = [
+    "Hello",
+    " world",
+    ".",
+    " The",
+    " cat",
+    " 😀",
+    "😀",
+    " 你好",
+    "世界",
+    " café",
+    " naïve",
+    " 🚀🌍",
+    "\n",
+    " ",
+    " über",
+    "ß",
+    " 1234",
+    "!",
+    " Ω≈ç√",
+    " 👩‍👩‍👧",
+    " a",
+    "bc",
+    "##",
+    "#",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +88,7 @@ def stopped(text: str, stops: list[str], include: bool, after: int = 0) -> tuple
         hits = [s for s in stops if text[:end].endswith(s)]
         if hits:
             s = max(hits, key=len)
-            return (text[:end] if include else text[:end - len(s)]), s
+            return (text[:end] if include else text[: end - len(s)]), s
     return text, None
 
 
@@ -95,8 +119,12 @@ def test_arbitrary_token_ids_match_full_decode(tok):
     # random ids, invalid UTF-8 included: still exactly what a full decode gives (U+FFFD and all)
     rng = random.Random(1)
     for _ in range(300):
-        ids = [rng.choice([rng.randrange(256), rng.randrange(256, 2300), rng.randrange(128000, 128256)])
-               for _ in range(rng.randint(1, 30))]
+        ids = [
+            rng.choice(
+                [rng.randrange(256), rng.randrange(256, 2300), rng.randrange(128000, 128256)]
+            )
+            for _ in range(rng.randint(1, 30))
+        ]
         for skip in (True, False):
             deltas, _ = stream(tok, ids, skip_special_tokens=skip)
             assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip), ids
@@ -113,7 +141,9 @@ def test_unfinished_character_at_the_end_is_flushed(tok, byte_ids):
 def test_skip_special_tokens(tok):
     ids = encode(tok, "Hello") + [IMAGE] + encode(tok, " world") + [EOT]
     assert "".join(stream(tok, ids)[0]) == "Hello world"
-    assert "".join(stream(tok, ids, skip_special_tokens=False)[0]) == "Hello<|image|> world<|eot_id|>"
+    assert (
+        "".join(stream(tok, ids, skip_special_tokens=False)[0]) == "Hello<|image|> world<|eot_id|>"
+    )
 
 
 def test_prompt_context(tok):
@@ -141,7 +171,9 @@ def test_stop_string_across_tokens_is_never_partly_emitted(tok):
 
 
 def test_stop_string_included(tok):
-    deltas, d = stream(tok, encode(tok, "The cat sat. The dog"), stop=["sat."], include_stop_str_in_output=True)
+    deltas, d = stream(
+        tok, encode(tok, "The cat sat. The dog"), stop=["sat."], include_stop_str_in_output=True
+    )
     assert "".join(deltas) == "The cat sat." == d.text and d.stop_reason == "sat."
 
 
@@ -154,7 +186,12 @@ def test_partial_stop_string_is_released(tok):
 
 def test_stop_at_the_first_token(tok):
     ids = encode(tok, "The cat")
-    for stop, include, delta in [("The", False, ""), ("The", True, "The"), ("he", False, "T"), ("Th", True, "Th")]:
+    for stop, include, delta in [
+        ("The", False, ""),
+        ("The", True, "The"),
+        ("he", False, "T"),
+        ("Th", True, "Th"),
+    ]:
         d = IncrementalDetokenizer(tok, stop=[stop], include_stop_str_in_output=include)
         assert d.add(ids[0]) == delta
         assert d.finished and d.stop_reason == stop and d.text == delta
@@ -169,7 +206,9 @@ def test_earliest_stop_string_wins(tok):
     for stops in (["w123", "12"], ["12", "w123"]):
         deltas, d = stream(tok, encode(tok, "x") + [token], stop=stops)
         assert "".join(deltas) == "x w" and d.stop_reason == "12"
-    deltas, d = stream(tok, encode(tok, "x") + [token], stop=["w12", "12"])  # both end together: the longer
+    deltas, d = stream(
+        tok, encode(tok, "x") + [token], stop=["w12", "12"]
+    )  # both end together: the longer
     assert "".join(deltas) == "x " and d.stop_reason == "w12"
 
 
@@ -185,7 +224,9 @@ def random_stops(rng: random.Random, text: str, p_substring: float) -> list[str]
     stops = []
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(text))
-        stops.append(text[i:i + rng.randint(1, 6)] if rng.random() < p_substring else rng.choice(PIECES))
+        stops.append(
+            text[i : i + rng.randint(1, 6)] if rng.random() < p_substring else rng.choice(PIECES)
+        )
     return stops
 
 
@@ -214,7 +255,14 @@ def test_empty_stop_string_rejected(tok):
 def test_min_tokens_hold_back_stop_strings(tok):
     ids = encode(tok, "a#b#c#d")  # one character per token
     assert len(ids) == 7
-    for min_tokens, expected in [(0, "a"), (1, "a"), (2, "a#b"), (4, "a#b#c"), (6, "a#b#c#d"), (7, "a#b#c#d")]:
+    for min_tokens, expected in [
+        (0, "a"),
+        (1, "a"),
+        (2, "a#b"),
+        (4, "a#b#c"),
+        (6, "a#b#c#d"),
+        (7, "a#b#c#d"),
+    ]:
         deltas, d = stream(tok, ids, stop=["#"], min_tokens=min_tokens)
         assert "".join(deltas) == expected == d.text, min_tokens
         assert d.stop_reason == (None if expected == "a#b#c#d" else "#")
@@ -236,7 +284,9 @@ def test_random_sequences_with_stop_strings_and_min_tokens(tok, byte_ids):
         ids = shattered(tok, byte_ids, text, rng)
         stops = random_stops(rng, text, 0.8)
         include, min_tokens = rng.random() < 0.5, rng.randint(0, len(ids))
-        deltas, d = stream(tok, ids, stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens)
+        deltas, d = stream(
+            tok, ids, stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens
+        )
         # the text of the first min_tokens tokens, less a character they leave unfinished
         boundary = len(tok.decode(ids[:min_tokens]).rstrip("\ufffd"))
         expected, reason = stopped(text, stops, include, after=boundary)
@@ -247,7 +297,9 @@ def test_random_sequences_with_stop_strings_and_min_tokens(tok, byte_ids):
 def test_flush_keeps_the_stop_token_text(tok):
     ids = encode(tok, "The dog")
     for skip, expected in [(False, "The dog<|eot_id|>"), (True, "The dog")]:
-        d = IncrementalDetokenizer(tok, skip_special_tokens=skip, stop=["eot", "g<"], include_stop_str_in_output=True)
+        d = IncrementalDetokenizer(
+            tok, skip_special_tokens=skip, stop=["eot", "g<"], include_stop_str_in_output=True
+        )
         deltas = [d.add(i) for i in ids] + [d.flush(EOT)]
         # the stop token's own text is not searched for stop strings (vLLM's rule)
         assert "".join(deltas) == expected == d.text and d.stop_reason is None and d.finished

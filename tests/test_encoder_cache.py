@@ -20,7 +20,12 @@ def test_miss_then_hit():
     assert cache.has(item.cache_key)  # stays resident, now evictable
     cache.acquire("r2", item.cache_key)
     assert cache.stats() == {
-        "hits": 1, "misses": 1, "hit_rate": 0.5, "used_tokens": 8, "budget_tokens": 100, "entries": 1,
+        "hits": 1,
+        "misses": 1,
+        "hit_rate": 0.5,
+        "used_tokens": 8,
+        "budget_tokens": 100,
+        "entries": 1,
     }
     cache.check_invariants()
 

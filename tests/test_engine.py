@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import checkpoint_path
 from hf_reference import hf_generate
 from media_sets import image_names, media_path, video_names
@@ -41,17 +40,53 @@ def _conversations(media_dir):
     video = str(media_path(video_names()[0], media_dir))
     return [
         [{"role": "user", "content": "Tell me a story about a lighthouse."}],
-        [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "Describe it."}]}],
-        [{"role": "user", "content": [{"type": "image", "image": imgs[-1]}, {"type": "image", "image": imgs[1]},
-                                      {"type": "text", "text": "Compare them."}]}],
-        [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video, "num_frames": 8}},
-                                      {"type": "text", "text": "What happens?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": imgs[0]},
+                    {"type": "text", "text": "Describe it."},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": imgs[-1]},
+                    {"type": "image", "image": imgs[1]},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": video, "num_frames": 8}},
+                    {"type": "text", "text": "What happens?"},
+                ],
+            }
+        ],
         # the same image as request 1 with a new question: prefix-cache and encoder-cache hits
-        [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "What colour?"}]}],
-        [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": [{"type": "image", "image": imgs[2]}, {"type": "text", "text": "Hi"}]},
-         {"role": "assistant", "content": "Hello."},
-         {"role": "user", "content": "And now?"}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": imgs[0]},
+                    {"type": "text", "text": "What colour?"},
+                ],
+            }
+        ],
+        [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": imgs[2]}, {"type": "text", "text": "Hi"}],
+            },
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "And now?"},
+        ],
     ]
 
 
@@ -91,8 +126,16 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
     expected = _alone(solo, convs)
     # a 64-token budget chunks every image prompt; 5 encoder tiles per step spreads each image over
     # several steps; a small KV cache forces preemptions
-    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=64, max_model_len=560,
-              kv_cache_memory_gb=36 * 16 * 512 / 2**30, max_num_seqs=8, max_encoder_tiles_per_step=5)
+    llm = LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_num_batched_tokens=64,
+        max_model_len=560,
+        kv_cache_memory_gb=36 * 16 * 512 / 2**30,
+        max_num_seqs=8,
+        max_encoder_tiles_per_step=5,
+    )
     prompts = [llm.process(c) for c in convs]
     got = _run_staggered(llm, prompts, arrivals=[0, 0, 3, 5, 9, 12])
     for i, exp in enumerate(expected):
@@ -111,7 +154,7 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
             if isinstance(m["content"], str) and m["role"] != "system":
                 m["content"] = [{"type": "text", "text": m["content"]}]
         _, hf_out = hf_generate(path, hf_msgs, MAX_TOKENS)
-        assert hf_out == expected[i][:len(hf_out)]
+        assert hf_out == expected[i][: len(hf_out)]
 
 
 def test_padded_decode_graph_path_keeps_tokens(path, solo, media_dir):
@@ -121,11 +164,23 @@ def test_padded_decode_graph_path_keeps_tokens(path, solo, media_dir):
 
     convs = _conversations(media_dir)
     expected = _alone(solo, convs)
-    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=64, max_model_len=560,
-              kv_cache_memory_gb=36 * 16 * 512 / 2**30, max_num_seqs=8, max_encoder_tiles_per_step=5,
-              cuda_graphs=True)
+    llm = LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_num_batched_tokens=64,
+        max_model_len=560,
+        kv_cache_memory_gb=36 * 16 * 512 / 2**30,
+        max_num_seqs=8,
+        max_encoder_tiles_per_step=5,
+        cuda_graphs=True,
+    )
     graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.batch_sizes == [1, 2, 4, 8] and graphs.context_sizes == [256, 512, 560]
+    assert (
+        graphs is not None
+        and graphs.batch_sizes == [1, 2, 4, 8]
+        and graphs.context_sizes == [256, 512, 560]
+    )
     got = _run_staggered(llm, [llm.process(c) for c in convs], arrivals=[0, 0, 3, 5, 9, 12])
     for i, exp in enumerate(expected):
         assert got[i] == exp, f"request {i} differs on the decode-graph path"
@@ -167,10 +222,19 @@ def test_preemption_keeps_outputs(path, solo):
     """All prompts fit the KV cache, their growth does not: requests are preempted and recomputed."""
     from plm_core import LLM, SamplingParams
 
-    convs = [[{"role": "user", "content": f"Request {i}: write about the number {i} at length."}] for i in range(4)]
+    convs = [
+        [{"role": "user", "content": f"Request {i}: write about the number {i} at length."}]
+        for i in range(4)
+    ]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = [solo.chat(c, params)[0].token_ids for c in convs]
-    llm = LLM(path, device="cpu", dtype="float32", max_model_len=400, kv_cache_memory_gb=26 * 16 * 512 / 2**30)
+    llm = LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_model_len=400,
+        kv_cache_memory_gb=26 * 16 * 512 / 2**30,
+    )
     outs = llm.chat(convs, params)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == expected
@@ -182,10 +246,18 @@ def test_aborts_free_everything(path, media_dir):
     from plm_core import LLM
 
     convs = _conversations(media_dir)
-    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=48, max_model_len=1024,
-              kv_cache_memory_gb=120 * 16 * 512 / 2**30)
+    llm = LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_num_batched_tokens=48,
+        max_model_len=1024,
+        kv_cache_memory_gb=120 * 16 * 512 / 2**30,
+    )
     prompts = [llm.process(c) for c in convs]
-    _run_staggered(llm, prompts, arrivals=[0, 0, 1, 2, 4, 4], abort_at={2: "r1", 6: "r3", 7: "r0", 9: "r9"})
+    _run_staggered(
+        llm, prompts, arrivals=[0, 0, 1, 2, 4, 4], abort_at={2: "r1", 6: "r3", 7: "r0", 9: "r9"}
+    )
     blocks = llm.engine.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks
     blocks.check_invariants()
@@ -197,13 +269,29 @@ def test_prefix_cache_hit_skips_prompt_and_encoder(path, media_dir):
 
     img = str(media_path(image_names()[0], media_dir))
     llm = LLM(path, device="cpu", dtype="float32")
-    first = llm.chat([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "A?"}]}],
-                     _greedy())[0]
+    first = llm.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": img}, {"type": "text", "text": "A?"}],
+            }
+        ],
+        _greedy(),
+    )[0]
     encoded_before = llm.engine.stats.encoder_cache["misses"]
-    second = llm.chat([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "B?"}]}],
-                      _greedy())[0]
+    second = llm.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": img}, {"type": "text", "text": "B?"}],
+            }
+        ],
+        _greedy(),
+    )[0]
     image_end = max(i for i, t in enumerate(second.prompt_token_ids) if t == 128002) + 1
-    assert second.num_cached_tokens >= image_end - 16  # everything up to the image's last full block
+    assert (
+        second.num_cached_tokens >= image_end - 16
+    )  # everything up to the image's last full block
     assert llm.engine.stats.encoder_cache["misses"] == encoded_before  # not encoded again
     assert first.num_cached_tokens == 0
 
@@ -212,15 +300,19 @@ def test_n_choices_share_prompt_blocks(path):
     from plm_core import LLM, SamplingParams
 
     llm = LLM(path, device="cpu", dtype="float32")
-    out = llm.chat([{"role": "user", "content": "Name three colours."}],
-                   SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Name three colours."}],
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6),
+    )[0]
     assert len(out.outputs) == 3 and [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     # choices 2 and 3 reused every full block of the prompt computed by choice 1
     full_blocks = (len(out.prompt_token_ids) - 1) // 16 * 16
     assert llm.engine.stats.prefix_cache["hits"] == 2 * full_blocks > 0
-    again = llm.chat([{"role": "user", "content": "Name three colours."}],
-                     SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6))[0]
+    again = llm.chat(
+        [{"role": "user", "content": "Name three colours."}],
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6),
+    )[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
 
 
@@ -306,8 +398,10 @@ def test_logprobs_through_the_engine(path):
     from plm_core import LLM, SamplingParams
 
     llm = LLM(path, device="cpu", dtype="float32")
-    out = llm.chat([{"role": "user", "content": "Hello there."}],
-                   SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Hello there."}],
+        SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
+    )[0]
     lps = out.outputs[0].logprobs
     assert len(lps) == 5
     for tok, lp in zip(out.token_ids, lps):
@@ -320,14 +414,31 @@ def test_seeded_sampling_same_alone_and_batched(path, solo, media_dir):
     from plm_core import SamplingParams
 
     img = str(media_path(image_names()[1], media_dir))
-    conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Guess."}]}]
-    p = SamplingParams(temperature=0.8, top_p=0.95, top_k=100, min_p=0.01, presence_penalty=0.5,
-                       repetition_penalty=1.1, seed=42, max_tokens=12, ignore_eos=True)
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": img}, {"type": "text", "text": "Guess."}],
+        }
+    ]
+    p = SamplingParams(
+        temperature=0.8,
+        top_p=0.95,
+        top_k=100,
+        min_p=0.01,
+        presence_penalty=0.5,
+        repetition_penalty=1.1,
+        seed=42,
+        max_tokens=12,
+        ignore_eos=True,
+    )
     alone = solo.chat(conv, p)[0].token_ids
     others = [[{"role": "user", "content": f"Other request {i}."}] for i in range(3)]
-    batch = solo.chat(others[:2] + [conv] + others[2:],
-                      [SamplingParams(temperature=1.0, seed=i, max_tokens=20) for i in range(2)] + [p]
-                      + [SamplingParams(temperature=0, max_tokens=5)])
+    batch = solo.chat(
+        others[:2] + [conv] + others[2:],
+        [SamplingParams(temperature=1.0, seed=i, max_tokens=20) for i in range(2)]
+        + [p]
+        + [SamplingParams(temperature=0, max_tokens=5)],
+    )
     assert batch[2].token_ids == alone
 
 
@@ -336,9 +447,15 @@ def test_gpu_kv_budget_counts_weights_activations_and_other_users():
 
     gib, m = 2**30, GPU_MARGIN_BYTES
     # an 80 GiB card to itself: 16 GiB of weights (8B), 3 GiB reserved for a step and the encoder cache
-    assert gpu_kv_budget(80 * gib, 63 * gib, 16 * gib, 3 * gib, 0.9) == int(0.9 * 80 * gib) - 16 * gib - 3 * gib - m
+    assert (
+        gpu_kv_budget(80 * gib, 63 * gib, 16 * gib, 3 * gib, 0.9)
+        == int(0.9 * 80 * gib) - 16 * gib - 3 * gib - m
+    )
     # a second replica at 0.45 beside one already holding 0.45 of the card: its own share, not the first's
-    assert gpu_kv_budget(80 * gib, 41 * gib, 3 * gib, gib, 0.45) == int(0.45 * 80 * gib) - 3 * gib - gib - m
+    assert (
+        gpu_kv_budget(80 * gib, 41 * gib, 3 * gib, gib, 0.45)
+        == int(0.45 * 80 * gib) - 3 * gib - gib - m
+    )
     # other processes leave less free than the share: only what is free
     assert gpu_kv_budget(80 * gib, 20 * gib, 3 * gib, gib, 0.9) == 20 * gib - gib - m
     # weights beyond the share: nothing (plan_kv_blocks then refuses, with the numbers)
@@ -360,6 +477,15 @@ def test_profile_step_runs_the_worst_case_step(path, device):
     cfg = load_model_config(path)
     dev = torch.device(device)
     model = build_model(cfg, device=dev, dtype=torch.float32)
-    got = profile_step_peak_bytes(model, cfg, num_tokens=48, num_tiles=3, num_logit_rows=4, context_len=100,
-                                  block_size=16, device=dev, dtype=torch.float32)
+    got = profile_step_peak_bytes(
+        model,
+        cfg,
+        num_tokens=48,
+        num_tiles=3,
+        num_logit_rows=4,
+        context_len=100,
+        block_size=16,
+        device=dev,
+        dtype=torch.float32,
+    )
     assert got is None if device == "cpu" else got > 0

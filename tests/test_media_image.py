@@ -19,8 +19,11 @@ from plm_core.media.errors import MediaError
 
 SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-SHARED_IMAGES = sorted(p.name for p in SHARED_MEDIA.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
-    if SHARED_MEDIA.is_dir() else []
+SHARED_IMAGES = (
+    sorted(p.name for p in SHARED_MEDIA.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if SHARED_MEDIA.is_dir()
+    else []
+)
 NO_SHARED = f"shared test media not found at {SHARED_MEDIA} (only present in the project workspace)"
 TOL = 1e-5
 
@@ -31,15 +34,19 @@ def shared_image_params():
     return SHARED_IMAGES
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_processor(max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"):
     from transformers import PerceptionLMImageProcessor
 
     # HF reads the tile budget from the instance (a per-call value is ignored), so build one per budget
-    return PerceptionLMImageProcessor(max_num_tiles=max_num_tiles, vision_input_type=vision_input_type)
+    return PerceptionLMImageProcessor(
+        max_num_tiles=max_num_tiles, vision_input_type=vision_input_type
+    )
 
 
-def hf_pixels(image, max_num_tiles: int = 36, vision_input_type: str = "thumb+tile") -> torch.Tensor:
+def hf_pixels(
+    image, max_num_tiles: int = 36, vision_input_type: str = "thumb+tile"
+) -> torch.Tensor:
     out = hf_processor(max_num_tiles, vision_input_type)(images=[image], return_tensors="pt")
     return out["pixel_values"][0]  # [N, 3, 448, 448]
 
@@ -50,7 +57,9 @@ def hf_grid(width: int, height: int, max_num_tiles: int, tile_size: int = 448) -
         return 1, 1
     p = hf_processor(max_num_tiles)
     grid = p._fit_image_to_canvas(img_width=width, img_height=height, tile_size=tile_size)
-    return grid or p._find_closest_aspect_ratio(img_width=width, img_height=height, tile_size=tile_size)
+    return grid or p._find_closest_aspect_ratio(
+        img_width=width, img_height=height, tile_size=tile_size
+    )
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -66,7 +75,9 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
     rng = np.random.default_rng(seed + width * 7919 + height)
     # smooth + noise so resampling has structure to get wrong
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), (x + y) % 256], -1)
+    base = np.stack(
+        [(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), (x + y) % 256], -1
+    )
     noise = rng.integers(-40, 40, base.shape)
     arr = np.clip(base + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr).convert(mode)
@@ -80,6 +91,7 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 # -- real files ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", shared_image_params())
 def test_shared_image_pixels_equal_hf(name):
     path = SHARED_MEDIA / name
@@ -90,7 +102,9 @@ def test_shared_image_pixels_equal_hf(name):
     assert ours.shape[0] == I.num_image_tiles(*img.size, tile_size=448, max_num_tiles=36)
 
 
-@pytest.mark.parametrize("name", ["astronaut.png", "no_time_for_that_tiny.gif", "logo.png", "camera.png"])
+@pytest.mark.parametrize(
+    "name", ["astronaut.png", "no_time_for_that_tiny.gif", "logo.png", "camera.png"]
+)
 @pytest.mark.parametrize("budget", [1, 4, 9])
 def test_shared_image_tile_budgets_equal_hf(name, budget):
     if not SHARED_IMAGES:
@@ -114,8 +128,21 @@ def test_shared_gif_is_first_frame_and_palette_converted():
 
 # -- synthetic images: sizes, budgets, modes, arrays -----------------------------------------------
 
-SIZES = [(1, 1), (14, 25), (25, 14), (4000, 50), (50, 4000), (448, 448), (896, 448), (448, 1344),
-         (1344, 896), (449, 447), (3, 1000), (640, 480), (1920, 1080)]
+SIZES = [
+    (1, 1),
+    (14, 25),
+    (25, 14),
+    (4000, 50),
+    (50, 4000),
+    (448, 448),
+    (896, 448),
+    (448, 1344),
+    (1344, 896),
+    (449, 447),
+    (3, 1000),
+    (640, 480),
+    (1920, 1080),
+]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -132,7 +159,9 @@ def test_large_exact_multiple_equals_hf():
     assert_close(ours_from_pil(img), hf_pixels(img))
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "I;16", "F"])
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "LA", "P", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "I;16", "F"]
+)
 def test_modes_equal_hf(mode):
     img = random_image(61, 37, mode=mode)
     if mode in ("LA", "RGBA", "PA"):  # give the alpha channel some real transparency
@@ -156,7 +185,9 @@ def test_unconvertible_mode_is_media_error():
         I.pil_to_rgb_tensor(img)
 
 
-@pytest.mark.parametrize("layout", ["hwc3", "hwc4", "hw", "chw1", "hwc1", "chw3", "chw4", "ambiguous", "torch_chw"])
+@pytest.mark.parametrize(
+    "layout", ["hwc3", "hwc4", "hw", "chw1", "hwc1", "chw3", "chw4", "ambiguous", "torch_chw"]
+)
 def test_arrays_equal_hf(layout):
     rng = np.random.default_rng(1)
     h, w = 37, 53
@@ -173,14 +204,25 @@ def test_arrays_equal_hf(layout):
     }[layout]().astype(np.uint8)
     src = torch.from_numpy(arr) if layout == "torch_chw" else arr
     rgb = I.array_to_rgb_tensor(src)
-    assert rgb.dtype == torch.uint8 and rgb.shape == (3, h if layout != "ambiguous" else 20, w if layout != "ambiguous" else 4)
+    assert rgb.dtype == torch.uint8 and rgb.shape == (
+        3,
+        h if layout != "ambiguous" else 20,
+        w if layout != "ambiguous" else 4,
+    )
     # HF's batching rejects a bare 2-D array; its per-image code reads one as [1, H, W]
     hf_src = src[None] if layout == "hw" else src
     assert_close(I.preprocess_image(rgb, max_num_tiles=4), hf_pixels(hf_src, 4))
 
 
-@pytest.mark.parametrize("bad", [np.zeros((5, 5, 2), np.uint8), np.zeros((5, 5, 3), np.float32),
-                                 np.zeros((2, 5, 5, 3), np.uint8), np.zeros((5, 5, 7), np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((5, 5, 2), np.uint8),
+        np.zeros((5, 5, 3), np.float32),
+        np.zeros((2, 5, 5, 3), np.uint8),
+        np.zeros((5, 5, 7), np.uint8),
+    ],
+)
 def test_bad_arrays_are_media_errors(bad):
     with pytest.raises(MediaError):
         I.array_to_rgb_tensor(bad)
@@ -191,7 +233,10 @@ def test_single_tile_input_type_equals_hf():
     ours = ours_from_pil(img, 36, vision_input_type="vanilla")
     assert ours.shape == (1, 3, 448, 448)
     assert_close(ours, hf_pixels(img, 36, "vanilla"))
-    assert I.num_image_tiles(500, 300, tile_size=448, max_num_tiles=36, vision_input_type="vanilla") == 1
+    assert (
+        I.num_image_tiles(500, 300, tile_size=448, max_num_tiles=36, vision_input_type="vanilla")
+        == 1
+    )
 
 
 def test_custom_mean_std_equals_hf():
@@ -256,6 +301,7 @@ def test_preprocess_rejects_bad_input():
 
 # -- tile grids ------------------------------------------------------------------------------------
 
+
 def test_tile_grid_sweep_equals_hf():
     rng = random.Random(0)
     sizes = [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(300)]
@@ -270,8 +316,9 @@ def test_tile_grid_sweep_equals_hf():
 def test_tile_grid_other_tile_size_equals_hf():
     p = hf_processor(9)
     for w, h in [(100, 700), (1000, 300), (336, 336), (337, 335)]:
-        ref = p._fit_image_to_canvas(img_width=w, img_height=h, tile_size=336) or \
-            p._find_closest_aspect_ratio(img_width=w, img_height=h, tile_size=336)
+        ref = p._fit_image_to_canvas(
+            img_width=w, img_height=h, tile_size=336
+        ) or p._find_closest_aspect_ratio(img_width=w, img_height=h, tile_size=336)
         assert I.tile_grid(w, h, 336, 9) == ref
 
 
@@ -290,6 +337,7 @@ def test_tile_budget_is_honored_per_call():
 
 
 # -- decoding and limits ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
 def test_decode_allowed_formats(fmt):
@@ -319,8 +367,16 @@ def test_decode_applies_exif_orientation():
     assert I.decode_image(data, exif_transpose=False).size == (40, 20)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\x01\x02garbage" * 10, b"hello world", b"P6\n4 4\n255\n" + bytes(48),
-                                  b"GIF89a" + b"\x00" * 5])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00\x01\x02garbage" * 10,
+        b"hello world",
+        b"P6\n4 4\n255\n" + bytes(48),
+        b"GIF89a" + b"\x00" * 5,
+    ],
+)
 def test_decode_rejects_garbage(data):
     with pytest.raises(MediaError) as exc:
         I.decode_image(data)
@@ -335,7 +391,10 @@ def test_decode_rejects_truncated_png():
 
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)  # nowhere near enough data: decoding would have to fail
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
@@ -358,6 +417,7 @@ def test_max_pixels_checked_before_decoding():
 
 # -- hashes ----------------------------------------------------------------------------------------
 
+
 def test_content_hashes():
     data = png_bytes(random_image(10, 10))
     assert I.image_content_hash(data) == I.image_content_hash(bytes(data))
@@ -373,12 +433,21 @@ def test_content_hashes():
 
 # -- limits: longest side, tile budget; plain error messages ---------------------------------------
 
+
 def test_longest_side_checked_before_decoding():
-    with pytest.raises(MediaError, match="image size 1x40000 has a side longer than the limit of 32768 pixels"):
-        I.decode_image(_png_header_only(1, 40_000))  # the default; decoding this would fail differently
-    with pytest.raises(MediaError, match="image size 40000x1 has a side longer than the limit of 32768"):
+    with pytest.raises(
+        MediaError, match="image size 1x40000 has a side longer than the limit of 32768 pixels"
+    ):
+        I.decode_image(
+            _png_header_only(1, 40_000)
+        )  # the default; decoding this would fail differently
+    with pytest.raises(
+        MediaError, match="image size 40000x1 has a side longer than the limit of 32768"
+    ):
         I.decode_image(_png_header_only(40_000, 1))
-    with pytest.raises(MediaError, match="image size 300x20 has a side longer than the limit of 299"):
+    with pytest.raises(
+        MediaError, match="image size 300x20 has a side longer than the limit of 299"
+    ):
         I.decode_image(png_bytes(random_image(300, 20)), max_side=299)
     assert I.decode_image(png_bytes(random_image(300, 20)), max_side=300).size == (300, 20)
     assert I.decode_image(png_bytes(Image.new("L", (1, 32768)))).size == (1, 32768)  # at the limit
@@ -395,12 +464,16 @@ def test_huge_tile_budgets_are_refused_at_once(budget):
     import time
 
     start = time.perf_counter()
-    with pytest.raises(MediaError, match=f"over the largest supported budget of {I.MAX_TILE_BUDGET}"):
+    with pytest.raises(
+        MediaError, match=f"over the largest supported budget of {I.MAX_TILE_BUDGET}"
+    ):
         I.tile_grid(97, 61, 448, budget)
     with pytest.raises(MediaError):
         I._aspect_ratio_table(budget)
     assert time.perf_counter() - start < 0.5
-    assert I.tile_grid(97, 61, 448, I.MAX_TILE_BUDGET) is not None  # the guard's own value still works
+    assert (
+        I.tile_grid(97, 61, 448, I.MAX_TILE_BUDGET) is not None
+    )  # the guard's own value still works
 
 
 @pytest.mark.parametrize("bad", [True, False, 4.0, "4", None])
@@ -410,7 +483,9 @@ def test_tile_budget_must_be_an_integer(bad):
     assert I.tile_grid(100, 100, 448, np.int64(4)) == I.tile_grid(100, 100, 448, 4)
 
 
-@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff" + bytes(10), b"GIF89a" + bytes(3)])
+@pytest.mark.parametrize(
+    "data", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff" + bytes(10), b"GIF89a" + bytes(3)]
+)
 def test_unidentified_image_message_is_plain(data):
     with pytest.raises(MediaError) as exc:
         I.decode_image(data)
@@ -420,8 +495,10 @@ def test_unidentified_image_message_is_plain(data):
 
 
 def test_describe_drops_errno_and_object_reprs():
-    assert I._describe(OSError("cannot identify image file <_io.BytesIO object at 0x7f406048e840>")) == \
-        "cannot identify image file"
+    assert (
+        I._describe(OSError("cannot identify image file <_io.BytesIO object at 0x7f406048e840>"))
+        == "cannot identify image file"
+    )
     err = OSError(1094995529, "Invalid data found when processing input", "<none>")
     assert I._describe(err) == "Invalid data found when processing input"
     assert I._describe(ValueError("[Errno 5] broken: '<none>'")) == "broken"

@@ -21,7 +21,12 @@ NAN, INF = float("nan"), float("inf")
 
 def _make(checkpoint, **kwargs) -> PLMProcessor:
     cfg = load_model_config(checkpoint)
-    tok = PLMTokenizer(checkpoint, cfg.chat_template, bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids)
+    tok = PLMTokenizer(
+        checkpoint,
+        cfg.chat_template,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_ids=cfg.eos_token_ids,
+    )
     return PLMProcessor(cfg, tok, **kwargs)
 
 
@@ -34,7 +39,9 @@ def processor(tiny_checkpoint):
 def video_url(tmp_path_factory) -> str:
     from media_sets import write_synthetic_video
 
-    path = write_synthetic_video(tmp_path_factory.mktemp("v") / "v.mp4", frames=30, size=(64, 48), fps=10)
+    path = write_synthetic_video(
+        tmp_path_factory.mktemp("v") / "v.mp4", frames=30, size=(64, 48), fps=10
+    )
     return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
@@ -45,16 +52,31 @@ def _png_url(size=(97, 61), mode="RGB") -> str:
 
 
 def _image(**spec) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url(), **spec}},
-                                         {"type": "text", "text": "x"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _png_url(), **spec}},
+                {"type": "text", "text": "x"},
+            ],
+        }
+    ]
 
 
 def _video(url: str, **spec) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, **spec}},
-                                         {"type": "text", "text": "x"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": {"url": url, **spec}},
+                {"type": "text", "text": "x"},
+            ],
+        }
+    ]
 
 
 # -- max_num_tiles: at most the checkpoint's budget, an integer -------------------------------------
+
 
 @pytest.mark.parametrize("tiles", [37, 300_000, 10**7, 10**30])
 def test_tile_budget_over_the_models_is_refused_at_once(processor, tiles):
@@ -70,7 +92,10 @@ def test_tile_budget_over_the_models_is_refused_at_once(processor, tiles):
 def test_tile_budget_up_to_the_models_is_honored(processor):
     full = processor.process(_image(max_num_tiles=36)).media[0]
     assert full.num_tiles == image_ops.num_image_tiles(97, 61, tile_size=56, max_num_tiles=36)
-    assert processor.process(_image(), MediaOptions(max_num_tiles=36)).media[0].num_tiles == full.num_tiles
+    assert (
+        processor.process(_image(), MediaOptions(max_num_tiles=36)).media[0].num_tiles
+        == full.num_tiles
+    )
 
 
 @pytest.mark.parametrize("bad", [True, 0, -1, 2.0, "4"])
@@ -89,6 +114,7 @@ def test_server_default_budget_is_bounded_by_the_checkpoint(tiny_checkpoint):
 
 # -- fps and num_frames: finite positive numbers, integers -----------------------------------------
 
+
 @pytest.mark.parametrize("fps", [NAN, INF, -INF, 1e308 * 10, 0, -1.0, True, "2"])
 def test_bad_fps_is_a_prompt_error(processor, video_url, fps):
     with pytest.raises(PromptError, match="fps must be a positive finite number"):
@@ -99,8 +125,10 @@ def test_bad_fps_is_a_prompt_error(processor, video_url, fps):
 
 def test_huge_finite_fps_takes_every_frame_up_to_the_ceiling(tiny_checkpoint, video_url):
     proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_frames=8))
-    for item in (proc.process(_video(video_url, fps=1e308)).media[0],
-                 proc.process(_video(video_url), MediaOptions(fps=1e308)).media[0]):
+    for item in (
+        proc.process(_video(video_url, fps=1e308)).media[0],
+        proc.process(_video(video_url), MediaOptions(fps=1e308)).media[0],
+    ):
         assert item.meta["frame_indices"] == video_ops.sample_frame_indices(30, num_frames=8)
 
 
@@ -117,31 +145,54 @@ def test_in_memory_video_fps_must_be_finite(processor):
 
     frames = np.zeros((10, 8, 8, 3), dtype=np.uint8)
     with pytest.raises(PromptError, match="video_fps must be a positive finite number"):
-        processor.process([{"role": "user", "content": [{"type": "video", "video": frames, "fps": 1.0,
-                                                         "video_fps": INF}]}])
+        processor.process(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "video", "video": frames, "fps": 1.0, "video_fps": INF}],
+                }
+            ]
+        )
 
 
 # -- sizes: longest image side, decoded pixels per video -------------------------------------------
+
 
 def test_elongated_image_is_refused_before_decoding(tiny_checkpoint, monkeypatch):
     from PIL import ImageFile
 
     proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
-    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 2000), "L")}}]}]
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded despite the side limit"))
-    with pytest.raises(MediaError, match="image size 1x2000 has a side longer than the limit of 1000 pixels"):
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 2000), "L")}}],
+        }
+    ]
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded despite the side limit")
+    )
+    with pytest.raises(
+        MediaError, match="image size 1x2000 has a side longer than the limit of 1000 pixels"
+    ):
         proc.process(msgs)
 
 
 def test_elongated_in_memory_image_is_refused(tiny_checkpoint):
     proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
     with pytest.raises(MediaError, match="side longer than the limit of 1000"):
-        proc.process([{"role": "user", "content": [{"type": "image", "image": Image.new("L", (2000, 1))}]}])
+        proc.process(
+            [{"role": "user", "content": [{"type": "image", "image": Image.new("L", (2000, 1))}]}]
+        )
 
 
 def test_default_side_limit_keeps_normal_images(processor):
     assert MediaLimits().max_image_side == image_ops.DEFAULT_MAX_IMAGE_SIDE == 32768
-    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 4000), "L")}}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": _png_url((1, 4000), "L")}}],
+        }
+    ]
     assert processor.process(msgs).media[0].num_tiles > 1
 
 
@@ -155,24 +206,36 @@ def test_default_decoded_pixel_budget_admits_32_frames_of_4k():
 def test_decoded_pixel_budget_is_checked_before_decoding(tiny_checkpoint, video_url, monkeypatch):
     proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_decoded_pixels=8 * 64 * 48))
     assert proc.process(_video(video_url, num_frames=8)).media[0].num_tiles == 8
-    monkeypatch.setattr(video_ops, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite the budget"))
-    with pytest.raises(MediaError, match=r"decoding 9 frames of 64x48 .* over the per-video limit of 24576; "
-                                         r"ask for fewer frames"):
+    monkeypatch.setattr(
+        video_ops, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite the budget")
+    )
+    with pytest.raises(
+        MediaError,
+        match=r"decoding 9 frames of 64x48 .* over the per-video limit of 24576; "
+        r"ask for fewer frames",
+    ):
         proc.process(_video(video_url, num_frames=9))
 
 
 def test_video_side_limit(tiny_checkpoint, video_url):
     proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=50))
-    with pytest.raises(MediaError, match="video frame size 64x48 has a side longer than the limit of 50"):
+    with pytest.raises(
+        MediaError, match="video frame size 64x48 has a side longer than the limit of 50"
+    ):
         proc.process(_video(video_url, num_frames=2))
 
 
 # -- messages say what is wrong with the input, nothing about the server ---------------------------
 
-@pytest.mark.parametrize("url", [
-    "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(),
-    "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + bytes(56)).decode(),
-])
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(),
+        "data:video/mp4;base64,"
+        + base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + bytes(56)).decode(),
+    ],
+)
 def test_media_errors_do_not_leak_internals(processor, url):
     kind = "image_url" if url.startswith("data:image") else "video_url"
     with pytest.raises(MediaError) as exc:

@@ -28,14 +28,24 @@ def shared_video(name: str) -> Path:
     return path
 
 
-
-def _pattern_frame(x: np.ndarray, y: np.ndarray, i: int) -> "av.VideoFrame":
+def _pattern_frame(x: np.ndarray, y: np.ndarray, i: int) -> av.VideoFrame:
     """Frame i of a test video: a colour pattern that differs in every frame (x, y: np.mgrid of the size)."""
     arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
     return av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
 
-def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec: str = "libx264",
-                fmt: str | None = None, gop: int = 10, bframes: int = 2, pts_ms: list[int] | None = None) -> Path:
+
+def write_video(
+    path: Path,
+    *,
+    n: int = 90,
+    size=(64, 48),
+    fps: int = 25,
+    codec: str = "libx264",
+    fmt: str | None = None,
+    gop: int = 10,
+    bframes: int = 2,
+    pts_ms: list[int] | None = None,
+) -> Path:
     """A small synthetic video whose frames all differ (moving gradients)."""
     container = av.open(str(path), mode="w", format=fmt)
     stream = container.add_stream(codec, rate=fps)
@@ -44,8 +54,13 @@ def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec:
     stream.codec_context.gop_size = gop
     stream.codec_context.max_b_frames = bframes
     if codec == "libx264":
-        stream.options = {"preset": "veryfast", "bf": str(bframes), "g": str(gop), "keyint_min": str(gop),
-                          "sc_threshold": "0"}
+        stream.options = {
+            "preset": "veryfast",
+            "bf": str(bframes),
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "sc_threshold": "0",
+        }
     if pts_ms is not None:
         stream.codec_context.time_base = Fraction(1, 1000)
     w, h = size
@@ -62,7 +77,7 @@ def write_video(path: Path, *, n: int = 90, size=(64, 48), fps: int = 25, codec:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def full_decode(path: str) -> torch.Tensor:
     """Every frame, in order, the plain PyAV way HF's reader uses: uint8 [T, 3, H, W]."""
     container = av.open(path)
@@ -101,6 +116,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 # -- sampling --------------------------------------------------------------------------------------
 
+
 def test_sample_indices_equal_hf():
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
@@ -109,16 +125,24 @@ def test_sample_indices_equal_hf():
             if n > total:  # HF raises; we take every frame once
                 assert V.sample_frame_indices(total, num_frames=n) == list(range(total))
                 continue
-            ref = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=25.0), num_frames=n)
+            ref = default_sample_indices_fn(
+                VideoMetadata(total_num_frames=total, fps=25.0), num_frames=n
+            )
             assert V.sample_frame_indices(total, num_frames=n) == ref.tolist()
         for fps, video_fps in ((1.0, 25.0), (2.0, 29.97), (0.5, 30.0), (4.0, 24.0)):
             meta = VideoMetadata(total_num_frames=total, fps=video_fps)
             try:
                 ref = default_sample_indices_fn(meta, fps=fps).tolist()
-            except ValueError:  # HF raises when fps asks for more frames than exist; we take them all
-                assert V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == list(range(total))
+            except (
+                ValueError
+            ):  # HF raises when fps asks for more frames than exist; we take them all
+                assert V.sample_frame_indices(
+                    total, num_frames=None, fps=fps, video_fps=video_fps
+                ) == list(range(total))
                 continue
-            assert V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == ref
+            assert (
+                V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == ref
+            )
 
 
 def test_sample_indices_edge_cases():
@@ -134,6 +158,7 @@ def test_sample_indices_edge_cases():
 
 # -- decoding the shared files ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", SHARED_VIDEOS)
 def test_shared_video_frames_equal_full_decode(name):
     path = shared_video(name)
@@ -144,7 +169,9 @@ def test_shared_video_frames_equal_full_decode(name):
     assert torch.equal(frames, full_decode(str(path))[indices])
     for n in (8, 3, 1):
         check_decode(path, V.sample_frame_indices(info.num_frames, num_frames=n))
-    check_decode(path, V.sample_frame_indices(info.num_frames, num_frames=None, fps=2.0, video_fps=info.fps))
+    check_decode(
+        path, V.sample_frame_indices(info.num_frames, num_frames=None, fps=2.0, video_fps=info.fps)
+    )
 
 
 @pytest.mark.parametrize("name", SHARED_VIDEOS)
@@ -153,8 +180,10 @@ def test_shared_video_equals_hf_reader(name):
 
     path = shared_video(name)
     frames, info, indices = V.decode_video_frames(str(path), num_frames=32)
-    ref, meta = read_video_pyav(str(path), sample_indices_fn=lambda metadata, **kw: np.arange(
-        32) * metadata.total_num_frames // 32)
+    ref, meta = read_video_pyav(
+        str(path),
+        sample_indices_fn=lambda metadata, **kw: np.arange(32) * metadata.total_num_frames // 32,
+    )
     assert meta.total_num_frames == info.num_frames and meta.fps == info.fps
     assert list(meta.frames_indices) == indices
     assert torch.equal(frames, torch.from_numpy(ref).permute(0, 3, 1, 2))
@@ -169,13 +198,17 @@ def test_bikes_is_decoded_sparsely():
 def test_shared_probe():
     path = shared_video("bikes.mp4")
     info = V.probe_video(path)
-    assert info == V.VideoInfo(num_frames=250, fps=25.0, duration_s=10.0, width=640, height=272, codec="h264")
+    assert info == V.VideoInfo(
+        num_frames=250, fps=25.0, duration_s=10.0, width=640, height=272, codec="h264"
+    )
 
 
 # -- decoding synthetic videos ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["h264_mp4", "h264_mkv", "mpeg4_avi", "mpeg4_mp4", "h264_ts", "vfr_mp4",
-                                  "no_bframes"])
+
+@pytest.mark.parametrize(
+    "kind", ["h264_mp4", "h264_mkv", "mpeg4_avi", "mpeg4_mp4", "h264_ts", "vfr_mp4", "no_bframes"]
+)
 def test_synthetic_frames_equal_full_decode(videos, kind):
     path = videos[kind]
     total = len(full_decode(str(path)))
@@ -206,7 +239,9 @@ def test_one_thread_and_many_threads_agree(videos):
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            assert check_decode(path, indices).mode == "seek"  # skip_frame works with FFmpeg threads too
+            assert (
+                check_decode(path, indices).mode == "seek"
+            )  # skip_frame works with FFmpeg threads too
     finally:
         torch.set_num_threads(threads)
 
@@ -220,7 +255,13 @@ def test_bytes_and_path_agree(videos):
 
 def test_probe_synthetic(videos):
     info = V.probe_video(videos["h264_mp4"])
-    assert (info.num_frames, info.fps, info.width, info.height, info.codec) == (90, 25.0, 64, 48, "h264")
+    assert (info.num_frames, info.fps, info.width, info.height, info.codec) == (
+        90,
+        25.0,
+        64,
+        48,
+        "h264",
+    )
     assert info.duration_s == pytest.approx(3.6)
     mkv = V.probe_video(videos["h264_mkv"])  # no frame count in the header: estimated
     assert mkv.num_frames == 90 and mkv.fps == 25.0
@@ -233,6 +274,7 @@ def test_fps_sampling(videos):
 
 
 # -- limits and errors -----------------------------------------------------------------------------
+
 
 def test_limits_checked_before_decoding(videos, monkeypatch):
     def no_decoding(*args, **kwargs):
@@ -247,7 +289,9 @@ def test_limits_checked_before_decoding(videos, monkeypatch):
     with pytest.raises(MediaError, match="sample 32 frames, over the limit of 16"):
         V.decode_video_frames(path, num_frames=32, max_frames=16)
     monkeypatch.undo()
-    frames, _, indices = V.decode_video_frames(path, num_frames=32, max_frames=16, clamp_frames=True)
+    frames, _, indices = V.decode_video_frames(
+        path, num_frames=32, max_frames=16, clamp_frames=True
+    )
     assert len(frames) == len(indices) == 16
     monkeypatch.setattr(V, "_decode_indices", no_decoding)
     with pytest.raises(MediaError, match="mutually exclusive"):
@@ -259,8 +303,15 @@ def test_short_video_gives_every_frame_once():
     assert V.sample_frame_indices(40, fps=100.0, video_fps=25.0, num_frames=None) == list(range(40))
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00garbage\xff" * 100, b"\x89PNG\r\n\x1a\n" + bytes(100),
-                                  b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(64)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00garbage\xff" * 100,
+        b"\x89PNG\r\n\x1a\n" + bytes(100),
+        b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(64),
+    ],
+)
 def test_non_video_bytes_rejected(data):
     with pytest.raises(MediaError) as exc:
         V.decode_video_frames(data)
@@ -282,7 +333,8 @@ def test_truncated_and_corrupt_videos_rejected(videos):
 
 # -- pixels ----------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def hf_video_processor():
     from transformers import PerceptionLMVideoProcessor
 
@@ -335,8 +387,18 @@ def test_video_content_hash():
 
 # -- containers without a frame count (Matroska/WebM): HF parity -----------------------------------
 
-def write_av(path: Path, *, n: int = 60, fps: int = 30, codec: str = "libx264", audio_s: float = 0.0,
-             audio_codec: str = "aac", skip_pts: tuple[int, ...] = (), size=(64, 48)) -> Path:
+
+def write_av(
+    path: Path,
+    *,
+    n: int = 60,
+    fps: int = 30,
+    codec: str = "libx264",
+    audio_s: float = 0.0,
+    audio_codec: str = "aac",
+    skip_pts: tuple[int, ...] = (),
+    size=(64, 48),
+) -> Path:
     """A video whose frames all differ, optionally with an audio track of audio_s seconds (longer
     than the video) and with timestamps in skip_pts left out (a dropped frame)."""
     container = av.open(str(path), mode="w")
@@ -360,7 +422,7 @@ def write_av(path: Path, *, n: int = 60, fps: int = 30, codec: str = "libx264", 
         samples, chunk = int(audio_s * 48000), 960
         tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 48000)).astype(np.float32)
         for k in range(0, samples - chunk + 1, chunk):
-            af = av.AudioFrame.from_ndarray(tone[None, k:k + chunk], format="flt", layout="mono")
+            af = av.AudioFrame.from_ndarray(tone[None, k : k + chunk], format="flt", layout="mono")
             af.sample_rate, af.pts, af.time_base = 48000, k, Fraction(1, 48000)
             for packet in audio.encode(af):
                 container.mux(packet)
@@ -376,8 +438,9 @@ def uncounted(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("uncounted")
     return {
         "mkv_long_audio": write_av(d / "long_audio.mkv", n=60, audio_s=10.0),  # 2 s of video
-        "webm_long_audio": write_av(d / "long_audio.webm", n=60, codec="libvpx-vp9", audio_s=6.0,
-                                    audio_codec="libopus"),
+        "webm_long_audio": write_av(
+            d / "long_audio.webm", n=60, codec="libvpx-vp9", audio_s=6.0, audio_codec="libopus"
+        ),
         "webm_dropped": write_av(d / "dropped.webm", n=60, codec="libvpx-vp9", skip_pts=(10,)),
         "mkv_dropped": write_av(d / "dropped.mkv", n=40, skip_pts=(1,)),
     }
@@ -391,22 +454,30 @@ def hf_sample(path: Path, **kw) -> tuple[list[int], torch.Tensor]:
     frames = full_decode(str(path))
     with av.open(str(path)) as container:
         fps = float(container.streams.video[0].average_rate)
-    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, width=frames.shape[3], height=frames.shape[2])
+    meta = VideoMetadata(
+        total_num_frames=len(frames), fps=fps, width=frames.shape[3], height=frames.shape[2]
+    )
     indices = [int(i) for i in PerceptionLMVideoProcessor().sample_frames(meta, **kw)]
     return indices, frames[indices]
 
 
-@pytest.mark.parametrize("kind", ["mkv_long_audio", "webm_long_audio", "webm_dropped", "mkv_dropped"])
-@pytest.mark.parametrize("kw", [{"num_frames": 8}, {"num_frames": 16}, {"num_frames": 32}, {"fps": 2.0}],
-                         ids=["n8", "n16", "n32", "fps2"])
+@pytest.mark.parametrize(
+    "kind", ["mkv_long_audio", "webm_long_audio", "webm_dropped", "mkv_dropped"]
+)
+@pytest.mark.parametrize(
+    "kw",
+    [{"num_frames": 8}, {"num_frames": 16}, {"num_frames": 32}, {"fps": 2.0}],
+    ids=["n8", "n16", "n32", "fps2"],
+)
 def test_uncounted_containers_equal_hf(uncounted, kind, kw):
     path = uncounted[kind]
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0  # the case under test: no count in the header
     total = len(full_decode(str(path)))
     ref_indices, ref_frames = hf_sample(path, **kw)
-    frames, info, indices = V.decode_video_frames(path.read_bytes(), num_frames=kw.get("num_frames"),
-                                                  fps=kw.get("fps"))
+    frames, info, indices = V.decode_video_frames(
+        path.read_bytes(), num_frames=kw.get("num_frames"), fps=kw.get("fps")
+    )
     assert info.num_frames == total
     assert indices == ref_indices
     assert torch.equal(frames, ref_frames)
@@ -450,9 +521,14 @@ def test_fewer_frames_than_packets_are_sampled_again(uncounted, monkeypatch):
 
 # -- robustness of sampling and decoding limits ----------------------------------------------------
 
+
 def test_sampling_by_extreme_fps_is_clamped():
-    assert V.sample_frame_indices(100, num_frames=None, fps=1e308, video_fps=25.0) == list(range(100))
-    assert V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=1e-320) == list(range(100))
+    assert V.sample_frame_indices(100, num_frames=None, fps=1e308, video_fps=25.0) == list(
+        range(100)
+    )
+    assert V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=1e-320) == list(
+        range(100)
+    )
     assert V.sample_frame_indices(100, num_frames=None, fps=1e-300, video_fps=25.0) == [0]
     for bad in (float("nan"), float("inf"), -1.0, 0.0, True):
         with pytest.raises(MediaError, match="fps must be a positive finite number"):
@@ -470,8 +546,11 @@ def test_decoded_pixel_budget_checked_before_decoding(videos, monkeypatch):
 
     path = videos["h264_mp4"]  # 64x48
     monkeypatch.setattr(V, "_decode_indices", no_decoding)
-    with pytest.raises(MediaError, match=r"decoding 8 frames of 64x48 .* over the per-video limit of 24575; "
-                                         r"ask for fewer frames"):
+    with pytest.raises(
+        MediaError,
+        match=r"decoding 8 frames of 64x48 .* over the per-video limit of 24575; "
+        r"ask for fewer frames",
+    ):
         V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48 - 1)
     monkeypatch.undo()
     frames, _, _ = V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48)
@@ -479,8 +558,12 @@ def test_decoded_pixel_budget_checked_before_decoding(videos, monkeypatch):
 
 
 def test_longest_side_checked_before_decoding(videos, monkeypatch):
-    monkeypatch.setattr(V, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite a limit"))
-    with pytest.raises(MediaError, match="video frame size 64x48 has a side longer than the limit of 50"):
+    monkeypatch.setattr(
+        V, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite a limit")
+    )
+    with pytest.raises(
+        MediaError, match="video frame size 64x48 has a side longer than the limit of 50"
+    ):
         V.decode_video_frames(videos["h264_mp4"], max_side=50)
 
 
@@ -490,7 +573,9 @@ def test_frames_come_back_as_a_view_of_one_buffer(videos):
     for allow_seek in (True, False):
         frames, _, _ = V._decode_indices(V._Source(path), [0, 40, 80, 120], allow_seek=allow_seek)
         base = frames.permute(0, 2, 3, 1)  # [F, H, W, 3] memory
-        assert base.is_contiguous() and frames._base is not None and frames._base.shape == base.shape
+        assert (
+            base.is_contiguous() and frames._base is not None and frames._base.shape == base.shape
+        )
 
 
 def test_errors_do_not_leak_internals(videos):

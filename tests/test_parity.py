@@ -8,7 +8,6 @@ video, and a multi-turn conversation. Prompt ids must be identical and generated
 from __future__ import annotations
 
 import pytest
-
 from conftest import checkpoint_path
 from hf_reference import hf_generate, hf_sampled_frames
 from media_sets import image_names, media_path, video_names
@@ -36,8 +35,11 @@ def _check(setup, messages, *, max_num_tiles=36, new_tokens=NEW_TOKENS):
 
     _, path, llm = setup
     hf_prompt, hf_out = hf_generate(path, messages, new_tokens, max_num_tiles)
-    ours = llm.chat(messages, SamplingParams(temperature=0, max_tokens=new_tokens),
-                    media_options=MediaOptions(max_num_tiles=max_num_tiles))[0]
+    ours = llm.chat(
+        messages,
+        SamplingParams(temperature=0, max_tokens=new_tokens),
+        media_options=MediaOptions(max_num_tiles=max_num_tiles),
+    )[0]
     assert ours.prompt_token_ids == hf_prompt
     assert ours.token_ids == hf_out
     assert len(ours.token_ids) >= 1
@@ -51,16 +53,25 @@ def test_text_only(setup):
     _, _, llm = setup
     from plm_core import SamplingParams
 
-    same = llm.chat([{"role": "user", "content": "Write a haiku about the sea."}],
-                    SamplingParams(temperature=0, max_tokens=NEW_TOKENS))[0]
+    same = llm.chat(
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
+    )[0]
     assert same.token_ids == out.token_ids
 
 
 @pytest.mark.parametrize("name", image_names())
 def test_one_image(setup, name, media_dir):
     path = media_path(name, media_dir)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": str(path)},
-                                         {"type": "text", "text": "Describe the image."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(path)},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
     _check(setup, msgs)
 
 
@@ -70,8 +81,15 @@ def test_image_detail_low_is_hf_single_tile(setup, media_dir):
 
     _, path, llm = setup
     img = str(media_path(image_names()[0], media_dir))
-    msgs = [{"role": "user", "content": [{"type": "image", "image": img, "detail": "low"},
-                                         {"type": "text", "text": "Describe the image."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": img, "detail": "low"},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
     hf_prompt, hf_out = hf_generate(path, msgs, NEW_TOKENS, vision_input_type="vanilla")
     ours = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))[0]
     assert ours.prompt_token_ids == hf_prompt and ours.token_ids == hf_out
@@ -91,10 +109,16 @@ def test_two_images_different_tile_counts(setup, media_dir):
         by_count.setdefault(num_image_tiles(w, h, tile_size=tile, max_num_tiles=9), name)
     assert len(by_count) >= 2, "the test media should include images with different tile counts"
     (_, first), (_, second) = sorted(by_count.items())[:2]
-    msgs = [{"role": "user", "content": [
-        {"type": "image", "image": str(media_path(first, media_dir))},
-        {"type": "image", "image": str(media_path(second, media_dir))},
-        {"type": "text", "text": "What differs between these pictures?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(media_path(first, media_dir))},
+                {"type": "image", "image": str(media_path(second, media_dir))},
+                {"type": "text", "text": "What differs between these pictures?"},
+            ],
+        }
+    ]
     _check(setup, msgs, max_num_tiles=9)
 
 
@@ -102,8 +126,15 @@ def test_two_images_different_tile_counts(setup, media_dir):
 def test_video(setup, name, media_dir):
     path = media_path(name, media_dir)
     frames = hf_sampled_frames(path, num_frames=32)
-    msgs = [{"role": "user", "content": [{"type": "video", "video": str(path), "hf_frames": frames},
-                                         {"type": "text", "text": "What happens in this video?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(path), "hf_frames": frames},
+                {"type": "text", "text": "What happens in this video?"},
+            ],
+        }
+    ]
     _check(setup, msgs)
 
 
@@ -111,8 +142,17 @@ def test_multi_turn(setup, media_dir):
     img = media_path(image_names()[0], media_dir)
     msgs = [
         {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "What is this?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is a picture of something."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(img)},
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "It is a picture of something."}],
+        },
         {"role": "user", "content": [{"type": "text", "text": "Tell me more about its colours."}]},
     ]
     _check(setup, msgs)
@@ -125,6 +165,8 @@ def test_sampling_is_reproducible_with_seed(setup):
     msgs = [{"role": "user", "content": "Say something."}]
     p = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=8)
     a, b = llm.chat(msgs, p)[0], llm.chat(msgs, p)[0]
-    c = llm.chat(msgs, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99, max_tokens=8))[0]
+    c = llm.chat(msgs, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99, max_tokens=8))[
+        0
+    ]
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids

@@ -15,7 +15,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def state(device="cpu", prompt=(), output=None, eos=(EOS,), **kw) -> SamplingState:
-    return SamplingState.create(SamplingParams(**kw), list(prompt), [] if output is None else output, eos, device)
+    return SamplingState.create(
+        SamplingParams(**kw), list(prompt), [] if output is None else output, eos, device
+    )
 
 
 def run(logits, *states, sampler=BatchSampler()):
@@ -34,15 +36,39 @@ def probs_logits(probs) -> list[float]:
 
 
 # -- SamplingParams ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.1), dict(top_k=-2), dict(max_tokens=0), dict(n=0),
-    dict(min_p=-0.1), dict(min_p=1.5), dict(presence_penalty=2.5), dict(presence_penalty=-2.1),
-    dict(frequency_penalty=2.1), dict(frequency_penalty=-3), dict(repetition_penalty=0),
-    dict(repetition_penalty=-1), dict(logprobs=-1), dict(logprobs=21), dict(min_tokens=-1),
-    dict(min_tokens=20, max_tokens=10), dict(stop=[""]), dict(stop=["ok", ""]), dict(logit_bias={"x": 1.0}),
-    dict(logit_bias={-1: 1.0}), dict(seed=1.5), dict(stop_token_ids=[-1]), dict(logit_bias={5: 100.5}),
-    dict(logit_bias={5: -101}), dict(seed=2**64), dict(seed=-2**63 - 1),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0),
+        dict(top_p=1.1),
+        dict(top_k=-2),
+        dict(max_tokens=0),
+        dict(n=0),
+        dict(min_p=-0.1),
+        dict(min_p=1.5),
+        dict(presence_penalty=2.5),
+        dict(presence_penalty=-2.1),
+        dict(frequency_penalty=2.1),
+        dict(frequency_penalty=-3),
+        dict(repetition_penalty=0),
+        dict(repetition_penalty=-1),
+        dict(logprobs=-1),
+        dict(logprobs=21),
+        dict(min_tokens=-1),
+        dict(min_tokens=20, max_tokens=10),
+        dict(stop=[""]),
+        dict(stop=["ok", ""]),
+        dict(logit_bias={"x": 1.0}),
+        dict(logit_bias={-1: 1.0}),
+        dict(seed=1.5),
+        dict(stop_token_ids=[-1]),
+        dict(logit_bias={5: 100.5}),
+        dict(logit_bias={5: -101}),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+    ],
+)
 def test_params_validation_errors(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
@@ -50,14 +76,31 @@ def test_params_validation_errors(kw):
 
 def test_params_defaults_and_normalisation():
     p = SamplingParams()
-    assert (p.n, p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (1, 0.0, 0.0, 0.0, 1.0)
+    assert (p.n, p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (
+        1,
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+    )
     assert p.logit_bias is None and p.stop == [] and p.logprobs is None and p.min_tokens == 0
     assert p.skip_special_tokens and not p.include_stop_str_in_output
-    assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, p.stop_token_ids, p.ignore_eos) == \
-        (1.0, 1.0, 0, None, 16, [], False)
+    assert (
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.seed,
+        p.max_tokens,
+        p.stop_token_ids,
+        p.ignore_eos,
+    ) == (1.0, 1.0, 0, None, 16, [], False)
     assert SamplingParams(stop="###").stop == ["###"]
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(logit_bias={"5": 100, 6: -100, 7: 3}).logit_bias == {5: 100.0, 6: -100.0, 7: 3.0}
+    assert SamplingParams(logit_bias={"5": 100, 6: -100, 7: 3}).logit_bias == {
+        5: 100.0,
+        6: -100.0,
+        7: 3.0,
+    }
     assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams(temperature=0.5).greedy
@@ -76,8 +119,11 @@ def test_state_create():
 # -- greedy ----------------------------------------------------------------------------------------
 def test_greedy_is_argmax():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
-    tokens, _ = run(logits, *[state(temperature=0) for _ in range(3)], *[state(top_k=1, temperature=0.8)
-                                                                         for _ in range(3)])
+    tokens, _ = run(
+        logits,
+        *[state(temperature=0) for _ in range(3)],
+        *[state(top_k=1, temperature=0.8) for _ in range(3)],
+    )
     assert tokens == logits.argmax(-1).tolist()
 
 
@@ -85,10 +131,20 @@ def test_greedy_is_argmax_of_processed_logits():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 30, generator=g)
     states = [
-        state(temperature=0, output=[int(logits[0].argmax())], presence_penalty=2.0, frequency_penalty=2.0),
+        state(
+            temperature=0,
+            output=[int(logits[0].argmax())],
+            presence_penalty=2.0,
+            frequency_penalty=2.0,
+        ),
         state(temperature=0, logit_bias={3: 50.0}),
-        state(temperature=0, prompt=[int(logits[2].argmax())], repetition_penalty=1.9, min_tokens=1,
-              eos=(int(logits[2].topk(2).indices[1]),)),
+        state(
+            temperature=0,
+            prompt=[int(logits[2].argmax())],
+            repetition_penalty=1.9,
+            min_tokens=1,
+            eos=(int(logits[2].topk(2).indices[1]),),
+        ),
         state(temperature=0, output=[5, 5, 1], frequency_penalty=1.5),
     ]
     sampler = BatchSampler()
@@ -97,7 +153,9 @@ def test_greedy_is_argmax_of_processed_logits():
     assert tokens == processed.argmax(-1).tolist()
     assert tokens[1] == 3
     assert tokens[0] != int(logits[0].argmax())
-    assert torch.equal(logits, torch.randn(4, 30, generator=torch.Generator().manual_seed(1)))  # input untouched
+    assert torch.equal(
+        logits, torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
+    )  # input untouched
 
 
 # -- processors on a hand-made row ------------------------------------------------------------------
@@ -120,7 +178,9 @@ def test_repetition_penalty_over_prompt_and_output():
 
 
 def test_presence_and_frequency_penalties_over_output_only():
-    out = processed(prompt=[6], output=[0, 0, 0, 2, 4, 4], presence_penalty=0.5, frequency_penalty=0.25)
+    out = processed(
+        prompt=[6], output=[0, 0, 0, 2, 4, 4], presence_penalty=0.5, frequency_penalty=0.25
+    )
     expected = list(ROW)
     expected[0] -= 0.5 + 3 * 0.25
     expected[2] -= 0.5 + 1 * 0.25
@@ -131,7 +191,9 @@ def test_presence_and_frequency_penalties_over_output_only():
 
 
 def test_logit_bias_adds_and_forces_a_token():
-    out = processed(logit_bias={1: 10.0, 6: -2.0, 10_000: 5.0})  # ids past the vocabulary are ignored
+    out = processed(
+        logit_bias={1: 10.0, 6: -2.0, 10_000: 5.0}
+    )  # ids past the vocabulary are ignored
     assert out[1] == pytest.approx(9.0) and out[6] == pytest.approx(2.0)
     assert set(draws(ROW, n=50, logit_bias={3: 100.0})) == {3}
     assert set(draws(ROW, n=50, temperature=0.7, top_p=0.5, logit_bias={3: 100.0})) == {3}
@@ -175,7 +237,9 @@ def test_draw_matches_the_distribution_and_its_edges():
 
     probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]])
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([_draw(probs, [g]) for _ in range(20000)]), minlength=7).double()
+    counts = torch.bincount(
+        torch.cat([_draw(probs, [g]) for _ in range(20000)]), minlength=7
+    ).double()
     expected = probs[0].double() * 20000
     assert counts[expected == 0].sum() == 0
     chi2 = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum().item()
@@ -188,8 +252,10 @@ def test_draw_matches_the_distribution_and_its_edges():
     row = torch.softmax(torch.randn(1, 1000, generator=torch.Generator().manual_seed(1)), dim=-1)
     for seed in range(20):
         alone = _draw(row, [torch.Generator().manual_seed(seed)]).item()
-        batch = _draw(torch.cat([torch.flip(row, [1]), row, row]), [torch.Generator().manual_seed(s)
-                                                                     for s in (seed + 100, seed, seed + 200)])
+        batch = _draw(
+            torch.cat([torch.flip(row, [1]), row, row]),
+            [torch.Generator().manual_seed(s) for s in (seed + 100, seed, seed + 200)],
+        )
         assert batch[1].item() == alone
 
 
@@ -200,8 +266,18 @@ def test_top_k():
     assert got == top
 
 
-@pytest.mark.parametrize("top_p, allowed", [(0.49, {0}), (0.51, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}),
-                                            (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3}), (0.01, {0})])
+@pytest.mark.parametrize(
+    "top_p, allowed",
+    [
+        (0.49, {0}),
+        (0.51, {0, 1}),
+        (0.79, {0, 1}),
+        (0.81, {0, 1, 2}),
+        (0.96, {0, 1, 2, 3}),
+        (1.0, {0, 1, 2, 3}),
+        (0.01, {0}),
+    ],
+)
 def test_top_p_keeps_smallest_set_reaching_p(top_p, allowed):
     got = set(draws(probs_logits(PROBS), n=300, top_p=top_p))
     assert got == allowed
@@ -213,7 +289,9 @@ def test_top_k_then_top_p():
     assert got == {0, 1}
 
 
-@pytest.mark.parametrize("min_p, allowed", [(0.0, {0, 1, 2, 3}), (0.2, {0, 1, 2}), (0.5, {0, 1}), (0.7, {0})])
+@pytest.mark.parametrize(
+    "min_p, allowed", [(0.0, {0, 1, 2, 3}), (0.2, {0, 1, 2}), (0.5, {0, 1}), (0.7, {0})]
+)
 def test_min_p(min_p, allowed):
     assert set(draws(probs_logits(PROBS), n=300, min_p=min_p)) == allowed
 
@@ -235,7 +313,9 @@ def test_logprobs_come_from_raw_logits():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(4, 40, generator=g) * 3
     states = [
-        state(temperature=0, logprobs=5, logit_bias={9: 100.0}),  # processing does not change logprobs
+        state(
+            temperature=0, logprobs=5, logit_bias={9: 100.0}
+        ),  # processing does not change logprobs
         state(seed=1, logprobs=0, presence_penalty=1.0, output=[2, 3]),
         state(seed=2),
         state(seed=3, logprobs=20, top_k=3),
@@ -260,20 +340,41 @@ def test_logprobs_come_from_raw_logits():
 def test_greedy_logprob_rank_is_one():
     logits = torch.randn(1, 20, generator=torch.Generator().manual_seed(5))
     _, (lp,) = run(logits, state(temperature=0, logprobs=1))
-    assert lp.rank == 1 and lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob)
+    assert (
+        lp.rank == 1 and lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob)
+    )
 
 
 # -- reproducibility -------------------------------------------------------------------------------
-SEEDED = dict(seed=1234, temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, presence_penalty=0.3,
-              frequency_penalty=0.2, repetition_penalty=1.1, logit_bias={3: 2.0}, min_tokens=3)
+SEEDED = dict(
+    seed=1234,
+    temperature=0.9,
+    top_p=0.9,
+    top_k=50,
+    min_p=0.02,
+    presence_penalty=0.3,
+    frequency_penalty=0.2,
+    repetition_penalty=1.1,
+    logit_bias={3: 2.0},
+    min_tokens=3,
+)
 STEPS, VOCAB = 12, 500
 
 
 def generate(order: list[str], device: str) -> dict[str, list[int]]:
     """Runs a batch for STEPS steps; each name is a request type; returns each request's tokens."""
     g = torch.Generator().manual_seed(42)
-    per_step = [torch.randn(8, VOCAB, generator=g) * 2 for _ in range(STEPS)]  # fixed logits per request slot
-    slot = {"target": 0, "other_random": 1, "greedy": 2, "plain": 3, "other_seeded": 4, "truncated": 5}
+    per_step = [
+        torch.randn(8, VOCAB, generator=g) * 2 for _ in range(STEPS)
+    ]  # fixed logits per request slot
+    slot = {
+        "target": 0,
+        "other_random": 1,
+        "greedy": 2,
+        "plain": 3,
+        "other_seeded": 4,
+        "truncated": 5,
+    }
     kinds = {
         "target": SEEDED,
         "other_random": dict(temperature=1.3),
@@ -296,9 +397,12 @@ def generate(order: list[str], device: str) -> dict[str, list[int]]:
 def test_seed_reproducible_whatever_the_batch(device):
     alone = generate(["target"], device)["target"]
     assert len(set(alone)) > 1
-    for order in (["target", "other_random", "greedy"], ["greedy", "plain", "target", "other_seeded"],
-                  ["other_seeded", "truncated", "other_random", "greedy", "plain", "target"],
-                  ["truncated", "target"]):
+    for order in (
+        ["target", "other_random", "greedy"],
+        ["greedy", "plain", "target", "other_seeded"],
+        ["other_seeded", "truncated", "other_random", "greedy", "plain", "target"],
+        ["truncated", "target"],
+    ):
         assert generate(order, device)["target"] == alone, order
     # every seeded request, not only the target, is independent of its neighbours
     for name in ("plain", "other_seeded", "truncated"):
@@ -323,20 +427,28 @@ def test_different_seeds_differ(device):
 def test_cuda_greedy_and_logprobs_match_cpu():
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(3, 1000, generator=g)
-    kinds = [dict(temperature=0, logprobs=5, presence_penalty=1.0, output=[int(logits[0].argmax())]),
-             dict(temperature=0, repetition_penalty=1.5, prompt=[1, 2]),
-             dict(temperature=0, logit_bias={4: 100.0})]
+    kinds = [
+        dict(temperature=0, logprobs=5, presence_penalty=1.0, output=[int(logits[0].argmax())]),
+        dict(temperature=0, repetition_penalty=1.5, prompt=[1, 2]),
+        dict(temperature=0, logit_bias={4: 100.0}),
+    ]
     cpu = BatchSampler()(logits, [state("cpu", **k) for k in kinds])
     cuda = BatchSampler()(logits.cuda(), [state("cuda", **k) for k in kinds])
     assert cpu[0] == cuda[0]
-    assert cpu[1][0].rank == cuda[1][0].rank and cpu[1][0].logprob == pytest.approx(cuda[1][0].logprob, abs=1e-5)
+    assert cpu[1][0].rank == cuda[1][0].rank and cpu[1][0].logprob == pytest.approx(
+        cuda[1][0].logprob, abs=1e-5
+    )
 
 
 # -- values that pass validation never fail (or go NaN) in a step ------------------------------------
 def test_seeds_at_the_ends_of_the_range_seed_like_torch():
     """torch reads seeds modulo 2**64: -1 and 2**64 - 1 are one generator, and neither raises."""
-    assert torch.equal(state(seed=-1).generator.get_state(), state(seed=2**64 - 1).generator.get_state())
-    assert torch.equal(state(seed=-2**63).generator.get_state(), state(seed=2**63).generator.get_state())
+    assert torch.equal(
+        state(seed=-1).generator.get_state(), state(seed=2**64 - 1).generator.get_state()
+    )
+    assert torch.equal(
+        state(seed=-(2**63)).generator.get_state(), state(seed=2**63).generator.get_state()
+    )
     params = SamplingParams(seed=5)
     params.seed = 2**70 + 5  # changed after validation: still no error inside the engine
     s = SamplingState.create(params, [], [], (), "cpu")
@@ -346,12 +458,22 @@ def test_seeds_at_the_ends_of_the_range_seed_like_torch():
 def test_extreme_legal_values_never_raise():
     vocab = len(ROW)
     extremes = [
-        dict(seed=2**64 - 1), dict(seed=-2**63), dict(temperature=1e300), dict(temperature=1e-5),
-        dict(top_k=10**30), dict(top_k=10**30, top_p=1e-300), dict(min_p=1.0), dict(repetition_penalty=1e-300),
-        dict(repetition_penalty=1e300), dict(stop_token_ids=[2**70, 0], min_tokens=3),
+        dict(seed=2**64 - 1),
+        dict(seed=-(2**63)),
+        dict(temperature=1e300),
+        dict(temperature=1e-5),
+        dict(top_k=10**30),
+        dict(top_k=10**30, top_p=1e-300),
+        dict(min_p=1.0),
+        dict(repetition_penalty=1e-300),
+        dict(repetition_penalty=1e300),
+        dict(stop_token_ids=[2**70, 0], min_tokens=3),
         dict(logit_bias={2**70: 100, 0: -100, 1: 100}, min_tokens=2, stop_token_ids=[1]),
-        dict(stop_token_ids=list(range(vocab)), eos=tuple(range(vocab)), min_tokens=2),  # every token masked
-        dict(presence_penalty=2, frequency_penalty=-2, logprobs=20, top_k=-1), dict(temperature=0, logprobs=0),
+        dict(
+            stop_token_ids=list(range(vocab)), eos=tuple(range(vocab)), min_tokens=2
+        ),  # every token masked
+        dict(presence_penalty=2, frequency_penalty=-2, logprobs=20, top_k=-1),
+        dict(temperature=0, logprobs=0),
     ]
     states = [state(prompt=[0, 2, 2**40], output=[1, 1], **kw) for kw in extremes]
     tokens, logprobs = run([ROW] * len(states), *states)
@@ -364,7 +486,10 @@ def test_extreme_repetition_penalty_never_makes_nan():
     greedy = state(temperature=0, prompt=[0], repetition_penalty=1e300)
     assert run([[0.0, 1.0, 2.0]], greedy)[0] == [2]
     # tiny: the seen tokens 2 and 3 both grow past fp32's range (inf - inf = NaN in softmax); both stay likely
-    assert set(draws([0.5, 1.0, 5.0, 6.0], n=100, prompt=[2, 3], repetition_penalty=1e-300)) == {2, 3}
+    assert set(draws([0.5, 1.0, 5.0, 6.0], n=100, prompt=[2, 3], repetition_penalty=1e-300)) == {
+        2,
+        3,
+    }
 
 
 def test_infinite_temperature_is_uniform_over_unmasked_tokens():

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import checkpoint_path
+
 from plm_core.llm import choice_params
 from plm_core.sampling import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -18,20 +18,31 @@ RESERVED = 128010  # <|reserved_special_token_5|>
 
 
 # -- validation ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", [SEED_MAX + 1, SEED_MIN - 1, 2**100, -2**100])
+@pytest.mark.parametrize("seed", [SEED_MAX + 1, SEED_MIN - 1, 2**100, -(2**100)])
 def test_seed_outside_what_torch_accepts_is_rejected(seed):
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=seed)
 
 
-@pytest.mark.parametrize("seed", [SEED_MIN, -1, 0, 2**63, SEED_MAX, np.int64(-5), np.uint64(2**64 - 1)])
+@pytest.mark.parametrize(
+    "seed", [SEED_MIN, -1, 0, 2**63, SEED_MAX, np.int64(-5), np.uint64(2**64 - 1)]
+)
 def test_seed_inside_the_range_is_kept(seed):
     p = SamplingParams(seed=seed)
     assert p.seed == int(seed) and type(p.seed) is int
 
 
-@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                                   "repetition_penalty"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ],
+)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_floats_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
@@ -51,24 +62,43 @@ def test_logit_bias_in_range_is_kept():
         SamplingParams(logit_bias={1.5: 1.0})
 
 
-@pytest.mark.parametrize("kw", [dict(logprobs=2.5), dict(top_k=2.5), dict(max_tokens=3.0), dict(n=1.5),
-                                dict(min_tokens=0.5), dict(stop_token_ids=[1.5]), dict(stop_token_ids=["7"]),
-                                dict(temperature="1"), dict(seed="3")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(logprobs=2.5),
+        dict(top_k=2.5),
+        dict(max_tokens=3.0),
+        dict(n=1.5),
+        dict(min_tokens=0.5),
+        dict(stop_token_ids=[1.5]),
+        dict(stop_token_ids=["7"]),
+        dict(temperature="1"),
+        dict(seed="3"),
+    ],
+)
 def test_integer_and_float_fields_need_numbers(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)
 
 
 def test_numpy_numbers_become_python_numbers():
-    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int32(3), logprobs=np.int64(2),
-                       stop_token_ids=np.array([4, 5]))
+    p = SamplingParams(
+        temperature=np.float32(0.5),
+        top_k=np.int32(3),
+        logprobs=np.int64(2),
+        stop_token_ids=np.array([4, 5]),
+    )
     assert (p.temperature, p.top_k, p.logprobs, p.stop_token_ids) == (0.5, 3, 2, [4, 5])
     assert all(type(x) is int for x in (p.top_k, p.logprobs, *p.stop_token_ids))
 
 
 def test_choice_seeds_wrap_around_the_range():
     ordinary = SamplingParams(seed=5, n=3)
-    assert [choice_params(ordinary, i).seed for i in range(3)] == [5, 6, 7]  # unchanged for ordinary seeds
+    assert [choice_params(ordinary, i).seed for i in range(3)] == [
+        5,
+        6,
+        7,
+    ]  # unchanged for ordinary seeds
     assert [choice_params(SamplingParams(seed=-2, n=3), i).seed for i in range(3)] == [-2, -1, 0]
     top = SamplingParams(seed=SEED_MAX - 1, n=4)
     assert [choice_params(top, i).seed for i in range(4)] == [SEED_MAX - 1, SEED_MAX, 0, 1]
@@ -90,18 +120,37 @@ def llm():
 def forced(llm, token, **kw):
     """One completion whose every token is `token` (a logit bias of 100 beats the tiny model's logits)."""
     kw.setdefault("max_tokens", 5)
-    return llm.chat(CONV, SamplingParams(temperature=0, logit_bias={token: 100}, **kw))[0].outputs[0]
+    return llm.chat(CONV, SamplingParams(temperature=0, logit_bias={token: 100}, **kw))[0].outputs[
+        0
+    ]
 
 
 def test_min_tokens_holds_back_stop_strings(llm):
     out = forced(llm, REE, stop="ree")
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == ("", 1, "stop", "ree")
-    out = forced(llm, REE, stop="ree", min_tokens=3)  # tokens 1-3 are ordinary text; token 4 completes the stop
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == ("reereeree", 4, "stop", "ree")
+    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
+        "",
+        1,
+        "stop",
+        "ree",
+    )
+    out = forced(
+        llm, REE, stop="ree", min_tokens=3
+    )  # tokens 1-3 are ordinary text; token 4 completes the stop
+    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
+        "reereeree",
+        4,
+        "stop",
+        "ree",
+    )
     out = forced(llm, REE, stop="eree", min_tokens=1)  # begun in token 1, completed by token 2
     assert (out.text, len(out.token_ids), out.stop_reason) == ("re", 2, "eree")
     out = forced(llm, REE, stop="ree", min_tokens=5)  # never past min_tokens: runs to max_tokens
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == ("ree" * 5, 5, "length", None)
+    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
+        "ree" * 5,
+        5,
+        "length",
+        None,
+    )
     stream = forced(llm, REE, stop="ree", min_tokens=2, include_stop_str_in_output=True)
     assert (stream.text, len(stream.token_ids)) == ("ree" * 3, 3)
 
@@ -142,14 +191,18 @@ def test_requests_the_engine_cannot_serve_are_rejected_before_they_run(llm):
     good, bad = SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, logit_bias={2**70: 1.0})
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.chat([CONV, CONV, CONV], [good, bad, good])
-    assert not llm.engine.has_unfinished()  # the good request queued before the bad one was dropped too
+    assert (
+        not llm.engine.has_unfinished()
+    )  # the good request queued before the bad one was dropped too
     prompt = llm.process(CONV)
     prompt.prompt_token_ids = prompt.prompt_token_ids + [vocab]
     with pytest.raises(ValueError, match="prompt"):
         llm.generate_prompts([prompt], [good])
     assert not llm.engine.has_unfinished()
     # huge stop token ids are fine (they can never be sampled) and the engine still works
-    out = llm.chat(CONV, SamplingParams(max_tokens=3, stop_token_ids=[2**70], min_tokens=2, ignore_eos=True))[0]
+    out = llm.chat(
+        CONV, SamplingParams(max_tokens=3, stop_token_ids=[2**70], min_tokens=2, ignore_eos=True)
+    )[0]
     assert len(out.token_ids) == 3
 
 

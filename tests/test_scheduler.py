@@ -28,8 +28,14 @@ _prompt_bases = itertools.count(1)
 
 
 def image(content_hash: str, offset: int, num_tokens: int = 8, num_tiles: int = 2) -> MediaItem:
-    return MediaItem("image", content_hash, ("tiles", 448, 36), num_tiles=num_tiles, num_tokens=num_tokens,
-                     offset=offset)
+    return MediaItem(
+        "image",
+        content_hash,
+        ("tiles", 448, 36),
+        num_tiles=num_tiles,
+        num_tokens=num_tokens,
+        offset=offset,
+    )
 
 
 def prompt_tokens(n: int, media: list[MediaItem] = ()) -> list[int]:
@@ -37,12 +43,17 @@ def prompt_tokens(n: int, media: list[MediaItem] = ()) -> list[int]:
     base = 1000 * next(_prompt_bases)
     tokens = list(range(base, base + n))
     for m in media:
-        tokens[m.offset:m.offset + m.num_tokens] = [PLACEHOLDER] * m.num_tokens
+        tokens[m.offset : m.offset + m.num_tokens] = [PLACEHOLDER] * m.num_tokens
     return tokens
 
 
-def make_request(rid: str, prompt_len: int = 8, max_tokens: int = 4, media: list[MediaItem] = (),
-                 tokens: list[int] | None = None) -> Request:
+def make_request(
+    rid: str,
+    prompt_len: int = 8,
+    max_tokens: int = 4,
+    media: list[MediaItem] = (),
+    tokens: list[int] | None = None,
+) -> Request:
     tokens = prompt_tokens(prompt_len, media) if tokens is None else list(tokens)
     return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), media=list(media))
 
@@ -57,26 +68,43 @@ def key(item: MediaItem) -> str:
 
 def encoded(out: SchedulerOutput) -> list[tuple[str, int, int]]:
     """(content hash, first tile, end tile) of each encoder input of a step."""
-    return [(m.content_hash, lo, hi) for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges)]
+    return [
+        (m.content_hash, lo, hi) for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges)
+    ]
 
 
 class Harness:
     """A scheduler plus a fake model runner; checks the output and every invariant at each step."""
 
-    def __init__(self, *, num_blocks: int = 64, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_encoder_tiles_per_step: int = 64, encoder_tokens: int = 1024, prefix_caching: bool = True,
-                 chunked_prefill: bool = True):
-        self.config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      max_encoder_tiles_per_step=max_encoder_tiles_per_step,
-                                      enable_chunked_prefill=chunked_prefill)
+    def __init__(
+        self,
+        *,
+        num_blocks: int = 64,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_encoder_tiles_per_step: int = 64,
+        encoder_tokens: int = 1024,
+        prefix_caching: bool = True,
+        chunked_prefill: bool = True,
+    ):
+        self.config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_encoder_tiles_per_step=max_encoder_tiles_per_step,
+            enable_chunked_prefill=chunked_prefill,
+        )
         self.blocks = BlockManager(num_blocks, BS, enable_prefix_caching=prefix_caching)
         self.encoder = EncoderCacheManager(encoder_tokens)
         self.sched = Scheduler(self.config, self.blocks, self.encoder)
         self.complete: set[str] = set()  # encoder outputs the fake runner holds
-        self.partial: dict[str, int] = {}  # cache key -> tiles encoded so far, for items not complete yet
+        self.partial: dict[
+            str, int
+        ] = {}  # cache key -> tiles encoded so far, for items not complete yet
         self.arrival: dict[str, int] = {}
         self.finished: dict[str, Request] = {}
-        self.decodes_every_step = False  # check: a running request one token short is in every batch
+        self.decodes_every_step = (
+            False  # check: a running request one token short is in every batch
+        )
 
     # -- driving ----------------------------------------------------------------------------------
     def add(self, *requests: Request) -> None:
@@ -99,7 +127,9 @@ class Harness:
         out = s.schedule()
         if self.decodes_every_step:
             for r in decoding:
-                assert r in out.requests or r in out.preempted, f"decode {r.request_id} got no token this step"
+                assert r in out.requests or r in out.preempted, (
+                    f"decode {r.request_id} got no token this step"
+                )
         self.check_output(out, before, was_running)
         self.run(out)
         s.update_after_step(out)
@@ -133,7 +163,9 @@ class Harness:
         for item, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges):
             k = key(item)
             assert k not in self.complete, f"{k} encoded again while its output is resident"
-            assert lo == self.partial.get(k, 0) and lo < hi <= item.num_tiles, f"{k}: tiles [{lo}, {hi}) out of turn"
+            assert lo == self.partial.get(k, 0) and lo < hi <= item.num_tiles, (
+                f"{k}: tiles [{lo}, {hi}) out of turn"
+            )
             tiles += hi - lo
             if hi == item.num_tiles:
                 self.partial.pop(k, None)
@@ -143,7 +175,9 @@ class Harness:
         assert tiles <= self.config.max_encoder_tiles_per_step
         for request, start, n in zip(out.requests, out.start_positions, out.num_scheduled_tokens):
             for item in request.media_in_range(start, start + n):
-                assert key(item) in self.complete, f"{request.request_id} computes {key(item)} before it is encoded"
+                assert key(item) in self.complete, (
+                    f"{request.request_id} computes {key(item)} before it is encoded"
+                )
         # the scheduler's idea of each entry's progress matches what the runner holds
         progress = self.sched._encoder_progress
         assert self.complete | set(self.partial) <= set(self.encoder.entries)
@@ -151,16 +185,27 @@ class Harness:
             if k in progress:
                 assert k not in self.complete and self.partial.get(k, 0) == progress[k]
             else:
-                assert k in self.complete, f"{k} resident and complete for the scheduler, not for the runner"
+                assert k in self.complete, (
+                    f"{k} resident and complete for the scheduler, not for the runner"
+                )
 
     # -- checks -----------------------------------------------------------------------------------
-    def check_output(self, out: SchedulerOutput, before: dict[str, int], was_running: set[str]) -> None:
+    def check_output(
+        self, out: SchedulerOutput, before: dict[str, int], was_running: set[str]
+    ) -> None:
         s, cfg = self.sched, self.config
-        assert len(out.requests) == len(out.start_positions) == len(out.num_scheduled_tokens) == len(out.sample)
+        assert (
+            len(out.requests)
+            == len(out.start_positions)
+            == len(out.num_scheduled_tokens)
+            == len(out.sample)
+        )
         assert len(set(ids(out))) == len(out.requests)
         assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
         assert len(s.running) <= cfg.max_num_seqs
-        for request, start, n, sample in zip(out.requests, out.start_positions, out.num_scheduled_tokens, out.sample):
+        for request, start, n, sample in zip(
+            out.requests, out.start_positions, out.num_scheduled_tokens, out.sample
+        ):
             assert n >= 1 and request.status is RequestStatus.RUNNING and request in s.running
             if request.request_id in was_running:
                 assert start == before[request.request_id]  # continues where it left off
@@ -177,7 +222,11 @@ class Harness:
             assert set(ids(out)) <= was_running, "admitted new requests in a step that preempted"
         for request in out.preempted:
             assert request.status is RequestStatus.PREEMPTED and request in s.waiting
-            assert request.block_ids == [] and request.num_computed_tokens == 0 and not request.encoder_keys
+            assert (
+                request.block_ids == []
+                and request.num_computed_tokens == 0
+                and not request.encoder_keys
+            )
             assert request not in out.requests
         for r in s.running:  # a running request not in the batch computes nothing this step
             if r in out.requests:
@@ -228,15 +277,32 @@ def test_requests_join_and_leave_between_steps():
     a = make_request("a", prompt_len=10, max_tokens=3)
     h.add(a)
     out = h.step()
-    assert (ids(out), out.start_positions, out.num_scheduled_tokens, out.sample) == (["a"], [0], [10], [True])
+    assert (ids(out), out.start_positions, out.num_scheduled_tokens, out.sample) == (
+        ["a"],
+        [0],
+        [10],
+        [True],
+    )
     b = make_request("b", prompt_len=6, max_tokens=3)
     h.add(b)
     out = h.step()  # b joins while a decodes
     assert (ids(out), out.start_positions, out.num_scheduled_tokens, out.sample) == (
-        ["a", "b"], [10, 0], [1, 6], [True, True])
+        ["a", "b"],
+        [10, 0],
+        [1, 6],
+        [True, True],
+    )
     out = h.step()
-    assert (ids(out), out.start_positions, out.num_scheduled_tokens) == (["a", "b"], [11, 6], [1, 1])
-    assert a.status is RequestStatus.FINISHED_LENGTH and a.output_token_ids == [TOKEN] * 3 and a.block_ids == []
+    assert (ids(out), out.start_positions, out.num_scheduled_tokens) == (
+        ["a", "b"],
+        [11, 6],
+        [1, 1],
+    )
+    assert (
+        a.status is RequestStatus.FINISHED_LENGTH
+        and a.output_token_ids == [TOKEN] * 3
+        and a.block_ids == []
+    )
     out = h.step()  # a left; its id reaches the runner once
     assert ids(out) == ["b"] and out.finished_request_ids == ["a"]
     assert b.is_finished
@@ -254,13 +320,22 @@ def test_chunked_prefill_positions_and_sample():
     while not r.is_finished:
         out = h.step()
         chunks.append((out.start_positions[0], out.num_scheduled_tokens[0], out.sample[0]))
-    assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True), (50, 1, True)]
+    assert chunks == [
+        (0, 16, False),
+        (16, 16, False),
+        (32, 16, False),
+        (48, 2, True),
+        (50, 1, True),
+    ]
     h.run_until_done()
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
     h = Harness(max_num_batched_tokens=16, chunked_prefill=False)
-    a, b = make_request("a", prompt_len=10, max_tokens=3), make_request("b", prompt_len=16, max_tokens=1)
+    a, b = (
+        make_request("a", prompt_len=10, max_tokens=3),
+        make_request("b", prompt_len=16, max_tokens=1),
+    )
     h.add(a, b)
     out = h.step()
     assert ids(out) == ["a"]  # b's 16 tokens do not fit next to a's 10
@@ -276,7 +351,10 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
 def test_decodes_go_first_and_run_every_step_while_a_long_prompt_prefills():
     h = Harness(max_num_batched_tokens=32)
     h.decodes_every_step = True
-    a, b = make_request("a", prompt_len=5, max_tokens=30), make_request("b", prompt_len=6, max_tokens=30)
+    a, b = (
+        make_request("a", prompt_len=5, max_tokens=30),
+        make_request("b", prompt_len=6, max_tokens=30),
+    )
     h.add(a, b)
     h.step()
     c = make_request("c", prompt_len=200, max_tokens=2)
@@ -337,7 +415,10 @@ def test_admission_waits_for_kv_blocks_head_of_line():
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_growing_decodes_preempt_the_latest_request(prefix_caching):
     h = Harness(num_blocks=6, prefix_caching=prefix_caching)  # 24 tokens
-    a, b = make_request("a", prompt_len=7, max_tokens=10), make_request("b", prompt_len=7, max_tokens=10)
+    a, b = (
+        make_request("a", prompt_len=7, max_tokens=10),
+        make_request("b", prompt_len=7, max_tokens=10),
+    )
     h.add(a, b)
     for _ in range(6):  # both grow to 3 blocks: the cache is full
         out = h.step()
@@ -348,7 +429,10 @@ def test_growing_decodes_preempt_the_latest_request(prefix_caching):
     out = h.step()  # a needs a 4th block: b, the latest, gives its blocks up
     assert ids(out) == ["a"] and out.preempted == [b]
     assert b.status is RequestStatus.PREEMPTED and b.block_ids == [] and b.num_computed_tokens == 0
-    assert list(h.sched.waiting) == [b, c]  # at the front, and nothing admitted in a preempting step
+    assert list(h.sched.waiting) == [
+        b,
+        c,
+    ]  # at the front, and nothing admitted in a preempting step
     assert b.num_preemptions == 1 and h.sched.num_preemptions == 1
     assert b.output_token_ids == [TOKEN] * 6  # outputs are kept and recomputed, not regenerated
     while not a.is_finished:
@@ -476,7 +560,10 @@ def test_a_second_request_with_the_same_image_is_an_encoder_hit():
 
 def test_a_chunk_stops_before_an_item_the_tile_budget_cannot_finish():
     h = Harness(max_encoder_tiles_per_step=4)
-    x, y = image("x", offset=2, num_tokens=6, num_tiles=3), image("y", offset=10, num_tokens=6, num_tiles=3)
+    x, y = (
+        image("x", offset=2, num_tokens=6, num_tiles=3),
+        image("y", offset=10, num_tokens=6, num_tiles=3),
+    )
     r = make_request("r", prompt_len=20, media=[x, y], max_tokens=1)
     h.add(r)
     out = h.step()  # x whole, then y's first tile with what is left; tokens stop before y
@@ -489,8 +576,12 @@ def test_a_chunk_stops_before_an_item_the_tile_budget_cannot_finish():
 
 def test_the_tile_budget_is_shared_across_requests_in_a_step():
     h = Harness(max_encoder_tiles_per_step=4)
-    a = make_request("a", prompt_len=12, media=[image("p", offset=2, num_tokens=6, num_tiles=3)], max_tokens=1)
-    b = make_request("b", prompt_len=12, media=[image("q", offset=4, num_tokens=6, num_tiles=3)], max_tokens=1)
+    a = make_request(
+        "a", prompt_len=12, media=[image("p", offset=2, num_tokens=6, num_tiles=3)], max_tokens=1
+    )
+    b = make_request(
+        "b", prompt_len=12, media=[image("q", offset=4, num_tokens=6, num_tiles=3)], max_tokens=1
+    )
     h.add(a, b)
     out = h.step()
     assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [12, 4]  # b stops before q
@@ -508,7 +599,9 @@ def test_an_item_larger_than_the_tile_budget_spans_steps_while_decodes_flow():
     h.step()
     big = image("big", offset=2, num_tokens=20, num_tiles=10)
     b = make_request("b", prompt_len=30, media=[big], max_tokens=1)
-    c = make_request("c", prompt_len=12, media=[image("c", offset=0, num_tokens=6, num_tiles=3)], max_tokens=1)
+    c = make_request(
+        "c", prompt_len=12, media=[image("c", offset=0, num_tokens=6, num_tiles=3)], max_tokens=1
+    )
     h.add(b, c)
     out = h.step()
     assert ids(out) == ["d", "b"] and out.num_scheduled_tokens == [1, 2]  # b stops before big
@@ -517,8 +610,14 @@ def test_an_item_larger_than_the_tile_budget_spans_steps_while_decodes_flow():
     out = h.step()
     assert ids(out) == ["d"] and encoded(out) == [("big", 4, 8)]
     assert b in h.sched.running and b.num_computed_tokens == 2
-    out = h.step()  # big completes: b computes its prompt; c joins with its image's first tiles only
-    assert ids(out) == ["d", "b"] and out.num_scheduled_tokens == [1, 28] and out.sample == [True, True]
+    out = (
+        h.step()
+    )  # big completes: b computes its prompt; c joins with its image's first tiles only
+    assert (
+        ids(out) == ["d", "b"]
+        and out.num_scheduled_tokens == [1, 28]
+        and out.sample == [True, True]
+    )
     assert encoded(out) == [("big", 8, 10), ("c", 0, 2)]
     assert c in h.sched.running and c.num_computed_tokens == 0  # running, computing no token yet
     out = h.step()
@@ -528,13 +627,25 @@ def test_an_item_larger_than_the_tile_budget_spans_steps_while_decodes_flow():
 
 def test_two_requests_share_the_encoding_of_one_item():
     h = Harness(max_encoder_tiles_per_step=4)
-    a = make_request("a", prompt_len=20, media=[image("z", offset=2, num_tokens=12, num_tiles=6)], max_tokens=1)
-    b = make_request("b", prompt_len=20, media=[image("z", offset=4, num_tokens=12, num_tiles=6)], max_tokens=1)
+    a = make_request(
+        "a", prompt_len=20, media=[image("z", offset=2, num_tokens=12, num_tiles=6)], max_tokens=1
+    )
+    b = make_request(
+        "b", prompt_len=20, media=[image("z", offset=4, num_tokens=12, num_tiles=6)], max_tokens=1
+    )
     h.add(a, b)
     out = h.step()
-    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [2, 4] and encoded(out) == [("z", 0, 4)]
+    assert (
+        ids(out) == ["a", "b"]
+        and out.num_scheduled_tokens == [2, 4]
+        and encoded(out) == [("z", 0, 4)]
+    )
     out = h.step()
-    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [18, 16] and encoded(out) == [("z", 4, 6)]
+    assert (
+        ids(out) == ["a", "b"]
+        and out.num_scheduled_tokens == [18, 16]
+        and encoded(out) == [("z", 4, 6)]
+    )
     assert h.encoder.misses == 1
     h.run_until_done()
 
@@ -546,7 +657,9 @@ def test_a_half_encoded_item_outlives_its_aborted_request():
     assert encoded(h.step()) == [("z", 0, 4)]
     h.abort("a")
     assert h.encoder.has(key(a.media[0])) and not h.encoder.refs[key(a.media[0])]
-    b = make_request("b", prompt_len=24, media=[image("z", offset=0, num_tokens=20, num_tiles=10)], max_tokens=1)
+    b = make_request(
+        "b", prompt_len=24, media=[image("z", offset=0, num_tokens=20, num_tiles=10)], max_tokens=1
+    )
     h.add(b)
     assert encoded(h.step()) == [("z", 4, 8)]  # picks up where a left off
     out = h.step()
@@ -566,7 +679,9 @@ def test_encoder_evictions_reach_the_runner():
     assert out.free_encoder_keys == [key(x)] and encoded(out) == [("y", 0, 2)]
     assert not h.encoder.has(key(x))
     h.run_until_done()
-    h.add(make_request("c", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
+    h.add(
+        make_request("c", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1)
+    )
     out = h.step()  # x again: a miss now, and y makes room
     assert out.free_encoder_keys == [key(y)] and encoded(out) == [("x", 0, 2)]
     h.run_until_done()
@@ -586,12 +701,12 @@ def test_encoder_cache_space_stops_a_chunk_until_a_holder_lets_go():
     h.run_until_done()
 
 
-
-
 @pytest.mark.parametrize("hit_first", [True, False])
 def test_a_chunk_with_an_unreferenced_hit_and_a_miss(hit_first):
     h = Harness(encoder_tokens=16)
-    h.add(make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
+    h.add(
+        make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1)
+    )
     h.run_until_done()  # x resident, unreferenced: 8 used, 8 evictable
     x, y = image("x", offset=2, num_tokens=8), image("y", offset=12, num_tokens=10)
     if not hit_first:
@@ -604,8 +719,12 @@ def test_a_chunk_with_an_unreferenced_hit_and_a_miss(hit_first):
 
 def test_a_miss_does_not_evict_a_hit_of_the_same_chunk():
     h = Harness(encoder_tokens=24)
-    h.add(make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1))
-    h.add(make_request("a2", prompt_len=12, media=[image("z", offset=2, num_tokens=8)], max_tokens=1))
+    h.add(
+        make_request("a", prompt_len=12, media=[image("x", offset=2, num_tokens=8)], max_tokens=1)
+    )
+    h.add(
+        make_request("a2", prompt_len=12, media=[image("z", offset=2, num_tokens=8)], max_tokens=1)
+    )
     h.run_until_done()  # x (least recently used) and z resident, unreferenced
     media = [image("y", offset=2, num_tokens=14), image("x", offset=16, num_tokens=8)]
     b = make_request("b", prompt_len=26, media=media, max_tokens=1)
@@ -616,24 +735,35 @@ def test_a_miss_does_not_evict_a_hit_of_the_same_chunk():
 
 def test_a_repeated_image_is_not_pinned_across_the_gap():
     h = Harness(encoder_tokens=24, max_num_batched_tokens=8)
-    media = [image("x", offset=2, num_tokens=16), image("y", offset=20, num_tokens=12),
-             image("x", offset=34, num_tokens=16)]
+    media = [
+        image("x", offset=2, num_tokens=16),
+        image("y", offset=20, num_tokens=12),
+        image("x", offset=34, num_tokens=16),
+    ]
     r = make_request("r", prompt_len=52, media=media, max_tokens=1)
     h.add(r)
     h.run_until_done(max_steps=40)
     assert r.output_token_ids == [TOKEN]
 
 
-
-
 def test_a_decode_is_not_starved_by_a_prefill_admitted_before_it():
     h = Harness(max_num_batched_tokens=32, max_encoder_tiles_per_step=4)
-    a = make_request("a", prompt_len=100, max_tokens=1, media=[
-        image("x", offset=2, num_tokens=8, num_tiles=4), image("y", offset=12, num_tokens=8, num_tiles=4)])
+    a = make_request(
+        "a",
+        prompt_len=100,
+        max_tokens=1,
+        media=[
+            image("x", offset=2, num_tokens=8, num_tiles=4),
+            image("y", offset=12, num_tokens=8, num_tiles=4),
+        ],
+    )
     b = make_request("b", prompt_len=4, max_tokens=10)
     h.add(a, b)
     out = h.step()
-    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [12, 4]  # a stops before y; b decodes next
+    assert ids(out) == ["a", "b"] and out.num_scheduled_tokens == [
+        12,
+        4,
+    ]  # a stops before y; b decodes next
     h.decodes_every_step = True
     h.run_until_done()
 
@@ -673,8 +803,12 @@ def test_abort_frees_everything_at_once(state):
 
 def test_abort_everything_mid_workload():
     h = Harness(num_blocks=12, max_num_batched_tokens=10, max_encoder_tiles_per_step=3)
-    reqs = [make_request(f"r{i}", prompt_len=9, max_tokens=6, media=[image(f"h{i % 2}", offset=1 + i % 3)])
-            for i in range(6)]
+    reqs = [
+        make_request(
+            f"r{i}", prompt_len=9, max_tokens=6, media=[image(f"h{i % 2}", offset=1 + i % 3)]
+        )
+        for i in range(6)
+    ]
     h.add(*reqs)
     for _ in range(3):
         h.step()
@@ -691,8 +825,13 @@ def test_abort_everything_mid_workload():
 def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = False) -> Harness:
     """Random arrivals (text, images, repeated prompts), random aborts, small KV and encoder budgets."""
     rng = random.Random(seed)
-    h = Harness(num_blocks=24, max_num_seqs=5, max_num_batched_tokens=20, max_encoder_tiles_per_step=5,
-                encoder_tokens=24)
+    h = Harness(
+        num_blocks=24,
+        max_num_seqs=5,
+        max_num_batched_tokens=20,
+        max_encoder_tiles_per_step=5,
+        encoder_tokens=24,
+    )
     h.decodes_every_step = decodes_every_step
     # a small pool of images, some larger than the tile budget, so hits, misses and evictions all happen
     pool = {f"img{i}": (tiles, 2 * tiles) for i, tiles in enumerate([1, 2, 3, 4, 6, 8])}
@@ -703,18 +842,33 @@ def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = Fal
             for _ in range(rng.randrange(0, max_media + 1)):
                 name = rng.choice(sorted(pool))
                 tiles, ntok = pool[name]
-                media.append(image(name, offset=end + rng.randrange(0, 8), num_tokens=ntok, num_tiles=tiles))
+                media.append(
+                    image(name, offset=end + rng.randrange(0, 8), num_tokens=ntok, num_tiles=tiles)
+                )
                 end = media[-1].offset + ntok
             prompt_len = max(end + rng.randrange(0, 10), rng.randrange(1, 30))
-            req = make_request(f"s{seed}r{len(made)}", prompt_len=prompt_len, media=media,
-                               max_tokens=rng.randrange(1, 16))
+            req = make_request(
+                f"s{seed}r{len(made)}",
+                prompt_len=prompt_len,
+                media=media,
+                max_tokens=rng.randrange(1, 16),
+            )
             if rng.random() < 0.2 and made:  # same prompt as an earlier one: prefix hits
                 twin = rng.choice(made)
-                media = [image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in twin.media]
-                req = make_request(req.request_id, tokens=twin.prompt_token_ids, media=media,
-                                   max_tokens=rng.randrange(1, 16))
+                media = [
+                    image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in twin.media
+                ]
+                req = make_request(
+                    req.request_id,
+                    tokens=twin.prompt_token_ids,
+                    media=media,
+                    max_tokens=rng.randrange(1, 16),
+                )
             # a prompt's media fit the encoder cache (the engine's default budget guarantees it)
-            if sum({m.content_hash: m.num_tokens for m in req.media}.values()) <= h.encoder.budget_tokens:
+            if (
+                sum({m.content_hash: m.num_tokens for m in req.media}.values())
+                <= h.encoder.budget_tokens
+            ):
                 made.append(req)
                 h.add(req)
         if h.sched.requests and rng.random() < 0.04:

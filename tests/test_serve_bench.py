@@ -17,9 +17,8 @@ from dataclasses import asdict
 import av
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import REPO, checkpoint_path
+from PIL import Image
 from server_proc import start_server, stop_server
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -27,10 +26,31 @@ import hf_baseline_server as hfb  # noqa: E402
 import serve_bench as sb  # noqa: E402
 
 
-def record(index: int, *, ok=True, ttft=0.1, e2e=1.0, itl=(0.05, 0.07), prompt=100, output=3, kind="text",
-           error=None) -> sb.RequestRecord:
-    return sb.RequestRecord(index, kind, ok=ok, status=200 if ok else 500, error=error, ttft_s=ttft, e2e_s=e2e,
-                            itl_s=list(itl), prompt_tokens=prompt, output_tokens=output, text=f"out {index}")
+def record(
+    index: int,
+    *,
+    ok=True,
+    ttft=0.1,
+    e2e=1.0,
+    itl=(0.05, 0.07),
+    prompt=100,
+    output=3,
+    kind="text",
+    error=None,
+) -> sb.RequestRecord:
+    return sb.RequestRecord(
+        index,
+        kind,
+        ok=ok,
+        status=200 if ok else 500,
+        error=error,
+        ttft_s=ttft,
+        e2e_s=e2e,
+        itl_s=list(itl),
+        prompt_tokens=prompt,
+        output_tokens=output,
+        text=f"out {index}",
+    )
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -38,13 +58,32 @@ def test_distribution_percentiles_and_empty():
     d = sb.distribution([float(x) for x in range(1, 101)])
     assert d["count"] == 100 and d["mean"] == pytest.approx(50.5) and d["max"] == 100
     assert (d["p50"], d["p90"], d["p99"]) == pytest.approx((50.5, 90.1, 99.01))
-    assert sb.distribution([]) == {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    assert sb.distribution([]) == {
+        "count": 0,
+        "mean": None,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "max": None,
+    }
 
 
 def test_summarize_counts_failures_and_divides_by_wall_time():
-    records = [record(0, ttft=0.1, e2e=1.0), record(1, ttft=0.3, e2e=2.0, kind="image"),
-               record(2, ttft=0.2, e2e=1.5, itl=(0.1,)),
-               record(3, ok=False, ttft=None, e2e=0.01, itl=(), prompt=None, output=None, error="HTTP 500: boom")]
+    records = [
+        record(0, ttft=0.1, e2e=1.0),
+        record(1, ttft=0.3, e2e=2.0, kind="image"),
+        record(2, ttft=0.2, e2e=1.5, itl=(0.1,)),
+        record(
+            3,
+            ok=False,
+            ttft=None,
+            e2e=0.01,
+            itl=(),
+            prompt=None,
+            output=None,
+            error="HTTP 500: boom",
+        ),
+    ]
     s = sb.summarize(records, duration_s=4.0)
     assert (s["requests"], s["completed"], s["failed"]) == (4, 3, 1)
     assert s["errors"] == ["#3 (text): HTTP 500: boom"]
@@ -60,8 +99,17 @@ def test_summarize_counts_failures_and_divides_by_wall_time():
 
 # -- SSE timing -------------------------------------------------------------------------------------
 def chunk(content=None, finish=None, usage=None) -> str:
-    choices = [] if content is None and finish is None else [
-        {"index": 0, "delta": {} if content is None else {"content": content}, "finish_reason": finish}]
+    choices = (
+        []
+        if content is None and finish is None
+        else [
+            {
+                "index": 0,
+                "delta": {} if content is None else {"content": content},
+                "finish_reason": finish,
+            }
+        ]
+    )
     return "data: " + json.dumps({"choices": choices, "usage": usage})
 
 
@@ -74,9 +122,20 @@ def parse(lines: list[tuple[float, str]], end: float) -> sb.RequestRecord:
 
 def test_stream_parser_times_first_token_and_gaps():
     usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
-    rec = parse([(1.1, chunk("")), (1.1, ""), (1.5, chunk("Hel")), (1.5, ""), (1.7, chunk("lo")),
-                 (2.0, chunk(" there")), (2.0, chunk(finish="length")), (2.1, chunk(usage=usage)),
-                 (2.1, "data: [DONE]")], end=2.2)
+    rec = parse(
+        [
+            (1.1, chunk("")),
+            (1.1, ""),
+            (1.5, chunk("Hel")),
+            (1.5, ""),
+            (1.7, chunk("lo")),
+            (2.0, chunk(" there")),
+            (2.0, chunk(finish="length")),
+            (2.1, chunk(usage=usage)),
+            (2.1, "data: [DONE]"),
+        ],
+        end=2.2,
+    )
     assert rec.ok and rec.error is None
     assert rec.ttft_s == pytest.approx(0.5)  # the empty role chunk is not a token
     assert rec.itl_s == pytest.approx([0.2, 0.3])
@@ -87,8 +146,14 @@ def test_stream_parser_times_first_token_and_gaps():
 
 def test_stream_parser_failures_are_recorded():
     usage = {"prompt_tokens": 1, "completion_tokens": 1}
-    err = parse([(1.2, chunk("a")), (1.3, 'data: {"error": {"message": "the engine failed"}}'),
-                 (1.3, "data: [DONE]")], end=1.4)
+    err = parse(
+        [
+            (1.2, chunk("a")),
+            (1.3, 'data: {"error": {"message": "the engine failed"}}'),
+            (1.3, "data: [DONE]"),
+        ],
+        end=1.4,
+    )
     assert not err.ok and "the engine failed" in err.error
     cut = parse([(1.2, chunk("a")), (1.3, chunk(usage=usage))], end=1.4)
     assert not cut.ok and "[DONE]" in cut.error
@@ -99,7 +164,11 @@ def test_stream_parser_failures_are_recorded():
 # -- workload ---------------------------------------------------------------------------------------
 def test_mix_and_kind_counts():
     assert sb.parse_mix("text=1,image=2,video=1") == {"text": 1.0, "image": 2.0, "video": 1.0}
-    assert sb.kind_counts({"text": 1, "image": 2, "video": 1}, 8) == {"text": 2, "image": 4, "video": 2}
+    assert sb.kind_counts({"text": 1, "image": 2, "video": 1}, 8) == {
+        "text": 2,
+        "image": 4,
+        "video": 2,
+    }
     counts = sb.kind_counts({"text": 1, "image": 1, "video": 1}, 7)
     assert sum(counts.values()) == 7 and max(counts.values()) - min(counts.values()) == 1
     assert sb.kind_counts({"image": 1}, 5) == {"text": 0, "image": 5, "video": 0}
@@ -114,8 +183,14 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def test_workload_is_deterministic_and_its_media_open():
-    cfg = sb.WorkloadConfig(num_prompts=8, image_detail="high", num_frames=3, video_frames=5,
-                            repeat_media_ratio=0.5, seed=7)
+    cfg = sb.WorkloadConfig(
+        num_prompts=8,
+        image_detail="high",
+        num_frames=3,
+        video_frames=5,
+        repeat_media_ratio=0.5,
+        seed=7,
+    )
     a, b = sb.make_workload(cfg, "c1"), sb.make_workload(cfg, "c1")
     assert [r.messages for r in a] == [r.messages for r in b]
     assert [r.messages for r in sb.make_workload(cfg, "c2")] != [r.messages for r in a]
@@ -157,7 +232,9 @@ def test_arrival_times():
     times = sb.arrival_times(4000, 5.0, random.Random(1))
     assert times == sb.arrival_times(4000, 5.0, random.Random(1))
     assert times[0] == 0 and all(b > a for a, b in zip(times, times[1:]))
-    assert times[-1] / (len(times) - 1) == pytest.approx(1 / 5.0, rel=0.1)  # seeded: not a timing check
+    assert times[-1] / (len(times) - 1) == pytest.approx(
+        1 / 5.0, rel=0.1
+    )  # seeded: not a timing check
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -165,17 +242,36 @@ def fake_results() -> dict:
     runs = []
     for target, scale in (("plm-serve", 1.0), ("hf-baseline", 3.0)):
         for conc in (1, 4):
-            records = [record(i, ttft=0.1 * scale * (i + 1), e2e=scale * (i + 1), kind=sb.KINDS[i % 3])
-                       for i in range(6)]
+            records = [
+                record(i, ttft=0.1 * scale * (i + 1), e2e=scale * (i + 1), kind=sb.KINDS[i % 3])
+                for i in range(6)
+            ]
             if target == "hf-baseline" and conc == 4:
-                records.append(record(6, ok=False, ttft=None, e2e=0.1, itl=(), error="HTTP 503: busy"))
-            runs.append({"target": target, "url": "http://x", "model": "m", "concurrency": conc,
-                         "request_rate": None, "workload": f"c{conc}-rinf", "load_average": [0.5, 1.5],
-                         "summary": sb.summarize(records, duration_s=2.0 * scale),
-                         "records": [asdict(r) for r in records]})
-    return {"command": "python benchmarks/serve_bench.py --launch plm-serve", "environment": sb.environment(),
-            "workload": asdict(sb.WorkloadConfig()), "baseline": "hf-baseline",
-            "notes": ["2-core CPU, random weights"], "servers": {}, "runs": runs}
+                records.append(
+                    record(6, ok=False, ttft=None, e2e=0.1, itl=(), error="HTTP 503: busy")
+                )
+            runs.append(
+                {
+                    "target": target,
+                    "url": "http://x",
+                    "model": "m",
+                    "concurrency": conc,
+                    "request_rate": None,
+                    "workload": f"c{conc}-rinf",
+                    "load_average": [0.5, 1.5],
+                    "summary": sb.summarize(records, duration_s=2.0 * scale),
+                    "records": [asdict(r) for r in records],
+                }
+            )
+    return {
+        "command": "python benchmarks/serve_bench.py --launch plm-serve",
+        "environment": sb.environment(),
+        "workload": asdict(sb.WorkloadConfig()),
+        "baseline": "hf-baseline",
+        "notes": ["2-core CPU, random weights"],
+        "servers": {},
+        "runs": runs,
+    }
 
 
 def test_report_files_from_fake_results(tmp_path):
@@ -190,7 +286,9 @@ def test_report_files_from_fake_results(tmp_path):
     assert "Note: 2-core CPU, random weights" in report
     assert "| plm-serve | c=4 | 6 | 0 |" in report and "| hf-baseline | c=4 | 6 | 1 |" in report
     assert "| 0.5 / 1.5 |" in report  # the load average before / after
-    assert "| plm-serve | c=1 | 3.00x | 3.00x | 3.00x | 3.00x |" in report  # same tokens in a third of the time
+    assert (
+        "| plm-serve | c=1 | 3.00x | 3.00x | 3.00x | 3.00x |" in report
+    )  # same tokens in a third of the time
     assert "hf-baseline c=4: #6 (text): HTTP 503: busy" in report
     assert "![TTFT CDF](ttft_cdf.png)" in report
 
@@ -203,18 +301,43 @@ def png_url(size=(32, 24)) -> str:
 
 
 def test_baseline_conversation_conversion():
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(), "detail": "low"}},
-                                         {"type": "text", "text": "What?"}]}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_url(), "detail": "low"}},
+                {"type": "text", "text": "What?"},
+            ],
+        },
+    ]
     conv, images, videos, vit = hfb.hf_conversation(msgs)
     assert conv[0] == {"role": "system", "content": "Be brief."}
-    assert conv[1]["content"] == [{"type": "text", "text": "Hi"}]  # HF's template would drop a plain string
+    assert conv[1]["content"] == [
+        {"type": "text", "text": "Hi"}
+    ]  # HF's template would drop a plain string
     assert conv[2]["content"] == [{"type": "image"}, {"type": "text", "text": "What?"}]
     assert len(images) == 1 and images[0].size == (32, 24) and videos == [] and vit == "vanilla"
-    mixed = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(), "detail": "low"}},
-                                          {"type": "image_url", "image_url": {"url": png_url()}}]}]
-    for bad in (mixed, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
-                [{"role": "user", "content": [{"type": "audio"}]}]):
+    mixed = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_url(), "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": png_url()}},
+            ],
+        }
+    ]
+    for bad in (
+        mixed,
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}],
+            }
+        ],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+    ):
         with pytest.raises(hfb.BadRequest):
             hfb.hf_conversation(bad)
 
@@ -228,8 +351,13 @@ def servers(tmp_path_factory):
     port = sb.free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        baseline = sb.start_server(sb.server_command("hf-baseline", tiny, port, "plm-bench", []), base, ["/health"],
-                                   tmp_path_factory.mktemp("baseline") / "server.log", timeout_s=120)
+        baseline = sb.start_server(
+            sb.server_command("hf-baseline", tiny, port, "plm-bench", []),
+            base,
+            ["/health"],
+            tmp_path_factory.mktemp("baseline") / "server.log",
+            timeout_s=120,
+        )
     except BaseException:
         stop_server(plm)
         raise
@@ -240,31 +368,79 @@ def servers(tmp_path_factory):
 
 def test_bench_runs_both_servers_on_one_workload(servers, tmp_path):
     plm, baseline = servers
-    rc = sb.main(["--target", f"plm-serve={plm}", "--target", f"hf-baseline={baseline}", "--num-prompts", "6",
-                  "--concurrency", "1,2", "--max-tokens", "4", "--warmup", "1", "--out", str(tmp_path),
-                  "--no-progress", "--note", "test"])
+    rc = sb.main(
+        [
+            "--target",
+            f"plm-serve={plm}",
+            "--target",
+            f"hf-baseline={baseline}",
+            "--num-prompts",
+            "6",
+            "--concurrency",
+            "1,2",
+            "--max-tokens",
+            "4",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--note",
+            "test",
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["target"], r["concurrency"]) for r in results["runs"]] == [
-        ("plm-serve", 1), ("plm-serve", 2), ("hf-baseline", 1), ("hf-baseline", 2)]
+        ("plm-serve", 1),
+        ("plm-serve", 2),
+        ("hf-baseline", 1),
+        ("hf-baseline", 2),
+    ]
     texts = {}
     for run in results["runs"]:
         s = run["summary"]
         assert (s["completed"], s["failed"]) == (6, 0), s["errors"]
         assert s["output_tokens"] == 6 * 4  # ignore_eos: every request runs to max_tokens
-        assert s["request_throughput"] > 0 and s["output_throughput"] > 0 and s["total_token_throughput"] > 0
+        assert (
+            s["request_throughput"] > 0
+            and s["output_throughput"] > 0
+            and s["total_token_throughput"] > 0
+        )
         assert {r["kind"] for r in run["records"]} == {"text", "image", "video"}
         texts[run["target"], run["workload"]] = [r["text"] for r in run["records"]]
-    for workload in ("c1-rinf", "c2-rinf"):  # greedy and token-identical to HF: the same text, media included
-        assert all(texts["plm-serve", workload]) and texts["plm-serve", workload] == texts["hf-baseline", workload]
+    for workload in (
+        "c1-rinf",
+        "c2-rinf",
+    ):  # greedy and token-identical to HF: the same text, media included
+        assert (
+            all(texts["plm-serve", workload])
+            and texts["plm-serve", workload] == texts["hf-baseline", workload]
+        )
     assert (tmp_path / "report.md").exists() and (tmp_path / "throughput.png").exists()
 
 
 def test_bench_counts_failed_requests(servers, tmp_path):
     plm, _ = servers
-    rc = sb.main(["--target", f"plm-serve={plm}", "--model-name", "no-such-model", "--num-prompts", "3",
-                  "--concurrency", "2", "--max-tokens", "2", "--warmup", "0", "--out", str(tmp_path),
-                  "--no-progress"])
+    rc = sb.main(
+        [
+            "--target",
+            f"plm-serve={plm}",
+            "--model-name",
+            "no-such-model",
+            "--num-prompts",
+            "3",
+            "--concurrency",
+            "2",
+            "--max-tokens",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert (run["summary"]["completed"], run["summary"]["failed"]) == (0, 3)
@@ -278,8 +454,14 @@ def stream_text(base: str, prompt: str) -> tuple[str, dict]:
     client = OpenAI(base_url=f"{base}/v1", api_key="unused")
     text, usage = "", None
     for event in client.chat.completions.create(
-            model="plm-bench", messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        model="plm-bench",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
         if event.choices:
             text += event.choices[0].delta.content or ""
         if event.usage:
@@ -295,8 +477,16 @@ def test_baseline_greedy_stream_matches_plm_serve(servers):
     assert hf and hf == ours
     assert hf_usage["completion_tokens"] == ours_usage["completion_tokens"] == 12
     assert hf_usage["prompt_tokens"] == ours_usage["prompt_tokens"]
-    non_stream = httpx.post(f"{baseline}/v1/chat/completions", timeout=60, json={
-        "model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0,
-        "ignore_eos": True}).json()
+    non_stream = httpx.post(
+        f"{baseline}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "x",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    ).json()
     assert non_stream["choices"][0]["message"]["content"] == hf
     assert non_stream["choices"][0]["finish_reason"] == "length"

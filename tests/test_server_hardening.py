@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from server_proc import start_server, stop_server
 
 MODEL = "plm-test"
@@ -22,21 +21,41 @@ ORIGIN = "https://app.example"
 
 @pytest.fixture(scope="module")
 def base():
-    proc, url = start_server("--max-pending-requests", "2", "--request-body-timeout", "2",
-                             "--allowed-origins", ORIGIN, "--max-receiving-mb", "1", "--max-request-body-mb", "0.9",
-                             model_name=MODEL)
+    proc, url = start_server(
+        "--max-pending-requests",
+        "2",
+        "--request-body-timeout",
+        "2",
+        "--allowed-origins",
+        ORIGIN,
+        "--max-receiving-mb",
+        "1",
+        "--max-request-body-mb",
+        "0.9",
+        model_name=MODEL,
+    )
     yield url
     stop_server(proc)
 
 
 def body(**change) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2, **change}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi."}],
+        "max_tokens": 2,
+        **change,
+    }
 
 
 def post(base: str, payload, **kw) -> httpx.Response:
     if isinstance(payload, (bytes, str)):
-        return httpx.post(f"{base}/v1/chat/completions", content=payload,
-                          headers={"content-type": "application/json"}, timeout=60, **kw)
+        return httpx.post(
+            f"{base}/v1/chat/completions",
+            content=payload,
+            headers={"content-type": "application/json"},
+            timeout=60,
+            **kw,
+        )
     return httpx.post(f"{base}/v1/chat/completions", json=payload, timeout=60, **kw)
 
 
@@ -47,11 +66,18 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, match
     return err
 
 
-@pytest.mark.parametrize("raw", [
-    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": NaN}}',
-    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
-    '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "x": ' + "[" * 5000 + "]" * 5000 + "}",
-], ids=["nan", "infinity", "deep-nesting"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": NaN}}',
+        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "x": '
+        + "[" * 5000
+        + "]" * 5000
+        + "}",
+    ],
+    ids=["nan", "infinity", "deep-nesting"],
+)
 def test_not_json_is_400(base, raw):
     assert_error(post(base, raw), 400, None, "not valid JSON")
     assert post(base, body()).status_code == 200
@@ -80,30 +106,61 @@ def test_tool_choice_none_without_tools_is_harmless(base):
 
 
 def test_nullable_fields_take_their_defaults(base):
-    r = post(base, body(n=None, stream=None, logprobs=None, ignore_eos=None, min_tokens=None, seed=None,
-                        stop=None, top_p=None, include_stop_str_in_output=None, skip_special_tokens=None))
+    r = post(
+        base,
+        body(
+            n=None,
+            stream=None,
+            logprobs=None,
+            ignore_eos=None,
+            min_tokens=None,
+            seed=None,
+            stop=None,
+            top_p=None,
+            include_stop_str_in_output=None,
+            skip_special_tokens=None,
+        ),
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
 
 
-@pytest.mark.parametrize("bias, match", [({"5": 101}, "[-100, 100]"), ({"5": -1e9}, "[-100, 100]"),
-                                         ({"99999999": 1}, "not a token id"), ({"-1": 1}, "not a token id")])
+@pytest.mark.parametrize(
+    "bias, match",
+    [
+        ({"5": 101}, "[-100, 100]"),
+        ({"5": -1e9}, "[-100, 100]"),
+        ({"99999999": 1}, "not a token id"),
+        ({"-1": 1}, "not a token id"),
+    ],
+)
 def test_logit_bias_outside_openai_range_is_400(base, bias, match):
     assert_error(post(base, body(logit_bias=bias)), 400, "logit_bias", match)
 
 
-@pytest.mark.parametrize("change, param, match", [
-    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
-    ({"modalities": ["text", "audio"]}, "modalities", "text"),
-    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no audio output"),
-    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
-    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "change, param, match",
+    [
+        (
+            {"stream_options": {"include_usage": True}},
+            "stream_options",
+            "only allowed when stream is true",
+        ),
+        ({"modalities": ["text", "audio"]}, "modalities", "text"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "no audio output"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "max_tokens"),
+    ],
+)
 def test_unsupported_or_inconsistent_fields_name_the_field(base, change, param, match):
     assert_error(post(base, body(**change)), 400, param, match)
 
 
 def test_context_overflow_has_openai_code_and_names_the_field_sent(base):
-    err = assert_error(post(base, body(max_tokens=None, max_completion_tokens=11_519)), 400, "max_completion_tokens")
+    err = assert_error(
+        post(base, body(max_tokens=None, max_completion_tokens=11_519)),
+        400,
+        "max_completion_tokens",
+    )
     assert err["code"] == "context_length_exceeded"
 
 
@@ -120,10 +177,15 @@ def test_model_retrieve_and_head(base):
 
 
 def test_cors_preflight_for_an_allowed_origin_only(base):
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+    pre = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization",
+    }
     r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": ORIGIN, **pre})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
-    r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
+    r = httpx.options(
+        f"{base}/v1/chat/completions", headers={"Origin": "https://evil.example", **pre}
+    )
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     r = post(base, body(), headers={"Origin": ORIGIN})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
@@ -133,8 +195,10 @@ def _stalled_upload(base: str, answers: list, sent: int = 8) -> None:
     """Sends headers and the first `sent` bytes of a 900 kB body, then nothing: a slow-loris client."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 900000\r\n\r\n" + b"{\"model\"".ljust(sent))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 900000\r\n\r\n" + b'{"model"'.ljust(sent)
+        )
         s.settimeout(30)
         answers.append(s.recv(4096).split(b"\r\n", 1)[0])
 
@@ -179,7 +243,13 @@ def test_absurd_tile_budget_is_refused_at_once(base, where):
     if where == "part":
         image, change = dict(image, max_num_tiles=10**30), {}
     t0 = time.perf_counter()
-    r = post(base, body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image}]}], **change))
+    r = post(
+        base,
+        body(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image}]}],
+            **change,
+        ),
+    )
     assert r.status_code == 400 and time.perf_counter() - t0 < 5, r.text[:300]
     assert "at most 36" in r.json()["error"]["message"]
 
@@ -190,13 +260,30 @@ def test_absurd_fps_is_400_not_500(base, tmp_path, where):
     change = {"fps": 1e308}
     if where == "part":
         video, change = dict(video, fps=1e308), {}
-    r = post(base, body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": video}]}], **change))
-    assert r.status_code in (200, 400), r.text[:300]  # every frame up to the ceiling, or refused; never a 5xx
+    r = post(
+        base,
+        body(
+            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": video}]}],
+            **change,
+        ),
+    )
+    assert r.status_code in (200, 400), r.text[
+        :300
+    ]  # every frame up to the ceiling, or refused; never a 5xx
 
 
 def test_elongated_image_is_refused_before_decoding(base):
-    r = post(base, body(messages=[{"role": "user", "content": [{"type": "image_url",
-                                                                 "image_url": {"url": _png((1, 40_000))}}]}]))
+    r = post(
+        base,
+        body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": _png((1, 40_000))}}],
+                }
+            ]
+        ),
+    )
     err = assert_error(r, 400, "messages", "longer than the limit of 32768")
     assert "0x" not in err["message"]
 
@@ -210,8 +297,14 @@ def test_boolean_frame_and_tile_counts_are_400(base):
 def test_logprob_bytes_are_the_tokens_raw_bytes(base, stream):
     """Tokens 127 and 102 of the test vocabulary are the two bytes of "é" (byte-level BPE); each
     token's `bytes` must be its own byte, so all of them join into the content's UTF-8."""
-    payload = body(logit_bias={"127": 100, "102": 100}, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2,
-                   stream=stream)
+    payload = body(
+        logit_bias={"127": 100, "102": 100},
+        temperature=0,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        stream=stream,
+    )
     if stream:
         content, entries = "", []
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=payload, timeout=60) as r:
@@ -226,7 +319,9 @@ def test_logprob_bytes_are_the_tokens_raw_bytes(base, stream):
     raw = [bytes(e["bytes"]) for e in entries]
     assert set(raw) <= {b"\xc3", b"\xa9"} and len(raw) == 4, raw
     assert b"".join(raw).decode("utf-8", "replace") == content and "é" in content
-    assert all(len(e["top_logprobs"]) == 2 and all(t["bytes"] for t in e["top_logprobs"]) for e in entries)
+    assert all(
+        len(e["top_logprobs"]) == 2 and all(t["bytes"] for t in e["top_logprobs"]) for e in entries
+    )
 
 
 def test_bodies_being_received_have_a_server_wide_budget(base):
@@ -243,13 +338,21 @@ def test_bodies_being_received_have_a_server_wide_budget(base):
     assert answers[1] == b"HTTP/1.1 408 Request Timeout"
 
 
-@pytest.mark.parametrize("change, param", [({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
-                                           ({"fps": True}, "fps"), ({"fps": "2"}, "fps"),
-                                           ({"max_num_tiles": 37}, "max_num_tiles")])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ({"fps": True}, "fps"),
+        ({"fps": "2"}, "fps"),
+        ({"max_num_tiles": 37}, "max_num_tiles"),
+    ],
+)
 def test_more_bad_values_name_their_field(base, change, param):
     assert_error(post(base, body(**change)), 400, param)
 
 
 def test_text_prompt_over_the_context_is_context_length_exceeded(base):
-    err = assert_error(post(base, body(messages=[{"role": "user", "content": "word " * 12_000}])), 400, "messages")
+    err = assert_error(
+        post(base, body(messages=[{"role": "user", "content": "word " * 12_000}])), 400, "messages"
+    )
     assert err["code"] == "context_length_exceeded" and "media" not in err["message"], err

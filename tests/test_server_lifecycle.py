@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from server_proc import start_server, stop_server
 
 BODY = {"model": "plm-test", "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 3}
@@ -27,7 +26,9 @@ def test_api_key_required(keyed, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         r = getattr(httpx, method)(f"{keyed}{path}", headers=headers, **kw)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = getattr(httpx, method)(f"{keyed}{path}", headers={"Authorization": "Bearer s3cret"}, timeout=60, **kw)
+    r = getattr(httpx, method)(
+        f"{keyed}{path}", headers={"Authorization": "Bearer s3cret"}, timeout=60, **kw
+    )
     assert r.status_code == 200
 
 
@@ -101,9 +102,28 @@ def test_listens_while_loading_then_ready():
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(checkpoint_path("tiny")), "--port",
-                             str(port), "--device", "cpu", "--served-model-name", "plm-test", "--log-level", "warning",
-                             "--debug-load-delay", "6"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(checkpoint_path("tiny")),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "plm-test",
+            "--log-level",
+            "warning",
+            "--debug-load-delay",
+            "6",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -116,7 +136,11 @@ def test_listens_while_loading_then_ready():
         ready = httpx.get(f"{base}/ready")
         assert ready.status_code == 503 and ready.json()["reason"] == "loading"
         r = httpx.post(f"{base}/v1/chat/completions", json=BODY)
-        assert r.status_code == 503 and r.headers["retry-after"] and "loading" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 503
+            and r.headers["retry-after"]
+            and "loading" in r.json()["error"]["message"]
+        )
         assert _metric(base, "plm:server_ready") == 0
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "plm-test"
         while httpx.get(f"{base}/ready").status_code != 200:
@@ -134,9 +158,25 @@ def test_load_failure_exits_nonzero_with_the_reason(tmp_path):
 
     from conftest import REPO
 
-    out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0",
-                          "--device", "cpu", "--log-level", "warning"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(tmp_path / "missing"),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "error:" in out.stderr and "missing" in out.stderr
 
@@ -151,20 +191,33 @@ def _metric(base: str, name: str) -> float:
 def test_metrics_and_disconnect_frees_kv(keyed):
     auth = {"Authorization": "Bearer s3cret"}
     before = _metric(keyed, "plm:generation_tokens_total")
-    assert httpx.post(f"{keyed}/v1/chat/completions", json=BODY, headers=auth, timeout=60).status_code == 200
+    assert (
+        httpx.post(f"{keyed}/v1/chat/completions", json=BODY, headers=auth, timeout=60).status_code
+        == 200
+    )
     assert _metric(keyed, "plm:generation_tokens_total") == before + 3
     assert _metric(keyed, "plm:time_to_first_token_seconds_count") >= 1
     assert _metric(keyed, "plm:e2e_request_latency_seconds_count") >= 1
-    for name in ("plm:num_requests_running", "plm:num_requests_waiting", "plm:kv_cache_usage_perc",
-                 "plm:prompt_tokens_total", "plm:prefix_cache_queries_total", "plm:prefix_cache_hits_total",
-                 "plm:encoder_cache_hits_total", "plm:inter_token_latency_seconds_count"):
+    for name in (
+        "plm:num_requests_running",
+        "plm:num_requests_waiting",
+        "plm:kv_cache_usage_perc",
+        "plm:prompt_tokens_total",
+        "plm:prefix_cache_queries_total",
+        "plm:prefix_cache_hits_total",
+        "plm:encoder_cache_hits_total",
+        "plm:inter_token_latency_seconds_count",
+    ):
         _metric(keyed, name)
     # a non-streaming client that gives up: its request is aborted and its KV blocks freed
     long = dict(BODY, max_tokens=5000, ignore_eos=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{keyed}/v1/chat/completions", json=long, headers=auth, timeout=2)
     for _ in range(50):
-        if _metric(keyed, "plm:num_requests_running") == 0 and _metric(keyed, "plm:kv_cache_usage_perc") == 0:
+        if (
+            _metric(keyed, "plm:num_requests_running") == 0
+            and _metric(keyed, "plm:kv_cache_usage_perc") == 0
+        ):
             break
         time.sleep(0.1)
     assert _metric(keyed, "plm:num_requests_running") == 0
@@ -180,9 +233,18 @@ def test_ssrf_guard_refuses_internal_targets(keyed):
     auth = {"Authorization": "Bearer s3cret"}
     try:
         # only loopback targets over the wire; other private ranges are checked without traffic below
-        for url in (f"{srv.base}/file/a.png", f"http://localhost:{srv.port}/file/a.png",
-                    f"http://[::1]:{srv.port}/x.png", f"http://0.0.0.0:{srv.port}/file/a.png"):
-            body = dict(BODY, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        for url in (
+            f"{srv.base}/file/a.png",
+            f"http://localhost:{srv.port}/file/a.png",
+            f"http://[::1]:{srv.port}/x.png",
+            f"http://0.0.0.0:{srv.port}/file/a.png",
+        ):
+            body = dict(
+                BODY,
+                messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+                ],
+            )
             r = httpx.post(f"{keyed}/v1/chat/completions", json=body, headers=auth, timeout=30)
             assert r.status_code == 400, (url, r.text)
             assert "private or reserved" in r.json()["error"]["message"]
@@ -194,8 +256,21 @@ def test_ssrf_guard_refuses_internal_targets(keyed):
 def test_address_classification_without_traffic():
     from server.media_fetch import _is_public
 
-    for addr in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
-                 "fc00::1", "224.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1", "240.0.0.1"):
+    for addr in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "224.0.0.1",
+        "0.0.0.0",
+        "::ffff:127.0.0.1",
+        "100.64.0.1",
+        "240.0.0.1",
+    ):
         assert not _is_public(addr), addr
     for addr in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
         assert _is_public(addr), addr
@@ -212,11 +287,19 @@ def test_health_answers_while_a_big_image_decodes(keyed):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (2400, 3200, 3), dtype=np.uint8)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    body = dict(BODY, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    body = dict(
+        BODY,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+    )
     done = threading.Event()
 
     def post():
-        httpx.post(f"{keyed}/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=120)
+        httpx.post(
+            f"{keyed}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=120,
+        )
         done.set()
 
     t = threading.Thread(target=post)
@@ -246,8 +329,11 @@ def test_sigterm_drains_in_flight_streams():
                     proc.send_signal(signal.SIGTERM)  # mid-stream
                 lines.append(line)
         assert lines[-1] == "data: [DONE]"
-        finish = [json.loads(x[5:])["choices"][0]["finish_reason"] for x in lines
-                  if x.startswith("data: {") and json.loads(x[5:])["choices"]]
+        finish = [
+            json.loads(x[5:])["choices"][0]["finish_reason"]
+            for x in lines
+            if x.startswith("data: {") and json.loads(x[5:])["choices"]
+        ]
         assert finish[-1] == "length"
         # uvicorn re-raises the captured SIGTERM after its graceful shutdown: a clean exit by that signal
         assert proc.wait(30) in (0, -signal.SIGTERM)

@@ -8,15 +8,17 @@ import json
 import jsonschema
 import pytest
 import torch
-
 from conftest import checkpoint_path
+
 from plm_core.sampling import SamplingParams, StructuredOutput
 
 SCHEMA = {
     "type": "object",
-    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
-                   "count": {"type": "integer", "minimum": 0, "maximum": 9},
-                   "sure": {"type": "boolean"}},
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "sure": {"type": "boolean"},
+    },
     "required": ["answer", "count", "sure"],
     "additionalProperties": False,
 }
@@ -36,16 +38,19 @@ def compiler(llm):
 
 
 # -- the spec ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, "exactly one"),
-    ({"json": "{}", "regex": "a"}, "exactly one"),
-    ({"json": "{not json"}, "not valid JSON"),
-    ({"json": "[1, 2]"}, "must be a JSON object"),
-    ({"regex": ""}, "non-empty"),
-    ({"choice": ()}, "non-empty list"),
-    ({"choice": ("a", 3)}, "non-empty list"),
-    ({"choice": ("a", "")}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"json": "{}", "regex": "a"}, "exactly one"),
+        ({"json": "{not json"}, "not valid JSON"),
+        ({"json": "[1, 2]"}, "must be a JSON object"),
+        ({"regex": ""}, "non-empty"),
+        ({"choice": ()}, "non-empty list"),
+        ({"choice": ("a", 3)}, "non-empty list"),
+        ({"choice": ("a", "")}, "non-empty list"),
+    ],
+)
 def test_bad_specs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StructuredOutput(**kwargs)
@@ -53,32 +58,65 @@ def test_bad_specs_are_refused(kwargs, match):
 
 def test_spec_kind_and_params():
     assert StructuredOutput(json_object=True).kind == "json_object"
-    assert StructuredOutput(choice=["a", "b"]).choice == ("a", "b")  # lists become tuples (hashable)
-    assert SamplingParams(structured_output=StructuredOutput(regex="a+")).structured_output.kind == "regex"
+    assert StructuredOutput(choice=["a", "b"]).choice == (
+        "a",
+        "b",
+    )  # lists become tuples (hashable)
+    assert (
+        SamplingParams(structured_output=StructuredOutput(regex="a+")).structured_output.kind
+        == "regex"
+    )
     with pytest.raises(ValueError, match="StructuredOutput"):
         SamplingParams(structured_output={"regex": "a+"})
 
 
 # -- grammars and masks over the tokenizer ---------------------------------------------------------------
-@pytest.mark.parametrize("spec", [StructuredOutput(regex="("), StructuredOutput(grammar="root ::= ("),
-                                  StructuredOutput(grammar="start ::= \"a\""),
-                                  StructuredOutput(json='{"type": "integer", "minimum": 5, "maximum": 1}'),
-                                  StructuredOutput(json='{"type": "foo"}')])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        StructuredOutput(regex="("),
+        StructuredOutput(grammar="root ::= ("),
+        StructuredOutput(grammar='start ::= "a"'),
+        StructuredOutput(json='{"type": "integer", "minimum": 5, "maximum": 1}'),
+        StructuredOutput(json='{"type": "foo"}'),
+    ],
+)
 def test_compile_errors_are_value_errors(compiler, spec):
     with pytest.raises(ValueError, match=f"cannot compile the {spec.kind} constraint") as err:
         compiler.compile(spec)
     assert ".cc:" not in str(err.value)  # xgrammar's source location is not the client's business
 
 
-@pytest.mark.parametrize("schema, found", [
-    ({"type": "array", "items": {"enum": [1]}, "minItems": 2, "uniqueItems": True}, "'uniqueItems' (at #)"),
-    ({"not": {"type": "boolean"}}, "'not' (at #)"),
-    ({"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 9}}}}, "'contains' (at #/properties/a)"),
-    ({"allOf": [{"type": "integer"}, {"maximum": 6}]}, "'allOf' with more than one schema (at #)"),
-    ({"anyOf": [{"type": "number", "multipleOf": 0.5}]}, "'multipleOf' on a non-integer (at #/anyOf/0)"),
-    ({"$defs": {"A": {"type": "string", "pattern": "(?=a)a"}}, "$ref": "#/$defs/A"}, "lookahead"),
-    ({"type": "array", "items": {"if": {"type": "string"}, "then": {"maxLength": 2}}}, "'if' (at #/items)"),
-])
+@pytest.mark.parametrize(
+    "schema, found",
+    [
+        (
+            {"type": "array", "items": {"enum": [1]}, "minItems": 2, "uniqueItems": True},
+            "'uniqueItems' (at #)",
+        ),
+        ({"not": {"type": "boolean"}}, "'not' (at #)"),
+        (
+            {"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 9}}}},
+            "'contains' (at #/properties/a)",
+        ),
+        (
+            {"allOf": [{"type": "integer"}, {"maximum": 6}]},
+            "'allOf' with more than one schema (at #)",
+        ),
+        (
+            {"anyOf": [{"type": "number", "multipleOf": 0.5}]},
+            "'multipleOf' on a non-integer (at #/anyOf/0)",
+        ),
+        (
+            {"$defs": {"A": {"type": "string", "pattern": "(?=a)a"}}, "$ref": "#/$defs/A"},
+            "lookahead",
+        ),
+        (
+            {"type": "array", "items": {"if": {"type": "string"}, "then": {"maxLength": 2}}},
+            "'if' (at #/items)",
+        ),
+    ],
+)
 def test_schemas_with_unenforced_keywords_are_refused(compiler, schema, found):
     """xgrammar accepts these keywords but ignores them (uniqueItems gave [1, 1]): refused, not weakened."""
     with pytest.raises(ValueError, match="cannot enforce") as err:
@@ -88,7 +126,11 @@ def test_schemas_with_unenforced_keywords_are_refused(compiler, schema, found):
 
 def test_costly_constraints_are_refused_before_compiling(compiler):
     """Compile time grows fast with size and depth (5,000 properties took 93 s): caps, checked first."""
-    from plm_core.engine.structured_output import MAX_CONSTRAINT_BYTES, MAX_SCHEMA_DEPTH, unenforced_feature
+    from plm_core.engine.structured_output import (
+        MAX_CONSTRAINT_BYTES,
+        MAX_SCHEMA_DEPTH,
+        unenforced_feature,
+    )
 
     def nested(depth):
         schema = {"type": "string"}
@@ -112,10 +154,15 @@ def test_costly_constraints_are_refused_before_compiling(compiler):
 def test_enforced_keywords_and_keyword_like_names_pass(compiler):
     from plm_core.engine.structured_output import unenforced_feature
 
-    fine = {"type": "object", "properties": {"not": {"type": "integer", "multipleOf": 7},
-                                             "if": {"type": "array", "uniqueItems": False, "items": {"enum": ["not"]}},
-                                             "tags": {"allOf": [{"$ref": "#/$defs/T"}]}},
-            "$defs": {"T": {"type": "string", "pattern": "^[a-z]+$", "format": "email"}}}
+    fine = {
+        "type": "object",
+        "properties": {
+            "not": {"type": "integer", "multipleOf": 7},
+            "if": {"type": "array", "uniqueItems": False, "items": {"enum": ["not"]}},
+            "tags": {"allOf": [{"$ref": "#/$defs/T"}]},
+        },
+        "$defs": {"T": {"type": "string", "pattern": "^[a-z]+$", "format": "email"}},
+    }
     assert unenforced_feature(fine) is None
     compiler.compile(StructuredOutput(json=json.dumps(fine)))
     with pytest.raises(ValueError, match="lookahead"):
@@ -142,13 +189,23 @@ def test_first_mask_is_exactly_the_tokens_that_start_a_choice(llm, compiler):
 
     tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
     special = tok.special_token_ids()
-    word = next(t for t in range(tok.vocab_size) if t not in special and len(tok.token_bytes(t)) >= 3
-                and tok.token_bytes(t).isalnum())  # a multi-byte token of this vocabulary
+    word = next(
+        t
+        for t in range(tok.vocab_size)
+        if t not in special and len(tok.token_bytes(t)) >= 3 and tok.token_bytes(t).isalnum()
+    )  # a multi-byte token of this vocabulary
     choices = CHOICES + (tok.token_bytes(word).decode() + " tail",)
-    mask = allowed_tokens([compiler.grammar(StructuredOutput(choice=choices))], vocab, torch.device("cpu"))[0]
+    mask = allowed_tokens(
+        [compiler.grammar(StructuredOutput(choice=choices))], vocab, torch.device("cpu")
+    )[0]
     encoded = [c.encode() for c in choices]
-    expected = {t for t in range(tok.vocab_size) if t not in special and tok.token_bytes(t)
-                and any(c.startswith(tok.token_bytes(t)) for c in encoded)}
+    expected = {
+        t
+        for t in range(tok.vocab_size)
+        if t not in special
+        and tok.token_bytes(t)
+        and any(c.startswith(tok.token_bytes(t)) for c in encoded)
+    }
     assert set(mask.nonzero().flatten().tolist()) == expected
     assert word in expected and len(expected) > len(choices)
 
@@ -175,10 +232,22 @@ def test_a_grammar_with_no_way_forward_allows_its_stop_tokens(llm):
         def fill_bitmask(self, bitmask, row):
             bitmask[row] = 0
 
-    assert allowed_tokens([Dead()], 100, torch.device("cpu"))[0].nonzero().flatten().tolist() == [31, 64, 95]
-    out = llm.chat(_convs(1)[0], SamplingParams(temperature=0, max_tokens=5, structured_output=StructuredOutput(
-        grammar="root ::= root")))[0].outputs[0]  # compiles, yet matches nothing
-    assert out.text == "" and out.finish_reason == "stop" and out.token_ids[-1] in llm.model_config.eos_token_ids
+    assert allowed_tokens([Dead()], 100, torch.device("cpu"))[0].nonzero().flatten().tolist() == [
+        31,
+        64,
+        95,
+    ]
+    out = llm.chat(
+        _convs(1)[0],
+        SamplingParams(
+            temperature=0, max_tokens=5, structured_output=StructuredOutput(grammar="root ::= root")
+        ),
+    )[0].outputs[0]  # compiles, yet matches nothing
+    assert (
+        out.text == ""
+        and out.finish_reason == "stop"
+        and out.token_ids[-1] in llm.model_config.eos_token_ids
+    )
 
 
 # -- the sampler ----------------------------------------------------------------------------------------
@@ -192,8 +261,13 @@ def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
     grammar = compiler.grammar(StructuredOutput(choice=("no",)))
     out = list(tok.encode("no"))
     assert all(grammar.accept(t) for t in out)
-    params = SamplingParams(temperature=0, min_tokens=10, max_tokens=20, logit_bias={0: 100.0},
-                            structured_output=StructuredOutput(choice=("no",)))
+    params = SamplingParams(
+        temperature=0,
+        min_tokens=10,
+        max_tokens=20,
+        logit_bias={0: 100.0},
+        structured_output=StructuredOutput(choice=("no",)),
+    )
     state = SamplingState.create(params, [1, 2], out, eos, grammar=grammar)
     tokens, _ = BatchSampler()(torch.randn(1, vocab), [state])
     assert tokens[0] in eos
@@ -208,13 +282,20 @@ def test_masks_and_draws_on_cuda_match_cpu(llm, compiler):
     vocab, eos = llm.model_config.text.vocab_size, llm.model_config.eos_token_ids
     spec = StructuredOutput(json=json.dumps(SCHEMA))
     cpu = allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cpu"))
-    assert torch.equal(allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cuda")).cpu(), cpu)
+    assert torch.equal(
+        allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cuda")).cpu(), cpu
+    )
     logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
     picked = {}
     for device in ("cpu", "cuda"):
-        params = [SamplingParams(temperature=0, structured_output=spec),
-                  SamplingParams(temperature=1.0, seed=5, logprobs=2, structured_output=spec)]
-        states = [SamplingState.create(p, [1], [], eos, device, grammar=compiler.grammar(spec)) for p in params]
+        params = [
+            SamplingParams(temperature=0, structured_output=spec),
+            SamplingParams(temperature=1.0, seed=5, logprobs=2, structured_output=spec),
+        ]
+        states = [
+            SamplingState.create(p, [1], [], eos, device, grammar=compiler.grammar(spec))
+            for p in params
+        ]
         tokens, logprobs = BatchSampler()(logits.to(device), states)
         assert all(cpu[0, t] for t in tokens)  # both rows start the grammar: the same allowed set
         assert logprobs[1].logprob > float("-inf")  # the drawn token is one the mask kept
@@ -224,13 +305,17 @@ def test_masks_and_draws_on_cuda_match_cpu(llm, compiler):
 
 # -- generation ------------------------------------------------------------------------------------------
 def _convs(n):
-    return [[{"role": "user", "content": f"Question {i}: is it red? Answer in JSON."}] for i in range(n)]
+    return [
+        [{"role": "user", "content": f"Question {i}: is it red? Answer in JSON."}] for i in range(n)
+    ]
 
 
 def test_json_schema_outputs_validate_greedy_and_sampled(llm):
     spec = StructuredOutput(json=json.dumps(SCHEMA))
-    for params in (SamplingParams(temperature=0, max_tokens=64, structured_output=spec),
-                   SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64, structured_output=spec)):
+    for params in (
+        SamplingParams(temperature=0, max_tokens=64, structured_output=spec),
+        SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=64, structured_output=spec),
+    ):
         for out in llm.chat(_convs(2), params):
             for choice in out.outputs:
                 assert choice.finish_reason == "stop", choice.text
@@ -240,21 +325,42 @@ def test_json_schema_outputs_validate_greedy_and_sampled(llm):
 def test_each_kind_is_followed(llm):
     import re
 
-    cases = [(StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
-             (StructuredOutput(choice=CHOICES), lambda t: t in CHOICES),
-             (StructuredOutput(grammar='root ::= "A" [0-9] [0-9] "B"'), lambda t: re.fullmatch(r"A\d\dB", t)),
-             (StructuredOutput(json='{"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3}'),
-              lambda t: isinstance(json.loads(t), list) and 1 <= len(json.loads(t)) <= 3)]
+    cases = [
+        (
+            StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}"),
+            lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t),
+        ),
+        (StructuredOutput(choice=CHOICES), lambda t: t in CHOICES),
+        (
+            StructuredOutput(grammar='root ::= "A" [0-9] [0-9] "B"'),
+            lambda t: re.fullmatch(r"A\d\dB", t),
+        ),
+        (
+            StructuredOutput(
+                json='{"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3}'
+            ),
+            lambda t: isinstance(json.loads(t), list) and 1 <= len(json.loads(t)) <= 3,
+        ),
+    ]
     for spec, check in cases:
         for seed in range(3):
-            out = llm.chat(_convs(1)[0], SamplingParams(temperature=1.0, seed=seed, max_tokens=30,
-                                                        structured_output=spec))[0].outputs[0]
+            out = llm.chat(
+                _convs(1)[0],
+                SamplingParams(temperature=1.0, seed=seed, max_tokens=30, structured_output=spec),
+            )[0].outputs[0]
             assert out.finish_reason == "stop" and check(out.text), (spec.kind, out.text)
 
 
 def test_json_object_starts_an_object(llm):
-    out = llm.chat(_convs(1)[0], SamplingParams(temperature=1.0, seed=0, max_tokens=12,
-                                                structured_output=StructuredOutput(json_object=True)))[0].outputs[0]
+    out = llm.chat(
+        _convs(1)[0],
+        SamplingParams(
+            temperature=1.0,
+            seed=0,
+            max_tokens=12,
+            structured_output=StructuredOutput(json_object=True),
+        ),
+    )[0].outputs[0]
     assert out.text.startswith("{")
 
 
@@ -264,17 +370,33 @@ def test_constrained_tokens_same_alone_batched_and_preempted(llm, monkeypatch):
     from plm_core import LLM
 
     spec = StructuredOutput(json='{"type": "array", "items": {"type": "integer"}, "maxItems": 30}')
-    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=40, structured_output=spec) for i in range(4)]
+    params = [
+        SamplingParams(temperature=0.9, seed=i, max_tokens=40, structured_output=spec)
+        for i in range(4)
+    ]
     alone = [llm.chat(c, p)[0].token_ids for c, p in zip(_convs(4), params)]
-    small = LLM(str(checkpoint_path("tiny")), device="cpu", dtype="float32", max_model_len=160,
-                kv_cache_memory_gb=11 * 16 * 512 / 2**30)
+    small = LLM(
+        str(checkpoint_path("tiny")),
+        device="cpu",
+        dtype="float32",
+        max_model_len=160,
+        kv_cache_memory_gb=11 * 16 * 512 / 2**30,
+    )
     scheduler, preempted = small.engine.scheduler, []
     preempt = scheduler._preempt
-    monkeypatch.setattr(scheduler, "_preempt", lambda r, out: (preempted.append((r.grammar, len(r.output_token_ids))), preempt(r, out)))
+    monkeypatch.setattr(
+        scheduler,
+        "_preempt",
+        lambda r, out: (preempted.append((r.grammar, len(r.output_token_ids))), preempt(r, out)),
+    )
     # the unconstrained requests come first, so the constrained ones (the latest) are preempted
-    outs = small.chat(_convs(2) + _convs(4), [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 2
-                      + params)
-    assert any(grammar is not None and n_out > 0 for grammar, n_out in preempted)  # preempted mid-output
+    outs = small.chat(
+        _convs(2) + _convs(4),
+        [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 2 + params,
+    )
+    assert any(
+        grammar is not None and n_out > 0 for grammar, n_out in preempted
+    )  # preempted mid-output
     assert [o.token_ids for o in outs[2:]] == alone
     blocks = small.engine.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks

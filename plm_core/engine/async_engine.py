@@ -61,8 +61,9 @@ class AsyncEngine:
         self._thread.start()
 
     # -- caller side (any thread / event loop) --------------------------------------------------------
-    async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
-                       ) -> AsyncIterator[RequestDelta]:
+    async def generate(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> AsyncIterator[RequestDelta]:
         """Queues one sequence and yields its deltas; cancelling the iterator aborts the request."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
@@ -129,7 +130,11 @@ class AsyncEngine:
             while True:
                 block = not self.core.has_unfinished()
                 try:
-                    command = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+                    command = (
+                        self._commands.get(timeout=self._idle_wait_s)
+                        if block
+                        else self._commands.get_nowait()
+                    )
                     if not self._handle(command):
                         return
                     while True:  # drain whatever else arrived

@@ -33,7 +33,9 @@ def block_extra_keys(request: Request, start: int, end: int) -> tuple:
     One `(cache_key, index of the block's first placeholder within the item)` per overlapping
     item, so placeholder tokens hash by the media's content and preprocessing, not their ids.
     """
-    return tuple((m.cache_key, max(start, m.offset) - m.offset) for m in request.media_in_range(start, end))
+    return tuple(
+        (m.cache_key, max(start, m.offset) - m.offset) for m in request.media_in_range(start, end)
+    )
 
 
 class BlockManager:
@@ -46,15 +48,23 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks  # content hash of a full, computed block
+        self.block_hash: list[bytes | None] = [
+            None
+        ] * num_blocks  # content hash of a full, computed block
         self.hash_to_block: dict[bytes, int] = {}  # the prefix cache
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
-        self._num_hashed: dict[str, int] = {}  # request id -> leading blocks of its table already hashed
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(
+            range(num_blocks)
+        )  # LRU first
+        self._num_hashed: dict[
+            str, int
+        ] = {}  # request id -> leading blocks of its table already hashed
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
 
@@ -92,7 +102,9 @@ class BlockManager:
             for i in range(len(hashes), num_full):
                 start, end = i * bs, (i + 1) * bs
                 parent = hashes[-1] if hashes else None
-                hashes.append(hash_block(parent, tokens[start:end], block_extra_keys(request, start, end)))
+                hashes.append(
+                    hash_block(parent, tokens[start:end], block_extra_keys(request, start, end))
+                )
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
@@ -129,7 +141,9 @@ class BlockManager:
             block_id = request.block_ids[i]
             if self.block_hash[block_id] is None:
                 self.block_hash[block_id] = hashes[i]
-                self.hash_to_block.setdefault(hashes[i], block_id)  # a duplicate keeps the first block
+                self.hash_to_block.setdefault(
+                    hashes[i], block_id
+                )  # a duplicate keeps the first block
         self._num_hashed[request.request_id] = n
 
     def reset_prefix_cache(self) -> bool:
@@ -143,19 +157,31 @@ class BlockManager:
 
     # -- allocation ------------------------------------------------------------------------------
 
-    def _num_new_blocks(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int]) -> int:
+    def _num_new_blocks(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int]
+    ) -> int:
         if computed_blocks and request.block_ids:
-            raise ValueError(f"request {request.request_id} already has blocks; computed blocks only go first")
-        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+            raise ValueError(
+                f"request {request.request_id} already has blocks; computed blocks only go first"
+            )
+        total = (
+            request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        )
         return max(0, self.num_blocks_for(total) - len(request.block_ids) - len(computed_blocks))
 
-    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+    def can_allocate(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> bool:
         """Whether `allocate_slots` with the same arguments would succeed."""
         num_new = self._num_new_blocks(request, num_new_tokens, computed_blocks)
-        reclaimed = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)  # free, but not for new data
+        reclaimed = sum(
+            1 for b in computed_blocks if self.ref_counts[b] == 0
+        )  # free, but not for new data
         return num_new <= self.num_free_blocks - reclaimed
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()
+    ) -> bool:
         """Grows `request.block_ids` to hold num_computed_tokens + computed blocks + num_new_tokens.
 
         `computed_blocks` (from `get_computed_blocks`, only for a request without blocks) become the
@@ -205,8 +231,12 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         assert all(r >= 0 for r in self.ref_counts), "negative reference count"
-        assert set(self.free_queue) == {b for b, r in enumerate(self.ref_counts) if r == 0}, "free queue != ref-0 blocks"
+        assert set(self.free_queue) == {b for b, r in enumerate(self.ref_counts) if r == 0}, (
+            "free queue != ref-0 blocks"
+        )
         for h, block_id in self.hash_to_block.items():
-            assert self.block_hash[block_id] == h, f"block {block_id} mapped by a hash it does not hold"
+            assert self.block_hash[block_id] == h, (
+                f"block {block_id} mapped by a hash it does not hold"
+            )
         if not self.enable_prefix_caching:
             assert not self.hash_to_block, "prefix cache filled while disabled"

@@ -63,7 +63,9 @@ class EngineStats:
     steps: int = 0
 
 
-GPU_MARGIN_BYTES = 1 << 30  # CUDA graphs, sampler copies, cuBLAS workspaces, allocator fragmentation
+GPU_MARGIN_BYTES = (
+    1 << 30
+)  # CUDA graphs, sampler copies, cuBLAS workspaces, allocator fragmentation
 
 
 def gpu_kv_budget(total: int, free: int, own: int, reserved: int, utilization: float) -> int:
@@ -73,8 +75,14 @@ def gpu_kv_budget(total: int, free: int, own: int, reserved: int, utilization: f
     return min(int(utilization * total) - own, free) - reserved - GPU_MARGIN_BYTES
 
 
-def plan_kv_blocks(model_config: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
-                   max_model_len: int, reserved_bytes: int = 0) -> int:
+def plan_kv_blocks(
+    model_config: ModelConfig,
+    engine: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+    reserved_bytes: int = 0,
+) -> int:
     """Number of KV blocks: from engine.kv_cache_memory_gb, else 2 GiB on CPU; on a GPU, what
     `gpu_kv_budget` leaves once the weights are loaded (`reserved_bytes`: see EngineCore)."""
     per_token = kv_bytes_per_token(model_config, dtype)
@@ -84,26 +92,41 @@ def plan_kv_blocks(model_config: ModelConfig, engine: EngineConfig, device: torc
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         own = torch.cuda.memory_reserved(device)
-        budget = max(0, gpu_kv_budget(total, free, own, reserved_bytes, engine.gpu_memory_utilization))
-        detail = (f" ({engine.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), "
-                  f"less {own / 2**30:.1f} GiB of weights, {reserved_bytes / 2**30:.1f} GiB for a step's "
-                  f"activations and the encoder cache, {GPU_MARGIN_BYTES / 2**30:.0f} GiB margin)")
+        budget = max(
+            0, gpu_kv_budget(total, free, own, reserved_bytes, engine.gpu_memory_utilization)
+        )
+        detail = (
+            f" ({engine.gpu_memory_utilization:.0%} of {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), "
+            f"less {own / 2**30:.1f} GiB of weights, {reserved_bytes / 2**30:.1f} GiB for a step's "
+            f"activations and the encoder cache, {GPU_MARGIN_BYTES / 2**30:.0f} GiB margin)"
+        )
     else:
         budget = 2 * 2**30
     blocks = int(budget // (per_token * engine.block_size))
     needed = math.ceil(max_model_len / engine.block_size) + 1
     if blocks < needed:
-        raise ValueError(f"the KV cache holds {blocks * engine.block_size} tokens{detail}, less than one request of "
-                         f"max_model_len={max_model_len}; give more memory (--gpu-memory-utilization, "
-                         f"--kv-cache-memory-gb) or a smaller --max-model-len")
+        raise ValueError(
+            f"the KV cache holds {blocks * engine.block_size} tokens{detail}, less than one request of "
+            f"max_model_len={max_model_len}; give more memory (--gpu-memory-utilization, "
+            f"--kv-cache-memory-gb) or a smaller --max-model-len"
+        )
     return blocks
 
 
 class EngineCore:
     """Owns the scheduler, the model runner and each request's detokenizer."""
 
-    def __init__(self, model_config: ModelConfig, tokenizer: PLMTokenizer, engine: EngineConfig, *,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int, model=None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: PLMTokenizer,
+        engine: EngineConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        model=None,
+    ):
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -113,54 +136,104 @@ class EngineCore:
             model = build_model(model_config, device=device, dtype=dtype)
         reserved = 0
         if device.type == "cuda" and engine.kv_cache_memory_gb is None:
-            step = profile_step_peak_bytes(model, model_config, num_tokens=engine.max_num_batched_tokens,
-                                           num_tiles=tiles_per_step, num_logit_rows=engine.max_num_seqs,
-                                           context_len=max_model_len, block_size=engine.block_size,
-                                           device=device, dtype=dtype)
+            step = profile_step_peak_bytes(
+                model,
+                model_config,
+                num_tokens=engine.max_num_batched_tokens,
+                num_tiles=tiles_per_step,
+                num_logit_rows=engine.max_num_seqs,
+                context_len=max_model_len,
+                block_size=engine.block_size,
+                device=device,
+                dtype=dtype,
+            )
             encoder_cache = encoder_tokens * model_config.text.hidden_size * dtype.itemsize
             reserved = step + encoder_cache
-            log.info("a worst-case step needs %.2f GiB of activations; the encoder cache up to %.2f GiB",
-                     step / 2**30, encoder_cache / 2**30)
+            log.info(
+                "a worst-case step needs %.2f GiB of activations; the encoder cache up to %.2f GiB",
+                step / 2**30,
+                encoder_cache / 2**30,
+            )
         num_blocks = plan_kv_blocks(model_config, engine, device, dtype, max_model_len, reserved)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-                            max_encoder_tiles_per_step=tiles_per_step),
-            BlockManager(num_blocks, engine.block_size, enable_prefix_caching=engine.enable_prefix_caching),
+            SchedulerConfig(
+                max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens,
+                max_encoder_tiles_per_step=tiles_per_step,
+            ),
+            BlockManager(
+                num_blocks, engine.block_size, enable_prefix_caching=engine.enable_prefix_caching
+            ),
             EncoderCacheManager(encoder_tokens),
         )
-        self.runner = ModelRunner(model_config, device=device, dtype=dtype, num_blocks=num_blocks,
-                                  block_size=engine.block_size, max_encoder_tiles_per_forward=tiles_per_step,
-                                  model=model, cuda_graphs=engine.cuda_graphs, max_num_seqs=engine.max_num_seqs,
-                                  max_model_len=max_model_len)
+        self.runner = ModelRunner(
+            model_config,
+            device=device,
+            dtype=dtype,
+            num_blocks=num_blocks,
+            block_size=engine.block_size,
+            max_encoder_tiles_per_forward=tiles_per_step,
+            model=model,
+            cuda_graphs=engine.cuda_graphs,
+            max_num_seqs=engine.max_num_seqs,
+            max_model_len=max_model_len,
+        )
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * engine.block_size
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(
+            tokenizer, model_config.text.vocab_size, model_config.eos_token_ids
+        )
         self.stats = EngineStats()
-        log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); encoder cache %d tokens",
-                 num_blocks, engine.block_size, self.kv_capacity_tokens,
-                 num_blocks * engine.block_size * kv_bytes_per_token(model_config, dtype) / 2**30, encoder_tokens)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); encoder cache %d tokens",
+            num_blocks,
+            engine.block_size,
+            self.kv_capacity_tokens,
+            num_blocks * engine.block_size * kv_bytes_per_token(model_config, dtype) / 2**30,
+            encoder_tokens,
+        )
 
     # -- requests -------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, *,
-                    prefix_parent: str | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        *,
+        prefix_parent: str | None = None,
+    ) -> None:
         """Queues one sequence. The caller fans `n > 1` out into several ids; choices after the first
         name the first as `prefix_parent` and are admitted once its prompt KV is cached, sharing it."""
         n_prompt = len(prompt.prompt_token_ids)
         if n_prompt >= self.max_model_len:
-            raise ValueError(f"the prompt has {n_prompt} tokens but the context allows {self.max_model_len}")
+            raise ValueError(
+                f"the prompt has {n_prompt} tokens but the context allows {self.max_model_len}"
+            )
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self._check_token_ids(prompt, params)
         eos = self.model_config.eos_token_ids
-        request = Request(request_id, list(prompt.prompt_token_ids), params, media=prompt.media, eos_token_ids=eos,
-                          prefix_parent=prefix_parent)
-        if params.structured_output is not None:  # ValueError for a bad schema (the server checked it already)
+        request = Request(
+            request_id,
+            list(prompt.prompt_token_ids),
+            params,
+            media=prompt.media,
+            eos_token_ids=eos,
+            prefix_parent=prefix_parent,
+        )
+        if (
+            params.structured_output is not None
+        ):  # ValueError for a bad schema (the server checked it already)
             request.grammar = self.grammars.grammar(params.structured_output)
         self._detok[request_id] = IncrementalDetokenizer(
-            self.tokenizer._tok, skip_special_tokens=params.skip_special_tokens, stop=params.stop or [],
-            include_stop_str_in_output=params.include_stop_str_in_output, prompt_token_ids=request.prompt_token_ids,
-            min_tokens=params.min_tokens)
+            self.tokenizer._tok,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop or [],
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            prompt_token_ids=request.prompt_token_ids,
+            min_tokens=params.min_tokens,
+        )
         self.scheduler.add_request(request)
         self.stats.prompt_tokens += n_prompt
 
@@ -172,7 +245,9 @@ class EngineCore:
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
         outside = sorted(t for t in params.logit_bias or () if t >= vocab)
         if outside:
-            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {outside[:8]}")
+            raise ValueError(
+                f"logit_bias has token ids outside the vocabulary [0, {vocab}): {outside[:8]}"
+            )
 
     def abort(self, request_id: str) -> bool:
         """Drops a request and frees its KV blocks and encoder references now."""
@@ -207,9 +282,15 @@ class EngineCore:
         status, text, stop_token = None, "", None
         grammar_done = False
         if request.grammar is not None:
-            if not request.grammar.accept(token):  # only the stop token of a grammar with no way forward
-                log.warning("request %s: its structured-output grammar allows no token here; stopping it at "
-                            "token %d", request.request_id, token)
+            if not request.grammar.accept(
+                token
+            ):  # only the stop token of a grammar with no way forward
+                log.warning(
+                    "request %s: its structured-output grammar allows no token here; stopping it at "
+                    "token %d",
+                    request.request_id,
+                    token,
+                )
                 grammar_done = True
             # complete and closed with a stop token; with ignore_eos or min_tokens the stop token does
             # not end the request by itself, but nothing can follow it
@@ -227,14 +308,27 @@ class EngineCore:
                 status = RequestStatus.FINISHED_STOPPED
             elif n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
-        delta = RequestDelta(request.request_id, [token], text, [logprobs], num_prompt_tokens=request.num_prompt_tokens,
-                             num_cached_tokens=request.num_cached_tokens, num_output_tokens=n_out)
+        delta = RequestDelta(
+            request.request_id,
+            [token],
+            text,
+            [logprobs],
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=n_out,
+        )
         if status is not None:
             if detok.stop_reason is None:
-                delta.new_text += detok.flush(stop_token if params.include_stop_str_in_output else None)
+                delta.new_text += detok.flush(
+                    stop_token if params.include_stop_str_in_output else None
+                )
             self.scheduler.finish(request, status)
             self._detok.pop(request.request_id, None)
-            delta.finished, delta.finish_reason, delta.stop_reason = True, status.value, request.stop_reason
+            delta.finished, delta.finish_reason, delta.stop_reason = (
+                True,
+                status.value,
+                request.stop_reason,
+            )
         return delta
 
     def _update_stats(self) -> None:

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
-_REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole UTF-8 character
+_REPLACEMENT = (
+    "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole UTF-8 character
+)
 _PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first output token, as vLLM does
 
 
@@ -28,45 +30,60 @@ class IncrementalDetokenizer:
     token after the first min_tokens (it may begin earlier); one completed before is ordinary text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, prompt_token_ids: list[int] | None = None,
-                 min_tokens: int = 0):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+        prompt_token_ids: list[int] | None = None,
+        min_tokens: int = 0,
+    ):
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(stop)
         self._include_stop = include_stop_str_in_output
-        self._hold = max((len(s) for s in self._stop), default=1) - 1  # characters held back for stop strings
+        self._hold = (
+            max((len(s) for s in self._stop), default=1) - 1
+        )  # characters held back for stop strings
         # The last few prompt tokens give the first output tokens their decoding context.
-        self._tokens: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:]) if prompt_token_ids else []
+        self._tokens: list[int] = (
+            list(prompt_token_ids[-_PROMPT_CONTEXT:]) if prompt_token_ids else []
+        )
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
         self._text = ""  # output text decoded so far (the stop-string cut applied)
         self._emitted = 0  # characters of _text already returned
         self._min_tokens = min_tokens
         self._num_output = 0  # output tokens added so far
-        self._stop_from = 0  # a stop string must end after this many characters of _text (min_tokens)
+        self._stop_from = (
+            0  # a stop string must end after this many characters of _text (min_tokens)
+        )
         self.stop_reason: str | None = None  # the stop string that ended the text
         self.finished = False
 
     @property
     def text(self) -> str:
         """The output text returned so far (everything, once flush() has been called)."""
-        return self._text[:self._emitted]
+        return self._text[: self._emitted]
 
     def add(self, token_id: int) -> str:
         """Appends one generated token; returns the text that can now be shown (possibly "")."""
         if self.finished:
-            raise RuntimeError("add() after the detokenizer finished (stop string found or flushed)")
+            raise RuntimeError(
+                "add() after the detokenizer finished (stop string found or flushed)"
+            )
         self._tokens.append(token_id)
         self._num_output += 1
-        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._tokens[self._prefix_offset:])
+        prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._tokens[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing visible yet (a special token skipped, or an unfinished character)
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
-        return self._append(new_text[len(prefix_text):], final=False)
+        return self._append(new_text[len(prefix_text) :], final=False)
 
     def flush(self, stop_token_id: int | None = None) -> str:
         """Ends the text (for a reason other than a stop string) and returns what was held back.
@@ -79,9 +96,11 @@ class IncrementalDetokenizer:
         if stop_token_id is not None:
             self._tokens.append(stop_token_id)
         rest = ""
-        if self._read_offset < len(self._tokens):  # an unfinished character (or the kept stop token): decode it
-            prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
-            rest = self._decode(self._tokens[self._prefix_offset:])[len(prefix_text):]
+        if self._read_offset < len(
+            self._tokens
+        ):  # an unfinished character (or the kept stop token): decode it
+            prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+            rest = self._decode(self._tokens[self._prefix_offset :])[len(prefix_text) :]
             self._prefix_offset = self._read_offset = len(self._tokens)
         delta = self._append(rest, final=True, check_stop=stop_token_id is None)
         self.finished = True
@@ -90,18 +109,20 @@ class IncrementalDetokenizer:
     def _append(self, new: str, *, final: bool, check_stop: bool = True) -> str:
         start = len(self._text)
         self._text += new
-        if self._num_output <= self._min_tokens:  # text of the first min_tokens tokens cannot complete a stop
+        if (
+            self._num_output <= self._min_tokens
+        ):  # text of the first min_tokens tokens cannot complete a stop
             self._stop_from = len(self._text)
         elif self._stop and check_stop:
             match = self._find_stop(max(0, start - self._hold))
             if match is not None:
                 index, stop = match
-                self._text = self._text[:index + len(stop) if self._include_stop else index]
+                self._text = self._text[: index + len(stop) if self._include_stop else index]
                 self.stop_reason = stop
                 self.finished = True
                 final = True
         end = len(self._text) if final else max(self._emitted, len(self._text) - self._hold)
-        delta = self._text[self._emitted:end]
+        delta = self._text[self._emitted : end]
         self._emitted = end
         return delta
 
@@ -119,4 +140,8 @@ class IncrementalDetokenizer:
         return best[1] if best else None
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens) if ids else ""
+        return (
+            self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+            if ids
+            else ""
+        )

@@ -19,7 +19,9 @@ class EncoderCacheManager:
         if budget_tokens < 0:
             raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens}")
         self.budget_tokens = budget_tokens
-        self.entries: OrderedDict[str, int] = OrderedDict()  # key -> num_tokens, least recently used first
+        self.entries: OrderedDict[str, int] = (
+            OrderedDict()
+        )  # key -> num_tokens, least recently used first
         self.refs: dict[str, dict[str, int]] = {}  # key -> {request_id: reference count}
         self.request_keys: dict[str, set[str]] = {}  # request_id -> keys it references
         self._used_tokens = 0
@@ -127,9 +129,15 @@ class EncoderCacheManager:
 
     def check_invariants(self) -> None:
         assert set(self.refs) == set(self.entries), "refs and entries disagree"
-        assert self._used_tokens == sum(self.entries.values()) <= self.budget_tokens, "used tokens wrong or over budget"
-        assert self._evictable_tokens == sum(n for k, n in self.entries.items() if not self.refs[k]), "evictable wrong"
+        assert self._used_tokens == sum(self.entries.values()) <= self.budget_tokens, (
+            "used tokens wrong or over budget"
+        )
+        assert self._evictable_tokens == sum(
+            n for k, n in self.entries.items() if not self.refs[k]
+        ), "evictable wrong"
         pairs = {(r, k) for k, holders in self.refs.items() for r, c in holders.items() if c > 0}
         assert len(pairs) == sum(len(h) for h in self.refs.values()), "zero reference count kept"
-        assert pairs == {(r, k) for r, keys in self.request_keys.items() for k in keys}, "request index wrong"
+        assert pairs == {(r, k) for r, keys in self.request_keys.items() for k in keys}, (
+            "request index wrong"
+        )
         assert all(self.request_keys.values()), "empty request entry kept"

@@ -36,13 +36,28 @@ class RunnerOutput:
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     t = cfg.text
-    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return (
+        2
+        * t.num_layers
+        * t.num_kv_heads
+        * t.head_dim
+        * torch.tensor([], dtype=dtype).element_size()
+    )
 
 
 @torch.inference_mode()
-def profile_step_peak_bytes(model: PerceptionLM, cfg: ModelConfig, *, num_tokens: int, num_tiles: int,
-                            num_logit_rows: int, context_len: int, block_size: int, device: torch.device,
-                            dtype: torch.dtype) -> int | None:
+def profile_step_peak_bytes(
+    model: PerceptionLM,
+    cfg: ModelConfig,
+    *,
+    num_tokens: int,
+    num_tiles: int,
+    num_logit_rows: int,
+    context_len: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int | None:
     """Memory a worst-case step needs beyond the weights and the KV cache, measured by running one.
 
     The step encodes `num_tiles` tiles, then prefills a `num_tokens` chunk at the end of a
@@ -63,9 +78,16 @@ def profile_step_peak_bytes(model: PerceptionLM, cfg: ModelConfig, *, num_tokens
     ctx = max(num_tokens, context_len)
     blocks = -(-ctx // block_size)
     shape = (blocks * block_size, t.num_kv_heads, t.head_dim)
-    kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-          for _ in range(t.num_layers)]
-    meta = build_metadata([list(range(blocks))], [ctx - num_tokens], [num_tokens], block_size, device)
+    kv = [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(t.num_layers)
+    ]
+    meta = build_metadata(
+        [list(range(blocks))], [ctx - num_tokens], [num_tokens], block_size, device
+    )
     embeds = torch.zeros(num_tokens, t.hidden_size, dtype=dtype, device=device)
     positions = torch.arange(ctx - num_tokens, ctx, device=device)
     rows = torch.arange(num_tokens - min(num_logit_rows, num_tokens), num_tokens, device=device)
@@ -82,10 +104,21 @@ def profile_step_peak_bytes(model: PerceptionLM, cfg: ModelConfig, *, num_tokens
 class ModelRunner:
     """Runs steps of the model for the scheduler's outputs."""
 
-    def __init__(self, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, max_encoder_tiles_per_forward: int = 64, batch_decodes: bool | None = None,
-                 model: PerceptionLM | None = None, cuda_graphs: bool = False, max_num_seqs: int = 64,
-                 max_model_len: int = 8192):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        max_encoder_tiles_per_forward: int = 64,
+        batch_decodes: bool | None = None,
+        model: PerceptionLM | None = None,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int = 8192,
+    ):
         self.cfg = cfg
         self.device, self.dtype = device, dtype
         self.block_size = block_size
@@ -97,20 +130,37 @@ class ModelRunner:
         t = cfg.text
         # with decode graphs, one extra block past the block manager's range is the padded rows' scratch
         shape = ((num_blocks + int(cuda_graphs)) * block_size, t.num_kv_heads, t.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(t.num_layers)]
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(t.num_layers)
+        ]
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             if device.type != "cuda":
-                log.warning("CUDA graphs need a GPU; running the padded decode path eagerly on %s", device.type)
+                log.warning(
+                    "CUDA graphs need a GPU; running the padded decode path eagerly on %s",
+                    device.type,
+                )
             self.batch_decodes = True
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, scratch_slot=num_blocks * block_size,
-                                       max_batch=max_num_seqs, max_context=max_model_len,
-                                       capture=device.type == "cuda")
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                scratch_slot=num_blocks * block_size,
+                max_batch=max_num_seqs,
+                max_context=max_model_len,
+                capture=device.type == "cuda",
+            )
             if self.graphs.capture:
                 log.info("captured %d decode CUDA graphs", len(self.graphs.graphs))
-        self.encoder_outputs: dict[str, torch.Tensor] = {}  # cache key -> [num_tokens, H], complete items
-        self._partial: dict[str, torch.Tensor] = {}  # cache key -> [num_tiles, tokens_per_tile, H] being filled
+        self.encoder_outputs: dict[
+            str, torch.Tensor
+        ] = {}  # cache key -> [num_tokens, H], complete items
+        self._partial: dict[
+            str, torch.Tensor
+        ] = {}  # cache key -> [num_tiles, tokens_per_tile, H] being filled
         self.samplers: dict[str, SamplingState] = {}
         self.sampler = BatchSampler()
 
@@ -129,9 +179,14 @@ class ModelRunner:
             return out
 
         embeds, positions, logit_rows = self._inputs(sched)
-        meta = build_metadata([r.block_ids for r in sched.requests], sched.start_positions,
-                              sched.num_scheduled_tokens, self.block_size, self.device,
-                              batch_decodes=self.batch_decodes)
+        meta = build_metadata(
+            [r.block_ids for r in sched.requests],
+            sched.start_positions,
+            sched.num_scheduled_tokens,
+            self.block_size,
+            self.device,
+            batch_decodes=self.batch_decodes,
+        )
         sampled = [r for r, s in zip(sched.requests, sched.sample) if s]
         if not sampled:
             self.model.language_model(embeds, positions, self.kv_caches, meta)
@@ -146,7 +201,9 @@ class ModelRunner:
             out.logprobs[request.request_id] = lp
         return out
 
-    def _decode_graph_logits(self, embeds, positions, meta, num_sampled: int) -> torch.Tensor | None:
+    def _decode_graph_logits(
+        self, embeds, positions, meta, num_sampled: int
+    ) -> torch.Tensor | None:
         """Logits from a decode graph when every sequence decodes one sampled token and a bucket fits."""
         if self.graphs is None or meta.prefill_seqs or num_sampled != len(meta.decode_seqs):
             return None
@@ -158,16 +215,26 @@ class ModelRunner:
     def _sampling_state(self, request: Request) -> SamplingState:
         state = self.samplers.get(request.request_id)
         if state is None:
-            state = SamplingState.create(request.sampling_params, request.prompt_token_ids, request.output_token_ids,
-                                         request.eos_token_ids, self.device, request.grammar)
+            state = SamplingState.create(
+                request.sampling_params,
+                request.prompt_token_ids,
+                request.output_token_ids,
+                request.eos_token_ids,
+                self.device,
+                request.grammar,
+            )
             self.samplers[request.request_id] = state
         return state
 
     def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> int:
         """Encodes the scheduled tiles of each item in batched forwards; completed items become usable."""
-        pixels = torch.cat([m.pixel_values[lo:hi] for m, (lo, hi) in zip(items, ranges)])  # [N, 3, T, T]
+        pixels = torch.cat(
+            [m.pixel_values[lo:hi] for m, (lo, hi) in zip(items, ranges)]
+        )  # [N, 3, T, T]
         pixels = pixels.to(self.device, self.dtype)
-        feats = torch.cat([self.model.encode_media(chunk) for chunk in pixels.split(self.max_tiles_per_forward)])
+        feats = torch.cat(
+            [self.model.encode_media(chunk) for chunk in pixels.split(self.max_tiles_per_forward)]
+        )
         for item, (lo, hi), part in zip(items, ranges, feats.split([hi - lo for lo, hi in ranges])):
             key = item.cache_key
             if lo == 0 and hi == item.num_tiles:
@@ -189,10 +256,11 @@ class ModelRunner:
         pos: list[int] = []
         logit_rows: list[int] = []
         fills: list[tuple[int, torch.Tensor]] = []  # (row in batch, features [k, H])
-        for request, start, n, sample in zip(sched.requests, sched.start_positions, sched.num_scheduled_tokens,
-                                             sched.sample):
+        for request, start, n, sample in zip(
+            sched.requests, sched.start_positions, sched.num_scheduled_tokens, sched.sample
+        ):
             row0 = len(ids)
-            tokens = request.all_token_ids[start:start + n]
+            tokens = request.all_token_ids[start : start + n]
             ids.extend(tokens)
             pos.extend(range(start, start + n))
             if sample:
@@ -200,15 +268,17 @@ class ModelRunner:
             for item in request.media_in_range(start, start + n):
                 feats = self.encoder_outputs.get(item.cache_key)
                 if feats is None:
-                    raise RuntimeError(f"encoder output for {item.kind} {item.cache_key[:32]} is not resident")
+                    raise RuntimeError(
+                        f"encoder output for {item.kind} {item.cache_key[:32]} is not resident"
+                    )
                 lo, hi = max(start, item.offset), min(start + n, item.offset + item.num_tokens)
-                fills.append((row0 + lo - start, feats[lo - item.offset:hi - item.offset]))
+                fills.append((row0 + lo - start, feats[lo - item.offset : hi - item.offset]))
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.model.embed(token_ids)  # [T, H]
         if fills:
             embeds = embeds.clone()
             for row, feats in fills:
-                embeds[row:row + feats.shape[0]] = feats.to(embeds.dtype)
+                embeds[row : row + feats.shape[0]] = feats.to(embeds.dtype)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return embeds, positions, rows

@@ -24,7 +24,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
 
 
 @dataclass
@@ -49,7 +53,9 @@ class Request:
     block_ids: list[int] = field(default_factory=list)  # the block table, owned by the BlockManager
     block_hashes: list = field(default_factory=list)  # hashes of full prompt blocks, computed once
     num_preemptions: int = 0
-    encoder_keys: set = field(default_factory=set)  # encoder-cache entries this request holds a reference to
+    encoder_keys: set = field(
+        default_factory=set
+    )  # encoder-cache entries this request holds a reference to
     prefix_parent: str | None = None  # a sibling choice (n > 1) whose prompt KV this request reuses
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     grammar: Grammar | None = None  # structured-output matcher; advanced by each appended token

@@ -29,14 +29,22 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...] = ()
-    grammar: Grammar | None = None  # the request's structured-output matcher (the engine advances it)
+    grammar: Grammar | None = (
+        None  # the request's structured-output matcher (the engine advances it)
+    )
     # prompt token ids as a device tensor, built on first use by repetition_penalty
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_token_ids: list[int], output_token_ids: list[int],
-               eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu",
-               grammar: Grammar | None = None) -> SamplingState:
+    def create(
+        cls,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        eos_token_ids: tuple[int, ...] = (),
+        device: torch.device | str = "cpu",
+        grammar: Grammar | None = None,
+    ) -> SamplingState:
         """Seeds the request's own generator with params.seed, or a fresh random seed if none."""
         generator = None
         if not params.greedy:
@@ -45,12 +53,16 @@ class SamplingState:
             # [-2**63, 2**64 - 1]; reducing it here gives the same generator and can never raise.
             seed = params.seed % 2**64 if params.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
-        return cls(params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids), grammar)
+        return cls(
+            params, generator, prompt_token_ids, output_token_ids, tuple(eos_token_ids), grammar
+        )
 
     @property
     def needs_penalties(self) -> bool:
         p = self.params
-        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        return (
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        )
 
     def blocked_token_ids(self) -> list[int]:
         """Tokens min_tokens forbids right now: stop tokens (and eos unless ignore_eos) until enough output."""
@@ -64,7 +76,9 @@ class SamplingState:
 
     def prompt_ids(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         if self._prompt_ids is None or self._prompt_ids.device != device:
-            ids = torch.tensor(sorted({t for t in self.prompt_token_ids if 0 <= t < vocab_size}), dtype=torch.long)
+            ids = torch.tensor(
+                sorted({t for t in self.prompt_token_ids if 0 <= t < vocab_size}), dtype=torch.long
+            )
             self._prompt_ids = ids.to(device)
         return self._prompt_ids
 
@@ -76,7 +90,9 @@ class Logprobs:
     token_id: int  # the chosen token
     logprob: float  # its log-probability
     rank: int  # 1 + the number of tokens with a strictly higher logprob (1 = the most likely)
-    top: list[tuple[int, float]]  # the `params.logprobs` most likely (token id, logprob), highest first
+    top: list[
+        tuple[int, float]
+    ]  # the `params.logprobs` most likely (token id, logprob), highest first
 
 
 class BatchSampler:
@@ -89,13 +105,19 @@ class BatchSampler:
     so a seeded request samples the same tokens whatever else is in the batch.
     """
 
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[Logprobs | None]]:
+    def __call__(
+        self, logits: torch.Tensor, states: list[SamplingState]
+    ) -> tuple[list[int], list[Logprobs | None]]:
         # logits: [B, V] fp32; row i belongs to states[i]; not modified
         if logits.dim() != 2 or logits.shape[0] != len(states):
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} sampling states")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} do not match {len(states)} sampling states"
+            )
         logits = self._apply_grammars(logits, states)  # a masked copy when some row has a grammar
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None  # [L, V]
+        raw_logprobs = (
+            torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None
+        )  # [L, V]
 
         x = self.process(logits, states)  # [B, V]
         tokens = x.argmax(dim=-1)  # [B]; kept for greedy rows
@@ -114,8 +136,11 @@ class BatchSampler:
         self._apply_penalties(x, states)
         # A grammar row left with nothing (min_tokens forbidding the only token the grammar allows, the stop
         # token once the output is complete, or an extreme repetition_penalty): the grammar wins.
-        rows = [i for i, s in enumerate(states)
-                if s.grammar is not None and (s.needs_penalties or s.blocked_token_ids())]
+        rows = [
+            i
+            for i, s in enumerate(states)
+            if s.grammar is not None and (s.needs_penalties or s.blocked_token_ids())
+        ]
         if rows:
             stuck = ~torch.isfinite(x[rows]).any(dim=-1)
             if stuck.any():
@@ -127,10 +152,14 @@ class BatchSampler:
         """logits with -inf where a row's structured-output grammar forbids the token (a copy; the same
         tensor when no row has a grammar). Masked before logprobs, as vLLM v1 does: logprobs describe
         the distribution the token is drawn from, and forbidden tokens get -inf."""
-        rows = [i for i, s in enumerate(states) if s.grammar is not None and not s.grammar.is_terminated]
+        rows = [
+            i for i, s in enumerate(states) if s.grammar is not None and not s.grammar.is_terminated
+        ]
         if not rows:
             return logits
-        allowed = allowed_tokens([states[i].grammar for i in rows], logits.shape[1], logits.device)  # [G, V]
+        allowed = allowed_tokens(
+            [states[i].grammar for i in rows], logits.shape[1], logits.device
+        )  # [G, V]
         masked = logits.clone()
         masked[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
         return masked
@@ -148,7 +177,9 @@ class BatchSampler:
                     values.append(bias)
         if rows:
             index = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
-            x.index_put_(index, torch.tensor(values, dtype=x.dtype, device=x.device), accumulate=True)
+            x.index_put_(
+                index, torch.tensor(values, dtype=x.dtype, device=x.device), accumulate=True
+            )
 
     @staticmethod
     def _apply_min_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
@@ -170,7 +201,9 @@ class BatchSampler:
             return
         device, vocab = x.device, x.shape[1]
         sub = [states[i] for i in rows]
-        counts = _token_counts([s.output_token_ids for s in sub], vocab, device)  # [P, V] occurrences in output
+        counts = _token_counts(
+            [s.output_token_ids for s in sub], vocab, device
+        )  # [P, V] occurrences in output
         logits = x[rows]  # [P, V]
         if any(s.params.repetition_penalty != 1.0 for s in sub):
             rep = torch.tensor([s.params.repetition_penalty for s in sub], device=device)[:, None]
@@ -199,41 +232,54 @@ class BatchSampler:
         if any(s.params.min_p > 0 for s in states):
             min_p = torch.tensor([s.params.min_p for s in states], device=device)[:, None]
             probs = torch.softmax(x, dim=-1)
-            x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), _NEG_INF)  # min_p = 0: no-op
+            x = x.masked_fill(
+                probs < min_p * probs.amax(dim=-1, keepdim=True), _NEG_INF
+            )  # min_p = 0: no-op
 
         tokens = torch.empty(len(states), dtype=torch.long, device=device)
         # Rows with top-k/top-p go through a sorted path, the rest through a plain one. Which path a
         # row takes depends only on its own settings, never on the batch (float sums differ between them).
-        truncated = [j for j, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1.0]
+        truncated = [
+            j for j, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1.0
+        ]
         plain = sorted(set(range(len(states))) - set(truncated))
         if plain:
             probs = torch.softmax(x[plain], dim=-1)
             tokens[plain] = _draw(probs, [states[j].generator for j in plain])
         if truncated:
             rows = [states[j].params for j in truncated]
-            sorted_x, order = torch.sort(x[truncated], dim=-1, descending=True, stable=True)  # [T, V]
-            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in rows], device=device)
+            sorted_x, order = torch.sort(
+                x[truncated], dim=-1, descending=True, stable=True
+            )  # [T, V]
+            top_k = torch.tensor(
+                [p.top_k if 0 < p.top_k < vocab else vocab for p in rows], device=device
+            )
             position = torch.arange(vocab, device=device)
             sorted_x = sorted_x.masked_fill(position[None] >= top_k[:, None], _NEG_INF)
             if any(p.top_p < 1.0 for p in rows):
                 # The cumulative sum runs on fixed-point integers: integer sums are exact in any order,
                 # and CUDA's float cumsum picks its kernel (and so its rounding) by the number of rows.
-                top_p = torch.tensor([round(p.top_p * _FIXED_ONE) if p.top_p < 1.0 else 2**62 for p in rows],
-                                     device=device)
+                top_p = torch.tensor(
+                    [round(p.top_p * _FIXED_ONE) if p.top_p < 1.0 else 2**62 for p in rows],
+                    device=device,
+                )
                 mass = torch.round(torch.softmax(sorted_x, dim=-1) * _FIXED_ONE).long()  # [T, V]
                 before = mass.cumsum(dim=-1) - mass  # mass of the more likely tokens
                 drop = before >= top_p[:, None]  # keeps the smallest prefix reaching top_p
                 drop[:, 0] = False
                 sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
             probs = torch.softmax(sorted_x, dim=-1)
-            picked = _draw(probs, [states[j].generator for j in truncated])  # [T] positions in sorted order
+            picked = _draw(
+                probs, [states[j].generator for j in truncated]
+            )  # [T] positions in sorted order
             tokens[truncated] = order.gather(1, picked[:, None])[:, 0]
         return tokens
 
     # -- logprobs ----------------------------------------------------------------------------------
     @staticmethod
-    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, rows: list[int],
-                  states: list[SamplingState]) -> list[Logprobs | None]:
+    def _logprobs(
+        raw: torch.Tensor | None, tokens: torch.Tensor, rows: list[int], states: list[SamplingState]
+    ) -> list[Logprobs | None]:
         out: list[Logprobs | None] = [None] * len(states)
         if raw is None:
             return out
@@ -256,7 +302,9 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     counts = torch.zeros(len(token_lists), vocab, device=device)
     flat = list(chain.from_iterable(token_lists))
     if flat:
-        rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists]))
+        rows = torch.repeat_interleave(
+            torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists])
+        )
         index = (rows.to(device), torch.tensor(flat, device=device))
         counts.index_put_(index, torch.ones(len(flat), device=device), accumulate=True)
     return counts
@@ -272,7 +320,11 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     spent 2.5 ms per row of a 128k vocabulary on a CPU drawing noise.
     """
     cumulative = torch.round(probs * _FIXED_ONE).long().cumsum(dim=-1)  # [N, V]
-    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    uniform = torch.cat(
+        [torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators]
+    )
     target = (uniform * cumulative[:, -1].double()).long()  # [N], in [0, the row's total)
-    picked = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]  # first running sum above it
+    picked = torch.searchsorted(cumulative, target[:, None], right=True)[
+        :, 0
+    ]  # first running sum above it
     return picked.clamp_(max=probs.shape[1] - 1)

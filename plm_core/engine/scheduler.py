@@ -25,7 +25,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) per step
-    max_encoder_tiles_per_step: int = 64  # vision-tower tiles/frames encoded per step; big items span steps
+    max_encoder_tiles_per_step: int = (
+        64  # vision-tower tiles/frames encoded per step; big items span steps
+    )
     enable_chunked_prefill: bool = True
 
 
@@ -64,7 +66,12 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues, the block manager and the encoder-cache bookkeeping."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, encoder_cache: EncoderCacheManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        encoder_cache: EncoderCacheManager,
+    ):
         self.config = config
         self.blocks = block_manager
         self.encoder_cache = encoder_cache
@@ -73,7 +80,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self._evicted_encoder_keys: list[str] = []
-        self._encoder_progress: dict[str, int] = {}  # tiles encoded so far of entries not yet complete
+        self._encoder_progress: dict[
+            str, int
+        ] = {}  # tiles encoded so far of entries not yet complete
         self.num_preemptions = 0
 
     # -- queue ----------------------------------------------------------------------------------------
@@ -118,8 +127,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            decodes_behind = sum(1 for r in self.running[i + 1:] if r.num_tokens - r.num_computed_tokens == 1)
-            n = self._chunk_size(request, max(1, budget - decodes_behind) if request.is_prefill else budget)
+            decodes_behind = sum(
+                1 for r in self.running[i + 1 :] if r.num_tokens - r.num_computed_tokens == 1
+            )
+            n = self._chunk_size(
+                request, max(1, budget - decodes_behind) if request.is_prefill else budget
+            )
             n = self._fit_encoder(request, n, encoder_budget, out)
             if n == 0:
                 i += 1
@@ -137,7 +150,12 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests in arrival order, while there is room.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not out.preempted
+        ):
             request = self.waiting[0]
             if self._waits_for_sibling(request):
                 break
@@ -147,7 +165,9 @@ class Scheduler:
             n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
             request.num_computed_tokens = 0  # allocate_slots counts the computed blocks itself
             encoding = any(rng for _, rng in plan)
-            if (n == 0 and not encoding) or not self.blocks.allocate_slots(request, n, computed_blocks):
+            if (n == 0 and not encoding) or not self.blocks.allocate_slots(
+                request, n, computed_blocks
+            ):
                 break
             request.num_computed_tokens = num_cached
             self._apply_encoder_plan(request, plan, encoder_budget, out)
@@ -156,7 +176,9 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if n:  # a request may join while its image is still being encoded, computing no token yet
+            if (
+                n
+            ):  # a request may join while its image is still being encoded, computing no token yet
                 self._add(out, request, n)
                 budget -= n
 
@@ -175,8 +197,13 @@ class Scheduler:
     def _waits_for_sibling(self, request: Request) -> bool:
         """Choices 2..n of a request wait until choice 1 has computed the shared prompt, then hit its blocks."""
         parent = self.requests.get(request.prefix_parent) if request.prefix_parent else None
-        return (parent is not None and self.blocks.enable_prefix_caching and not parent.is_finished
-                and parent.status is RequestStatus.RUNNING and parent.num_computed_tokens < parent.num_prompt_tokens)
+        return (
+            parent is not None
+            and self.blocks.enable_prefix_caching
+            and not parent.is_finished
+            and parent.status is RequestStatus.RUNNING
+            and parent.num_computed_tokens < parent.num_prompt_tokens
+        )
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
@@ -184,7 +211,9 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
-    def _fit_encoder(self, request: Request, n: int, encoder_budget: list[int], out: SchedulerOutput) -> int:
+    def _fit_encoder(
+        self, request: Request, n: int, encoder_budget: list[int], out: SchedulerOutput
+    ) -> int:
         """Plans and books the encoder work for a running request's chunk; returns the chunk size."""
         n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
         self._apply_encoder_plan(request, plan, encoder_budget, out)
@@ -196,8 +225,9 @@ class Scheduler:
             return 0
         return self._encoder_progress.get(key, item.num_tiles)
 
-    def _plan_encoder(self, request: Request, n: int, tile_budget: int, out: SchedulerOutput
-                      ) -> tuple[int, list[tuple[MediaItem, tuple[int, int] | None]]]:
+    def _plan_encoder(
+        self, request: Request, n: int, tile_budget: int, out: SchedulerOutput
+    ) -> tuple[int, list[tuple[MediaItem, tuple[int, int] | None]]]:
         """Shrinks the chunk so every media item it touches is fully encoded by the end of this step.
 
         Items are encoded a few tiles per step within the encoder budget, so a 37-tile image or a
@@ -221,7 +251,9 @@ class Scheduler:
             # a new entry, or an unreferenced one this request is about to pin, takes room that
             # another item of the same chunk might otherwise have evicted or used
             cache = self.encoder_cache
-            if key not in request.encoder_keys and (not cache.has(key) or not cache.is_referenced(key)):
+            if key not in request.encoder_keys and (
+                not cache.has(key) or not cache.is_referenced(key)
+            ):
                 if not cache.can_allocate(needed_tokens + item.num_tokens):
                     return max(0, item.offset - start), plan
                 needed_tokens += item.num_tokens
@@ -235,7 +267,9 @@ class Scheduler:
                 return max(0, item.offset - start), plan  # tokens wait until the item is complete
         return n, plan
 
-    def _apply_encoder_plan(self, request: Request, plan, encoder_budget: list[int], out: SchedulerOutput) -> None:
+    def _apply_encoder_plan(
+        self, request: Request, plan, encoder_budget: list[int], out: SchedulerOutput
+    ) -> None:
         # pin the resident entries first, so that allocating the new ones cannot evict them
         for item, tiles in sorted(plan, key=lambda p: not self.encoder_cache.has(p[0].cache_key)):
             key = item.cache_key
@@ -290,8 +324,12 @@ class Scheduler:
                 # hold an entry only while the request is inside the item or it is still being
                 # encoded; a later repeat of the same image re-acquires (or re-encodes) it
                 computed = request.num_computed_tokens
-                pending = {m.cache_key for m in request.media if m.offset + m.num_tokens > computed
-                           and (m.offset < computed or m.cache_key in self._encoder_progress)}
+                pending = {
+                    m.cache_key
+                    for m in request.media
+                    if m.offset + m.num_tokens > computed
+                    and (m.offset < computed or m.cache_key in self._encoder_progress)
+                }
                 for key in request.encoder_keys - pending:
                     self.encoder_cache.release(request.request_id, key)
                 request.encoder_keys &= pending

@@ -24,15 +24,30 @@ if TYPE_CHECKING:
 
 _BITS = torch.arange(32, dtype=torch.int32)  # bit i of each int32 word is token 32 * word + i
 _BIT_VALUES = [(1 << i) - (1 << 32 if i == 31 else 0) for i in range(32)]  # bit i as an int32 value
-_LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
+_LOG_PREFIX = re.compile(
+    r"^\[[\d:.]+\] \S+:\d+: "
+)  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
 
 
 # JSON Schema keywords xgrammar 0.2.9 accepts but does not enforce (seen: `uniqueItems` gave [1, 1], `not`
 # and `contains` were ignored, `allOf` of two schemas let anything through): refused, as OpenAI refuses
 # keywords its strict mode cannot honour, rather than promising a shape the output may not have.
-_UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "patternProperties", "propertyNames", "not",
-               "if", "then", "else", "dependentRequired", "dependentSchemas", "unevaluatedProperties",
-               "unevaluatedItems")
+_UNENFORCED = (
+    "uniqueItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "patternProperties",
+    "propertyNames",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")  # xgrammar ignores lookahead/lookbehind assertions
@@ -64,11 +79,21 @@ def unenforced_feature(schema) -> str | None:
             return f"'multipleOf' on a non-integer (at {where})"
         if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
             return f"a lookahead or lookbehind in 'pattern' (at {where})"
-        children = [(f"{where}/{m}/{k}", v) for m in _SUBSCHEMA_MAPS if isinstance(node.get(m), dict)
-                    for k, v in node[m].items()]
-        children += [(f"{where}/{m}/{i}", v) for m in _SUBSCHEMA_LISTS if isinstance(node.get(m), list)
-                     for i, v in enumerate(node[m])]
-        children += [(f"{where}/{m}", node[m]) for m in ("items", "additionalProperties") if m in node]
+        children = [
+            (f"{where}/{m}/{k}", v)
+            for m in _SUBSCHEMA_MAPS
+            if isinstance(node.get(m), dict)
+            for k, v in node[m].items()
+        ]
+        children += [
+            (f"{where}/{m}/{i}", v)
+            for m in _SUBSCHEMA_LISTS
+            if isinstance(node.get(m), list)
+            for i, v in enumerate(node[m])
+        ]
+        children += [
+            (f"{where}/{m}", node[m]) for m in ("items", "additionalProperties") if m in node
+        ]
         stack.extend((path, child, depth + 1) for path, child in reversed(children))
     return None
 
@@ -76,8 +101,13 @@ def unenforced_feature(schema) -> str | None:
 class GrammarCompiler:
     """Compiles StructuredOutput specs into grammars over one tokenizer; cached, thread-safe, lazy."""
 
-    def __init__(self, tokenizer: PLMTokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 cache_limit_bytes: int = 256 << 20):
+    def __init__(
+        self,
+        tokenizer: PLMTokenizer,
+        vocab_size: int,
+        stop_token_ids: tuple[int, ...],
+        cache_limit_bytes: int = 256 << 20,
+    ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's vocabulary)
         self.stop_token_ids = tuple(stop_token_ids)
@@ -94,16 +124,26 @@ class GrammarCompiler:
                 special = tok.special_token_ids()
                 # special tokens get no text, so no grammar can ever produce them (xgrammar's convention);
                 # the stop tokens are allowed where the grammar may end
-                vocab = [b"" if i in special else tok.token_bytes(i)
-                         for i in range(min(tok.vocab_size, self.vocab_size))]
-                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                         stop_token_ids=list(self.stop_token_ids))
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=self.cache_limit_bytes)
+                vocab = [
+                    b"" if i in special else tok.token_bytes(i)
+                    for i in range(min(tok.vocab_size, self.vocab_size))
+                ]
+                info = xgr.TokenizerInfo(
+                    vocab,
+                    xgr.VocabType.RAW,
+                    vocab_size=self.vocab_size,
+                    stop_token_ids=list(self.stop_token_ids),
+                )
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=2, cache_limit_bytes=self.cache_limit_bytes
+                )
             return self._compiler
 
     def compile(self, spec: StructuredOutput):
         """The compiled grammar of spec; ValueError when the schema, regex or grammar is not valid."""
-        refusal = _refusal(spec)  # cached: the engine's compile repeats the server's, on the engine thread
+        refusal = _refusal(
+            spec
+        )  # cached: the engine's compile repeats the server's, on the engine thread
         if refusal:
             raise ValueError(refusal)
         compiler = self._xgr_compiler()
@@ -117,7 +157,11 @@ class GrammarCompiler:
             if spec.choice is not None:
                 return compiler.compile_grammar(choice_grammar(spec.choice))
             return compiler.compile_grammar(spec.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse errors are RuntimeErrors
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+        ) as e:  # xgrammar's parse errors are RuntimeErrors
             lines = str(e).strip().splitlines()
             message = _LOG_PREFIX.sub("", lines[0]) if lines else type(e).__name__
             raise ValueError(f"cannot compile the {spec.kind} constraint: {message}") from None
@@ -132,7 +176,9 @@ class GrammarCompiler:
 @functools.lru_cache(maxsize=256)
 def _refusal(spec: StructuredOutput) -> str | None:
     """Why spec is refused before compiling (too big, unenforced schema keywords, lookaround), or None."""
-    texts = [t for t in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if t is not None]
+    texts = [
+        t for t in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if t is not None
+    ]
     size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     if size > MAX_CONSTRAINT_BYTES:
         return f"the {spec.kind} constraint is {size} bytes; this server compiles at most {MAX_CONSTRAINT_BYTES}"

@@ -34,6 +34,7 @@ _NOISE = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\[Errno -?\d+\]\s*|:\s*'<non
 
 # -- decoding -------------------------------------------------------------------------------------
 
+
 def _sniff_format(head: bytes) -> str | None:
     """The Pillow format implied by the magic bytes, or None if not allowed; only that plugin then
     parses the data (an MPO, a multi-picture JPEG, opens through "JPEG")."""
@@ -66,8 +67,13 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None, max_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
-                 exif_transpose: bool = True) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int | None = None,
+    max_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+    exif_transpose: bool = True,
+) -> Image.Image:
     """Decodes PNG/JPEG/GIF/WebP/BMP/TIFF bytes to a loaded PIL image (first frame if animated).
 
     The size is checked against `max_pixels` (default: Pillow's decompression-bomb limit) and the
@@ -88,13 +94,17 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, max_side: int | 
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large to decode safely ({_describe(e)})") from None
     except UnidentifiedImageError:
-        raise MediaError(f"could not decode image: not a valid {fmt} file (corrupt or truncated)") from None
+        raise MediaError(
+            f"could not decode image: not a valid {fmt} file (corrupt or truncated)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(f"could not decode image: {_describe(e)}") from None
     width, height = img.size
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit is not None and width * height > limit:
-        raise MediaError(f"image is {width}x{height} = {width * height} pixels, over the limit of {limit}")
+        raise MediaError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limit}"
+        )
     check_image_side(width, height, max_side)
     if width < 1 or height < 1:
         raise MediaError(f"image has an empty size {width}x{height}")
@@ -104,7 +114,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, max_side: int | 
             img = _apply_exif_orientation(img)
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large to decode safely ({_describe(e)})") from None
-    except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, struct.error...)
+    except (
+        Exception
+    ) as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, struct.error...)
         raise MediaError(f"could not decode image: {_describe(e)}") from None
     return img
 
@@ -112,7 +124,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = None, max_side: int | 
 def check_image_side(width: int, height: int, max_side: int | None, what: str = "image") -> None:
     """Raises MediaError if the longest side is over max_side (None: no limit)."""
     if max_side is not None and max(width, height) > max_side:
-        raise MediaError(f"{what} size {width}x{height} has a side longer than the limit of {max_side} pixels")
+        raise MediaError(
+            f"{what} size {width}x{height} has a side longer than the limit of {max_side} pixels"
+        )
 
 
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
@@ -126,6 +140,7 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 
 
 # -- to RGB tensors -------------------------------------------------------------------------------
+
 
 def pil_to_rgb_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image -> uint8 [3, H, W], converted like HF (transparency composited onto white).
@@ -144,7 +159,9 @@ def pil_to_rgb_tensor(img: Image.Image) -> torch.Tensor:
             rgb = img
         arr = np.array(rgb)  # [H, W, 3], a writable copy
     except (OSError, ValueError) as e:
-        raise MediaError(f"could not convert image of mode {img.mode} to RGB: {_describe(e)}") from None
+        raise MediaError(
+            f"could not convert image of mode {img.mode} to RGB: {_describe(e)}"
+        ) from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise MediaError(f"could not convert image of mode {img.mode} to 8-bit RGB")
     return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W] over [H, W, 3] memory
@@ -159,7 +176,9 @@ def array_to_rgb_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     t = torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else arr
     if not isinstance(t, torch.Tensor):
-        raise MediaError(f"image array must be a numpy array or torch tensor, got {type(arr).__name__}")
+        raise MediaError(
+            f"image array must be a numpy array or torch tensor, got {type(arr).__name__}"
+        )
     if t.dtype != torch.uint8:
         raise MediaError(f"image array must be uint8, got {t.dtype}")
     if t.ndim == 2:
@@ -167,7 +186,9 @@ def array_to_rgb_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     elif t.ndim == 3:
         if t.shape[0] not in (1, 3, 4):
             if t.shape[2] not in (1, 3, 4):
-                raise MediaError(f"image array must have 1, 3 or 4 channels, got shape {tuple(t.shape)}")
+                raise MediaError(
+                    f"image array must have 1, 3 or 4 channels, got shape {tuple(t.shape)}"
+                )
             t = t.permute(2, 0, 1)  # HWC -> CHW
     else:
         raise MediaError(f"image array must be 2-D or 3-D, got shape {tuple(t.shape)}")
@@ -183,6 +204,7 @@ def array_to_rgb_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 # -- tiling ---------------------------------------------------------------------------------------
 
+
 def _factors(n: int) -> list[int]:
     small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
     return sorted(set(small) | {n // i for i in small})
@@ -195,14 +217,20 @@ def _tile_budget(max_num_tiles: int) -> int:
     try:
         budget = operator.index(max_num_tiles)
     except TypeError:
-        raise MediaError(f"max_num_tiles must be an integer, got {type(max_num_tiles).__name__}") from None
+        raise MediaError(
+            f"max_num_tiles must be an integer, got {type(max_num_tiles).__name__}"
+        ) from None
     if budget > MAX_TILE_BUDGET:
-        raise MediaError(f"max_num_tiles {budget} is over the largest supported budget of {MAX_TILE_BUDGET}")
+        raise MediaError(
+            f"max_num_tiles {budget} is over the largest supported budget of {MAX_TILE_BUDGET}"
+        )
     return budget
 
 
 @functools.lru_cache(maxsize=64, typed=True)
-def _aspect_ratio_table(max_num_tiles: int) -> tuple[tuple[float, tuple[tuple[int, int], ...]], ...]:
+def _aspect_ratio_table(
+    max_num_tiles: int,
+) -> tuple[tuple[float, tuple[tuple[int, int], ...]], ...]:
     """(ratio n_w/n_h, grids with that ratio) for every grid of at most max_num_tiles tiles.
 
     The order is HF's and decides ties: tile counts from max_num_tiles down, within a count the
@@ -229,7 +257,9 @@ def _size_in_canvas(width: int, height: int, canvas_w: int, canvas_h: int) -> tu
     return math.floor(new_h * scale), new_h
 
 
-def _fit_to_canvas(width: int, height: int, tile_size: int, max_num_tiles: int) -> tuple[int, int] | None:
+def _fit_to_canvas(
+    width: int, height: int, tile_size: int, max_num_tiles: int
+) -> tuple[int, int] | None:
     """The grid whose canvas holds the image without downscaling and upscales it most, else None."""
     scale = width / height
     best, best_size = None, None
@@ -239,7 +269,9 @@ def _fit_to_canvas(width: int, height: int, tile_size: int, max_num_tiles: int) 
             if canvas_w < width or canvas_h < height:
                 continue
             size = _size_in_canvas(width, height, canvas_w, canvas_h)
-            if best is None or (size[0] >= best_size[0] if scale < 1.0 else size[1] >= best_size[1]):
+            if best is None or (
+                size[0] >= best_size[0] if scale < 1.0 else size[1] >= best_size[1]
+            ):
                 best, best_size = (n_w, n_h), size
     return best
 
@@ -249,9 +281,13 @@ def _closest_aspect_ratio(width: int, height: int, max_num_tiles: int) -> tuple[
     target = width / height
     table = _aspect_ratio_table(max_num_tiles)
     if target >= 1:
-        ratio, grids = min(((r, g) for r, g in table if r <= target), key=lambda rg: abs(rg[0] - target))
+        ratio, grids = min(
+            ((r, g) for r, g in table if r <= target), key=lambda rg: abs(rg[0] - target)
+        )
         return max(grids, key=lambda g: g[0])
-    ratio, grids = min(((r, g) for r, g in table if r > target), key=lambda rg: abs(1 / rg[0] - 1 / target))
+    ratio, grids = min(
+        ((r, g) for r, g in table if r > target), key=lambda rg: abs(1 / rg[0] - 1 / target)
+    )
     return max(grids, key=lambda g: g[1])
 
 
@@ -271,8 +307,14 @@ def tile_grid(width: int, height: int, tile_size: int, max_num_tiles: int) -> tu
     return grid if grid is not None else _closest_aspect_ratio(width, height, max_num_tiles)
 
 
-def num_image_tiles(width: int, height: int, *, tile_size: int, max_num_tiles: int,
-                    vision_input_type: str = "thumb+tile") -> int:
+def num_image_tiles(
+    width: int,
+    height: int,
+    *,
+    tile_size: int,
+    max_num_tiles: int,
+    vision_input_type: str = "thumb+tile",
+) -> int:
     """Tiles (thumbnail included) HF produces for an image of this size; no pixels are touched.
 
     thumb+tile gives 1 + n_w * n_h, so a budget of 1 still gives 2 (thumbnail and one tile);
@@ -286,8 +328,11 @@ def num_image_tiles(width: int, height: int, *, tile_size: int, max_num_tiles: i
 
 # -- pixels ---------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=16)
-def _fused_mean_std(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's fused rescale+normalize constants: mean/rescale and std/rescale in float32, [3, 1, 1]."""
     m = torch.tensor(mean, dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
     s = torch.tensor(std, dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
@@ -335,8 +380,11 @@ class _OutputBuffers:
             if len(self._buffers[i]) >= nbytes:
                 return self._buffers[i]
         try:
-            buf = mmap.mmap(-1, -(-nbytes // self._ALIGN) * self._ALIGN,
-                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf = mmap.mmap(
+                -1,
+                -(-nbytes // self._ALIGN) * self._ALIGN,
+                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            )
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 buf.madvise(mmap.MADV_HUGEPAGE)
         except (OSError, ValueError, AttributeError):
@@ -364,13 +412,20 @@ def _normalize_into(out: torch.Tensor, src: torch.Tensor, m: torch.Tensor, s: to
 
 def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     # x: [B, 3, H, W] uint8 -> [B, 3, height, width] uint8, torchvision's bicubic with antialias
-    return tvF.resize(x, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    return tvF.resize(
+        x, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True
+    )
 
 
-def preprocess_image(rgb: torch.Tensor, *, tile_size: int = 448, max_num_tiles: int = 36,
-                     vision_input_type: str = "thumb+tile",
-                     mean: float | Sequence[float] = (0.5, 0.5, 0.5),
-                     std: float | Sequence[float] = (0.5, 0.5, 0.5)) -> torch.Tensor:
+def preprocess_image(
+    rgb: torch.Tensor,
+    *,
+    tile_size: int = 448,
+    max_num_tiles: int = 36,
+    vision_input_type: str = "thumb+tile",
+    mean: float | Sequence[float] = (0.5, 0.5, 0.5),
+    std: float | Sequence[float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
     """uint8 [3, H, W] -> float32 [N, 3, T, T]: the thumbnail, then the tiles row-major (HF's pixels).
 
     The resizes read the image in channels-last memory, where torch's uint8 kernel runs about twice
@@ -378,26 +433,33 @@ def preprocess_image(rgb: torch.Tensor, *, tile_size: int = 448, max_num_tiles: 
     once, from a view of the resized canvas, into the output.
     """
     if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != torch.uint8:
-        raise MediaError(f"expected an RGB uint8 tensor [3, H, W], got {tuple(rgb.shape)} {rgb.dtype}")
+        raise MediaError(
+            f"expected an RGB uint8 tensor [3, H, W], got {tuple(rgb.shape)} {rgb.dtype}"
+        )
     height, width = (int(d) for d in rgb.shape[-2:])
     if height < 1 or width < 1:
         raise MediaError(f"image has an empty size {width}x{height}")
     tsz = tile_size
     m, s = _fused_mean_std(_as_triple(mean), _as_triple(std))
     x = rgb[None].contiguous(memory_format=torch.channels_last)  # [1, 3, H, W], HWC in memory
-    n_w, n_h = tile_grid(width, height, tsz, max_num_tiles) if vision_input_type == "thumb+tile" else (0, 0)
+    n_w, n_h = (
+        tile_grid(width, height, tsz, max_num_tiles)
+        if vision_input_type == "thumb+tile"
+        else (0, 0)
+    )
     out = empty_output((1 + n_w * n_h, 3, tsz, tsz))  # [N, 3, T, T]
     _normalize_into(out[0], _resize(x, tsz, tsz)[0], m, s)
     if n_w:
         canvas = _resize(x, n_h * tsz, n_w * tsz)[0]  # [3, n_h*T, n_w*T]
         for r in range(n_h):
             for c in range(n_w):
-                tile = canvas[:, r * tsz:(r + 1) * tsz, c * tsz:(c + 1) * tsz]  # view [3, T, T]
+                tile = canvas[:, r * tsz : (r + 1) * tsz, c * tsz : (c + 1) * tsz]  # view [3, T, T]
                 _normalize_into(out[1 + r * n_w + c], tile, m, s)
     return out
 
 
 # -- content hashes -------------------------------------------------------------------------------
+
 
 def image_content_hash(data: bytes) -> str:
     """sha256 hex of an image's source bytes."""

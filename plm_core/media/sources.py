@@ -48,11 +48,16 @@ def local_path_of(url: str) -> Path | None:
     return None
 
 
-def read_local_file(path: Path, *, allowed_root: Path | None = None, max_bytes: int | None = None) -> bytes:
+def read_local_file(
+    path: Path, *, allowed_root: Path | None = None, max_bytes: int | None = None
+) -> bytes:
     """Reads a local media file, optionally only from under `allowed_root` (symlinks resolved)."""
     try:
         return _read_local_file(path, allowed_root, max_bytes)
-    except (ValueError, OSError) as e:  # a NUL in the name, a name too long, a directory, no permission, ...
+    except (
+        ValueError,
+        OSError,
+    ) as e:  # a NUL in the name, a name too long, a directory, no permission, ...
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MediaError(f"cannot read local media file: {reason}") from None
 
@@ -71,8 +76,13 @@ def _read_local_file(path: Path, allowed_root: Path | None, max_bytes: int | Non
     return resolved.read_bytes()
 
 
-def read_media_url(url: str, *, allowed_root: Path | None = None, allow_local: bool = True,
-                   max_bytes: int | None = None) -> bytes:
+def read_media_url(
+    url: str,
+    *,
+    allowed_root: Path | None = None,
+    allow_local: bool = True,
+    max_bytes: int | None = None,
+) -> bytes:
     """Bytes of a `data:` URL, `file://` URL or local path; http(s) is the server's job."""
     if not isinstance(url, str) or not url:
         raise MediaError("media URL must be a non-empty string")
@@ -80,8 +90,10 @@ def read_media_url(url: str, *, allowed_root: Path | None = None, allow_local: b
         return parse_data_url(url, max_bytes=max_bytes)[1]
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        raise MediaError("http(s) media URLs are not supported here; send the media as a data: URL (the offline "
-                         "API also takes local paths, file:// URLs, PIL images and arrays)")
+        raise MediaError(
+            "http(s) media URLs are not supported here; send the media as a data: URL (the offline "
+            "API also takes local paths, file:// URLs, PIL images and arrays)"
+        )
     path = local_path_of(url)
     if path is None:
         raise MediaError(f"unsupported media URL scheme {scheme!r}")

@@ -20,8 +20,15 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from plm_core.media.errors import MediaError
-from plm_core.media.image import (_as_triple, _describe, _fused_mean_std, _normalize_into, _resize, check_image_side,
-                                   empty_output)
+from plm_core.media.image import (
+    _as_triple,
+    _describe,
+    _fused_mean_std,
+    _normalize_into,
+    _resize,
+    check_image_side,
+    empty_output,
+)
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike
 
@@ -37,7 +44,9 @@ DEFAULT_MAX_DECODED_PIXELS = 2**28
 class VideoInfo:
     """What the container says about its first video stream, read without decoding frames."""
 
-    num_frames: int  # from the stream header, else counted from the demuxed packets (MKV/WebM, MPEG-TS)
+    num_frames: (
+        int  # from the stream header, else counted from the demuxed packets (MKV/WebM, MPEG-TS)
+    )
     fps: float  # average frame rate (what HF's PyAV reader uses)
     duration_s: float  # the video stream's own duration (not the container's, which may be audio's)
     width: int
@@ -70,12 +79,15 @@ class _StreamEnded(MediaError):
 class _PacketScan:
     """The video stream's packets, demuxed without decoding, for containers with no frame count."""
 
-    count: int  # packets that carry a frame (not empty, not flagged discard): one decoded frame each
+    count: (
+        int  # packets that carry a frame (not empty, not flagged discard): one decoded frame each
+    )
     duration_s: float  # from the first timestamp to the end of the last frame
     regular: bool  # every timestamp sits on the constant-rate grid, numbering the frames 0..count-1
 
 
 # -- opening --------------------------------------------------------------------------------------
+
 
 def _sniff_container(head: bytes) -> str | None:
     """The FFmpeg demuxer for the container's magic bytes, or None if not an allowed container."""
@@ -104,14 +116,18 @@ class _Source:
                 with open(self.path, "rb") as f:
                     head = f.read(512)
             except OSError as e:
-                raise MediaError(f"cannot read video file: {e.strerror or type(e).__name__}") from None
+                raise MediaError(
+                    f"cannot read video file: {e.strerror or type(e).__name__}"
+                ) from None
         else:
             raise MediaError(f"video source must be bytes or a path, got {type(source).__name__}")
         if not head:
             raise MediaError("video data is empty")
         self.format = _sniff_container(head)
         if self.format is None:
-            raise MediaError("unsupported or corrupt video: not an MP4/MOV, WebM/MKV, AVI or MPEG-TS file")
+            raise MediaError(
+                "unsupported or corrupt video: not an MP4/MOV, WebM/MKV, AVI or MPEG-TS file"
+            )
         self._scan: _PacketScan | None = None  # demuxed on demand, once
 
     def open(self) -> av.container.InputContainer:
@@ -169,7 +185,9 @@ def _scan_packets(stream, container: av.container.InputContainer) -> _PacketScan
     return _PacketScan(count=count, duration_s=duration, regular=regular)
 
 
-def _read_info(container: av.container.InputContainer, stream, scan: _PacketScan | None = None) -> VideoInfo:
+def _read_info(
+    container: av.container.InputContainer, stream, scan: _PacketScan | None = None
+) -> VideoInfo:
     """The stream's metadata; `scan` supplies frame count and duration where the header has none."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
@@ -183,10 +201,18 @@ def _read_info(container: av.container.InputContainer, stream, scan: _PacketScan
         duration = stream.frames / fps if stream.frames and fps else 0.0
     num_frames = int(stream.frames or 0)
     if num_frames <= 0:
-        num_frames = scan.count if scan is not None else (math.floor(duration * fps + 1e-3) if fps else 0)
+        num_frames = (
+            scan.count if scan is not None else (math.floor(duration * fps + 1e-3) if fps else 0)
+        )
     codec = stream.codec_context.name if stream.codec_context else ""
-    return VideoInfo(num_frames=num_frames, fps=fps, duration_s=duration,
-                     width=int(stream.width or 0), height=int(stream.height or 0), codec=codec)
+    return VideoInfo(
+        num_frames=num_frames,
+        fps=fps,
+        duration_s=duration,
+        width=int(stream.width or 0),
+        height=int(stream.height or 0),
+        codec=codec,
+    )
 
 
 def _open_info(src: _Source) -> VideoInfo:
@@ -210,12 +236,18 @@ def probe_video(source: VideoSource) -> VideoInfo:
 
 # -- sampling -------------------------------------------------------------------------------------
 
+
 def _is_positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps: float | None = None,
-                         video_fps: float | None = None) -> list[int]:
+def sample_frame_indices(
+    total_frames: int,
+    *,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    video_fps: float | None = None,
+) -> list[int]:
     """HF's `default_sample_indices_fn`: i * T // N for i < N, or N = int(T / video_fps * fps).
 
     num_frames and fps are exclusive (pass num_frames=None with fps); neither gives every frame.
@@ -224,19 +256,27 @@ def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps:
     numbers and num_frames a positive integer (booleans are refused).
     """
     if num_frames is not None and fps is not None:
-        raise MediaError("num_frames and fps are mutually exclusive; give one (num_frames=None with fps)")
+        raise MediaError(
+            "num_frames and fps are mutually exclusive; give one (num_frames=None with fps)"
+        )
     if total_frames <= 0:
         raise MediaError("video has no frames")
     if fps is not None:
         if not _is_positive_finite(fps):
             raise MediaError(f"fps must be a positive finite number, got {fps!r}")
         if not _is_positive_finite(video_fps):
-            raise MediaError("the video's frame rate is unknown, so frames cannot be sampled by fps")
+            raise MediaError(
+                "the video's frame rate is unknown, so frames cannot be sampled by fps"
+            )
         wanted = total_frames / video_fps * fps  # a float, inf at worst: clamp before int()
         num_frames = max(1, int(min(wanted, total_frames)))
     if num_frames is None:
         return list(range(total_frames))
-    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames <= 0:
+    if (
+        isinstance(num_frames, bool)
+        or not isinstance(num_frames, numbers.Integral)
+        or num_frames <= 0
+    ):
         raise MediaError(f"num_frames must be a positive integer, got {num_frames!r}")
     num_frames = min(num_frames, total_frames)
     return [i * total_frames // num_frames for i in range(num_frames)]
@@ -244,11 +284,19 @@ def sample_frame_indices(total_frames: int, *, num_frames: int | None = 32, fps:
 
 # -- decoding -------------------------------------------------------------------------------------
 
-def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps: float | None = None,
-                        max_frames: int | None = None, max_duration_s: float | None = None,
-                        max_pixels_per_frame: int | None = None, max_side: int | None = None,
-                        max_decoded_pixels: int | None = None,
-                        clamp_frames: bool = False) -> tuple[torch.Tensor, VideoInfo, list[int]]:
+
+def decode_video_frames(
+    source: VideoSource,
+    *,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    max_duration_s: float | None = None,
+    max_pixels_per_frame: int | None = None,
+    max_side: int | None = None,
+    max_decoded_pixels: int | None = None,
+    clamp_frames: bool = False,
+) -> tuple[torch.Tensor, VideoInfo, list[int]]:
     """Decodes only the HF-sampled frames: (uint8 [F, 3, H, W], info, frame indices).
 
     The frames tensor is a view of [F, H, W, 3] memory (channels-last), as PyAV's RGB frames come.
@@ -266,20 +314,28 @@ def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps
     src = _Source(source)
     info = _open_info(src)
     if max_duration_s is not None and info.duration_s > max_duration_s:
-        raise MediaError(f"video is {info.duration_s:.1f} s long, over the limit of {max_duration_s:g} s")
+        raise MediaError(
+            f"video is {info.duration_s:.1f} s long, over the limit of {max_duration_s:g} s"
+        )
     if max_pixels_per_frame is not None and info.width * info.height > max_pixels_per_frame:
-        raise MediaError(f"video frames are {info.width}x{info.height}, over the limit of "
-                         f"{max_pixels_per_frame} pixels")
+        raise MediaError(
+            f"video frames are {info.width}x{info.height}, over the limit of "
+            f"{max_pixels_per_frame} pixels"
+        )
     check_image_side(info.width, info.height, max_side, what="video frame")
     if info.num_frames <= 0:
-        raise MediaError("unsupported or corrupt video: no video frames found (the file may be truncated)")
+        raise MediaError(
+            "unsupported or corrupt video: no video frames found (the file may be truncated)"
+        )
 
     def choose(total: int) -> list[int]:
         indices = sample_frame_indices(total, num_frames=num_frames, fps=fps, video_fps=info.fps)
         if max_frames is not None and len(indices) > max_frames and clamp_frames:
             indices = sample_frame_indices(total, num_frames=max_frames, video_fps=info.fps)
         if max_frames is not None and len(indices) > max_frames:
-            raise MediaError(f"video would sample {len(indices)} frames, over the limit of {max_frames}")
+            raise MediaError(
+                f"video would sample {len(indices)} frames, over the limit of {max_frames}"
+            )
         return indices
 
     indices = choose(info.num_frames)
@@ -290,17 +346,20 @@ def decode_video_frames(source: VideoSource, *, num_frames: int | None = 32, fps
         if src._scan is None or e.frames < 1:  # a frame count from the header is not second-guessed
             raise
         info = replace(info, num_frames=e.frames)
-        frames, indices, _ = _decode_indices(src, choose(e.frames), allow_seek=False,
-                                             max_decoded_pixels=max_decoded_pixels)
+        frames, indices, _ = _decode_indices(
+            src, choose(e.frames), allow_seek=False, max_decoded_pixels=max_decoded_pixels
+        )
     return frames, info, indices
 
 
 def check_decoded_pixels(frames: int, width: int, height: int, limit: int | None) -> None:
     """Raises MediaError if decoding this many frames of this size is over the pixel budget."""
     if limit is not None and frames * width * height > limit:
-        raise MediaError(f"decoding {frames} frames of {width}x{height} would take {frames * width * height} "
-                         f"pixels, over the per-video limit of {limit}; ask for fewer frames (num_frames or fps) "
-                         "or send a smaller video")
+        raise MediaError(
+            f"decoding {frames} frames of {width}x{height} would take {frames * width * height} "
+            f"pixels, over the per-video limit of {limit}; ask for fewer frames (num_frames or fps) "
+            "or send a smaller video"
+        )
 
 
 class _FrameSink:
@@ -338,12 +397,21 @@ class _FrameSink:
     def frames(self, indices: list[int]) -> torch.Tensor:
         """uint8 [len(indices), 3, H, W] (channels-last memory); copies only for repeats or reordering."""
         order = [self.slots[i] for i in indices]
-        out = self.buffer if order == list(range(len(self.slots))) else self.buffer[torch.tensor(order)]
+        out = (
+            self.buffer
+            if order == list(range(len(self.slots)))
+            else self.buffer[torch.tensor(order)]
+        )
         return out.permute(0, 3, 1, 2)
 
 
-def _decode_indices(src: _Source, indices: Sequence[int], *, allow_seek: bool = True,
-                    max_decoded_pixels: int | None = None) -> tuple[torch.Tensor, list[int], _DecodeStats]:
+def _decode_indices(
+    src: _Source,
+    indices: Sequence[int],
+    *,
+    allow_seek: bool = True,
+    max_decoded_pixels: int | None = None,
+) -> tuple[torch.Tensor, list[int], _DecodeStats]:
     """Frames at these indices (any order, repeats allowed) -> (uint8 [F, 3, H, W], indices, stats).
 
     If the stream ends before the last index, raises _StreamEnded (a MediaError) with the number of
@@ -389,7 +457,9 @@ def _configure_decoder(stream, threads: int = 0) -> None:
         stream.thread_count = threads
 
 
-def _decode_sequential(src: _Source, wanted: list[int], sink: _FrameSink, stats: _DecodeStats) -> int:
+def _decode_sequential(
+    src: _Source, wanted: list[int], sink: _FrameSink, stats: _DecodeStats
+) -> int:
     """Decodes from the start, counting frames, and stops after the last wanted index (HF's way).
 
     Returns the number of frames decoded: the stream's length if it ended before the last index.
@@ -423,7 +493,9 @@ class _FrameClock:
             step = 1 / (stream.average_rate * stream.time_base)
             if abs(stream.frames * step - stream.duration) > step:
                 raise _Unreliable  # frame count and duration disagree: not a constant-rate grid
-        self.step = 1 / (Fraction(stream.average_rate) * Fraction(stream.time_base))  # ticks per frame
+        self.step = 1 / (
+            Fraction(stream.average_rate) * Fraction(stream.time_base)
+        )  # ticks per frame
         self._step = float(self.step)
         self.anchor = 0  # the first frame's timestamp, set by the caller
 
@@ -475,7 +547,9 @@ def _decode_seeking(src: _Source, wanted: list[int], sink: _FrameSink, stats: _D
     seeks = [0] * len(parts)
 
     def work(k: int) -> None:
-        dec = _Decoder(src, clock, need, threads=1 if len(parts) > 1 else 0)  # one thread per decoder
+        dec = _Decoder(
+            src, clock, need, threads=1 if len(parts) > 1 else 0
+        )  # one thread per decoder
         try:
             if k == 0:
                 dec.start(sink)  # checks that frame 0 sits where the grid says
@@ -518,7 +592,9 @@ def _plan_runs(probe, stream, clock: _FrameClock, wanted: list[int]) -> list[_Ru
         if runs and target <= runs[-1].targets[-1] + 1:
             runs[-1].targets.append(target)  # the very next frame: keep decoding
             continue
-        keyframe, seek_ts = (0, None) if target == 0 else _keyframe_before(probe, stream, clock, target)
+        keyframe, seek_ts = (
+            (0, None) if target == 0 else _keyframe_before(probe, stream, clock, target)
+        )
         if runs and keyframe <= runs[-1].targets[-1] + 1:
             runs[-1].targets.append(target)  # no keyframe in between: keep decoding
         else:
@@ -546,7 +622,9 @@ def _keyframe_before(probe, stream, clock: _FrameClock, target: int) -> tuple[in
     ts = target_pts
     for _ in range(_MAX_SEEK_RETRIES):
         probe.seek(ts, stream=stream, backward=True, any_frame=False)
-        packet = next((p for _, p in zip(range(16), probe.demux(stream)) if p.pts is not None), None)
+        packet = next(
+            (p for _, p in zip(range(16), probe.demux(stream)) if p.pts is not None), None
+        )
         if packet is None or not packet.is_keyframe:
             raise _Unreliable
         if packet.pts <= target_pts:
@@ -633,7 +711,9 @@ def _run_parallel(tasks: list) -> None:
         return
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="plm-video")
+            _POOL = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="plm-video"
+            )
     pending = iter(tasks)
     lock = threading.Lock()
 
@@ -662,18 +742,27 @@ def _run_parallel(tasks: list) -> None:
 
 # -- pixels ---------------------------------------------------------------------------------------
 
-def preprocess_video_frames(frames: torch.Tensor, *, tile_size: int = 448,
-                            mean: float | Sequence[float] = (0.5, 0.5, 0.5),
-                            std: float | Sequence[float] = (0.5, 0.5, 0.5)) -> torch.Tensor:
+
+def preprocess_video_frames(
+    frames: torch.Tensor,
+    *,
+    tile_size: int = 448,
+    mean: float | Sequence[float] = (0.5, 0.5, 0.5),
+    std: float | Sequence[float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
     """uint8 [F, 3, H, W] -> float32 [F, 3, T, T]: each frame squashed to T x T and normalized (HF's pixels)."""
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:
-        raise MediaError(f"expected uint8 frames [F, 3, H, W], got {tuple(frames.shape)} {frames.dtype}")
+        raise MediaError(
+            f"expected uint8 frames [F, 3, H, W], got {tuple(frames.shape)} {frames.dtype}"
+        )
     m, s = _fused_mean_std(_as_triple(mean), _as_triple(std))
     out = empty_output((frames.shape[0], 3, tile_size, tile_size))  # [F, 3, T, T]
-    for k in range(0, frames.shape[0], 8):  # channels-last input: the fast uint8 resize, same pixels
-        chunk = frames[k:k + 8].contiguous(memory_format=torch.channels_last)
+    for k in range(
+        0, frames.shape[0], 8
+    ):  # channels-last input: the fast uint8 resize, same pixels
+        chunk = frames[k : k + 8].contiguous(memory_format=torch.channels_last)
         resized = _resize(chunk, tile_size, tile_size)  # [<=8, 3, T, T] uint8
-        _normalize_into(out[k:k + resized.shape[0]], resized, m, s)
+        _normalize_into(out[k : k + resized.shape[0]], resized, m, s)
     return out
 
 

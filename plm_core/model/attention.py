@@ -31,11 +31,20 @@ class AttentionMetadata:
     prefill_seqs: list[int]  # indices of the others (attended one by one)
     decode_slots: torch.Tensor | None = None  # [D, max_ctx] long, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_ctx] bool, True where attended
-    decode_rows: torch.Tensor | None = None  # [D] long: row in the flattened batch of each decode query
+    decode_rows: torch.Tensor | None = (
+        None  # [D] long: row in the flattened batch of each decode query
+    )
 
 
-def build_metadata(block_tables: list[list[int]], starts: list[int], query_lens: list[int], block_size: int,
-                   device: torch.device, *, batch_decodes: bool = True) -> AttentionMetadata:
+def build_metadata(
+    block_tables: list[list[int]],
+    starts: list[int],
+    query_lens: list[int],
+    block_size: int,
+    device: torch.device,
+    *,
+    batch_decodes: bool = True,
+) -> AttentionMetadata:
     """Metadata for sequences computing positions [start, start + query_len) with these block tables."""
     slots_all: list[torch.Tensor] = []
     new_slots: list[torch.Tensor] = []
@@ -43,7 +52,7 @@ def build_metadata(block_tables: list[list[int]], starts: list[int], query_lens:
     offset = 0
     for table, start, n in zip(block_tables, starts, query_lens):
         ctx = start + n
-        blocks = torch.tensor(table[:(ctx + block_size - 1) // block_size], dtype=torch.long)
+        blocks = torch.tensor(table[: (ctx + block_size - 1) // block_size], dtype=torch.long)
         slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
         slots_all.append(slots)
         new_slots.append(slots[start:ctx])
@@ -54,19 +63,25 @@ def build_metadata(block_tables: list[list[int]], starts: list[int], query_lens:
     prefill = [i for i in range(len(query_lens)) if i not in set(decode)]
     meta = AttentionMetadata(
         slot_mapping=torch.cat(new_slots).to(device),
-        query_starts=q_starts, query_lens=list(query_lens), context_lens=ctx_lens,
-        context_slots=[s.to(device) for s in slots_all], decode_seqs=decode, prefill_seqs=prefill,
+        query_starts=q_starts,
+        query_lens=list(query_lens),
+        context_lens=ctx_lens,
+        context_slots=[s.to(device) for s in slots_all],
+        decode_seqs=decode,
+        prefill_seqs=prefill,
     )
     if decode:
         max_ctx = max(ctx_lens[i] for i in decode)
         padded = torch.zeros(len(decode), max_ctx, dtype=torch.long)
         mask = torch.zeros(len(decode), 1, 1, max_ctx, dtype=torch.bool)
         for row, i in enumerate(decode):
-            padded[row, :ctx_lens[i]] = slots_all[i]
-            mask[row, 0, 0, :ctx_lens[i]] = True
+            padded[row, : ctx_lens[i]] = slots_all[i]
+            mask[row, 0, 0, : ctx_lens[i]] = True
         meta.decode_slots = padded.to(device)
         meta.decode_mask = mask.to(device)
-        meta.decode_rows = torch.tensor([q_starts[i] for i in decode], dtype=torch.long, device=device)
+        meta.decode_rows = torch.tensor(
+            [q_starts[i] for i in decode], dtype=torch.long, device=device
+        )
     return meta
 
 
@@ -76,7 +91,11 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     if kv == n_heads:
         return x
     rep = n_heads // kv
-    return x.unsqueeze(-3).expand(*x.shape[:-2], rep, *x.shape[-2:]).reshape(*x.shape[:-3], n_heads, *x.shape[-2:])
+    return (
+        x.unsqueeze(-3)
+        .expand(*x.shape[:-2], rep, *x.shape[-2:])
+        .reshape(*x.shape[:-3], n_heads, *x.shape[-2:])
+    )
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -92,7 +111,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: i
     """
     n, ctx = q.shape[1], k.shape[1]
     if q.device.type == "cpu" and _CPU_FLASH is not None and prefix > 0:
-        o1, lse1 = _CPU_FLASH(q[None], k[None, :, :prefix], v[None, :, :prefix])[:2]  # [1, nh, n, D], [1, nh, n]
+        o1, lse1 = _CPU_FLASH(q[None], k[None, :, :prefix], v[None, :, :prefix])[
+            :2
+        ]  # [1, nh, n, D], [1, nh, n]
         o2, lse2 = _CPU_FLASH(q[None], k[None, :, prefix:], v[None, :, prefix:], is_causal=True)[:2]
         m = torch.maximum(lse1, lse2)
         w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
@@ -101,8 +122,14 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: i
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
     """Writes the step's K/V into the cache and attends. q: [T, nh, D]; k, v: [T, nkv, D] -> [T, nh, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -113,20 +140,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         slots = meta.context_slots[i]
         keys = k_cache.index_select(0, slots).transpose(0, 1)  # [nkv, ctx, D]
         values = v_cache.index_select(0, slots).transpose(0, 1)
-        query = q[s:s + n].transpose(0, 1)  # [nh, n, D]
+        query = q[s : s + n].transpose(0, 1)  # [nh, n, D]
         if n == ctx:  # the whole sequence at once: plain causal
-            o = F.scaled_dot_product_attention(query[None], keys[None], values[None], is_causal=True,
-                                               enable_gqa=True)[0]
+            o = F.scaled_dot_product_attention(
+                query[None], keys[None], values[None], is_causal=True, enable_gqa=True
+            )[0]
         elif n == 1:
-            o = F.scaled_dot_product_attention(query[None], keys[None], values[None], enable_gqa=True)[0]
+            o = F.scaled_dot_product_attention(
+                query[None], keys[None], values[None], enable_gqa=True
+            )[0]
         else:  # a chunk after cached tokens: query j sees keys up to (ctx - n) + j
-            o = chunk_attention(query, _expand_kv(keys, n_heads), _expand_kv(values, n_heads), ctx - n)
-        out[s:s + n] = o.transpose(0, 1)
+            o = chunk_attention(
+                query, _expand_kv(keys, n_heads), _expand_kv(values, n_heads), ctx - n
+            )
+        out[s : s + n] = o.transpose(0, 1)
     if meta.decode_seqs:
         rows = meta.decode_rows
         d, max_ctx = meta.decode_slots.shape
         flat = meta.decode_slots.flatten()
-        keys = k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)  # [B, nkv, C, D]
+        keys = (
+            k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)
+        )  # [B, nkv, C, D]
         values = v_cache.index_select(0, flat).view(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
         # each kv head's query heads become its queries ([B, nkv, group, D]), the mask broadcasting over
         # them: GQA with no K/V expansion and no enable_gqa, which not every GPU kernel takes

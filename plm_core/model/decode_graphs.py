@@ -37,8 +37,17 @@ def context_buckets(max_context: int, smallest: int = 256) -> list[int]:
 class DecodeGraphs:
     """Static buffers and captured graphs for decode steps of `model` over `kv_caches`."""
 
-    def __init__(self, model, kv_caches, *, scratch_slot: int, max_batch: int, max_context: int,
-                 capture: bool = True, max_graph_tokens: int = 1 << 18):
+    def __init__(
+        self,
+        model,
+        kv_caches,
+        *,
+        scratch_slot: int,
+        max_batch: int,
+        max_context: int,
+        capture: bool = True,
+        max_graph_tokens: int = 1 << 18,
+    ):
         self.model, self.kv_caches = model, kv_caches
         self.scratch = scratch_slot
         self.capture = capture
@@ -65,24 +74,39 @@ class DecodeGraphs:
 
     def bucket(self, batch: int, context: int) -> tuple[int, int] | None:
         """The (batch, context) bucket a step fits, or None when it must run eagerly."""
-        i, j = bisect.bisect_left(self.batch_sizes, batch), bisect.bisect_left(self.context_sizes, context)
+        i, j = (
+            bisect.bisect_left(self.batch_sizes, batch),
+            bisect.bisect_left(self.context_sizes, context),
+        )
         if i == len(self.batch_sizes) or j == len(self.context_sizes):
             return None
         b, c = self.batch_sizes[i], self.context_sizes[j]
         return (b, c) if b * c <= self.max_graph_tokens else None
 
     def _forward(self, b: int, c: int) -> torch.Tensor:
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:b], query_starts=[], query_lens=[], context_lens=[],
-                                 context_slots=[], decode_seqs=list(range(b)), prefill_seqs=[],
-                                 decode_slots=self.context_slots[:b, :c], decode_mask=self.mask[:b, :, :, :c],
-                                 decode_rows=self.rows[:b])
-        hidden = self.model.language_model(self.embeds[:b], self.positions[:b], self.kv_caches, meta)
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            query_starts=[],
+            query_lens=[],
+            context_lens=[],
+            context_slots=[],
+            decode_seqs=list(range(b)),
+            prefill_seqs=[],
+            decode_slots=self.context_slots[:b, :c],
+            decode_mask=self.mask[:b, :, :, :c],
+            decode_rows=self.rows[:b],
+        )
+        hidden = self.model.language_model(
+            self.embeds[:b], self.positions[:b], self.kv_caches, meta
+        )
         return self.logits[:b].copy_(self.model.lm_head(hidden))  # [b, V] fp32
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for b in reversed(self.batch_sizes):  # largest first, so smaller graphs fit in its memory pool
+        for b in reversed(
+            self.batch_sizes
+        ):  # largest first, so smaller graphs fit in its memory pool
             for c in reversed(self.context_sizes):
                 if b * c > self.max_graph_tokens:
                     continue
@@ -100,8 +124,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            bucket: tuple[int, int]) -> torch.Tensor:
+    def run(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        bucket: tuple[int, int],
+    ) -> torch.Tensor:
         """Logits [n, V] of n decode tokens (meta from build_metadata with every sequence decoding)."""
         n, ctx = meta.decode_slots.shape
         b, c = bucket
@@ -111,7 +140,9 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:b].fill_(self.scratch)
         self.mask[:b, :, :, :c].zero_()
-        self.context_slots[:n, :ctx].copy_(meta.decode_slots)  # columns past ctx keep stale, masked slots
+        self.context_slots[:n, :ctx].copy_(
+            meta.decode_slots
+        )  # columns past ctx keep stale, masked slots
         self.mask[:n, :, :, :ctx].copy_(meta.decode_mask)
         self.context_slots[n:b, 0] = self.scratch
         self.mask[n:b, :, :, 0] = True

@@ -28,9 +28,13 @@ class VisionTower(nn.Module):
         import timm
 
         try:
-            self.timm_model = timm.create_model(cfg.architecture, pretrained=False, num_classes=0, **cfg.model_args)
+            self.timm_model = timm.create_model(
+                cfg.architecture, pretrained=False, num_classes=0, **cfg.model_args
+            )
         except RuntimeError as e:
-            raise ConfigError(f"timm {timm.__version__} cannot build vision tower {cfg.architecture!r}: {e}") from e
+            raise ConfigError(
+                f"timm {timm.__version__} cannot build vision tower {cfg.architecture!r}: {e}"
+            ) from e
         self.use_cls_token = cfg.use_cls_token
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -71,7 +75,9 @@ class PerceptionLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = vision_tower if vision_tower is not None else VisionTower(cfg.vision)
-        self.multi_modal_projector = Projector(cfg.vision.width, cfg.text.hidden_size, cfg.vision.pooling_ratio)
+        self.multi_modal_projector = Projector(
+            cfg.vision.width, cfg.text.hidden_size, cfg.vision.pooling_ratio
+        )
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
@@ -84,8 +90,14 @@ class PerceptionLM(nn.Module):
         return self.language_model.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_caches, meta, logit_rows: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches,
+        meta,
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
         # embeds: [T, H] flattened batch; logit_rows: [B] rows whose next-token logits are needed -> [B, V] fp32
         hidden = self.language_model(embeds, positions, kv_caches, meta)
         return self.lm_head(hidden.index_select(0, logit_rows)).float()
@@ -93,11 +105,11 @@ class PerceptionLM(nn.Module):
 
 def _map_key(key: str) -> str:
     if key.startswith("model."):
-        return key[len("model."):]
+        return key[len("model.") :]
     if key.startswith("language_model.model."):
-        return "language_model." + key[len("language_model.model."):]
+        return "language_model." + key[len("language_model.model.") :]
     if key.startswith("language_model.lm_head."):
-        return key[len("language_model."):]
+        return key[len("language_model.") :]
     return key
 
 
@@ -107,7 +119,9 @@ def checkpoint_files(path: Path) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [n for n in names if not (path / n).exists()]
         if missing:
-            raise ConfigError(f"checkpoint at {path} is missing weight shards: {', '.join(missing)}")
+            raise ConfigError(
+                f"checkpoint at {path} is missing weight shards: {', '.join(missing)}"
+            )
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -138,8 +152,10 @@ def load_weights(model: PerceptionLM, path: Path) -> None:
                     continue
                 tensor = f.get_tensor(key)
                 if tuple(tensor.shape) != tuple(target.shape):
-                    raise ConfigError(f"weight {key} has shape {tuple(tensor.shape)}, the config implies "
-                                      f"{tuple(target.shape)}")
+                    raise ConfigError(
+                        f"weight {key} has shape {tuple(tensor.shape)}, the config implies "
+                        f"{tuple(target.shape)}"
+                    )
                 with torch.no_grad():
                     target.copy_(tensor.to(device=target.device, dtype=target.dtype))
                 seen.add(name)
@@ -149,10 +165,14 @@ def load_weights(model: PerceptionLM, path: Path) -> None:
         missing.discard("lm_head.weight")
     if missing:
         shown = ", ".join(sorted(missing)[:8])
-        raise ConfigError(f"checkpoint at {path} lacks {len(missing)} weights the model needs, e.g. {shown}")
+        raise ConfigError(
+            f"checkpoint at {path} lacks {len(missing)} weights the model needs, e.g. {shown}"
+        )
     if unexpected:
-        raise ConfigError(f"checkpoint at {path} has {len(unexpected)} weights this model does not use, "
-                          f"e.g. {', '.join(unexpected[:5])}")
+        raise ConfigError(
+            f"checkpoint at {path} has {len(unexpected)} weights this model does not use, "
+            f"e.g. {', '.join(unexpected[:5])}"
+        )
 
 
 @contextmanager
@@ -181,4 +201,6 @@ def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -
         getattr(model, name).to_empty(device=device)
     model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     load_weights(model, cfg.path)
-    return model.eval().requires_grad_(False)  # inference only: no autograd state, even in CUDA graph capture
+    return model.eval().requires_grad_(
+        False
+    )  # inference only: no autograd state, even in CUDA graph capture

@@ -78,13 +78,52 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("vit_pe_core_large_patch14_336", 32, 2, 2, 56, True, 64, 2, 4, 2, 128),
-    "tiny-nocls": Preset("vit_pe_core_gigantic_patch14_448", 48, 2, 2, 56, False, 64, 2, 4, 2, 128,
-                         vision_mlp_ratio=3.0),
-    "bench": Preset("vit_pe_core_large_patch14_336", 64, 2, 4, 448, True, 256, 4, 8, 2, 512,
-                    max_shard_size="200MB"),
-    "bench-nocls": Preset("vit_pe_core_gigantic_patch14_448", 64, 2, 4, 448, False, 256, 4, 8, 2, 512),
-    "1b": Preset("vit_pe_core_large_patch14_336", 1024, 23, 16, 448, True, 2048, 16, 32, 8, 8192,
-                 dtype="bfloat16", max_shard_size="2GB"),
+    "tiny-nocls": Preset(
+        "vit_pe_core_gigantic_patch14_448",
+        48,
+        2,
+        2,
+        56,
+        False,
+        64,
+        2,
+        4,
+        2,
+        128,
+        vision_mlp_ratio=3.0,
+    ),
+    "bench": Preset(
+        "vit_pe_core_large_patch14_336",
+        64,
+        2,
+        4,
+        448,
+        True,
+        256,
+        4,
+        8,
+        2,
+        512,
+        max_shard_size="200MB",
+    ),
+    "bench-nocls": Preset(
+        "vit_pe_core_gigantic_patch14_448", 64, 2, 4, 448, False, 256, 4, 8, 2, 512
+    ),
+    "1b": Preset(
+        "vit_pe_core_large_patch14_336",
+        1024,
+        23,
+        16,
+        448,
+        True,
+        2048,
+        16,
+        32,
+        8,
+        8192,
+        dtype="bfloat16",
+        max_shard_size="2GB",
+    ),
 }
 
 
@@ -106,8 +145,9 @@ def build_config(preset: Preset):
     }
     if preset.vision_mlp_ratio is not None:
         model_args["mlp_ratio"] = preset.vision_mlp_ratio
-    vision = TimmWrapperConfig(architecture=preset.vision_arch, model_args=model_args, num_labels=0,
-                               do_pooling=False)
+    vision = TimmWrapperConfig(
+        architecture=preset.vision_arch, model_args=model_args, num_labels=0, do_pooling=False
+    )
     text = LlamaConfig(
         hidden_size=preset.hidden,
         intermediate_size=preset.intermediate,
@@ -117,9 +157,14 @@ def build_config(preset: Preset):
         vocab_size=128256,
         rms_norm_eps=1e-5,
         max_position_embeddings=preset.max_positions,
-        rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-                         "rope_theta": 500000.0},
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0,
+        },
         bos_token_id=128000,
         eos_token_id=[128001, 128009],
         tie_word_embeddings=False,
@@ -158,14 +203,28 @@ def _randomize_text_weights(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def write_checkpoint(preset_name: str, out: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def write_checkpoint(
+    preset_name: str, out: str | Path, *, seed: int = 0, overwrite: bool = False
+) -> Path:
     """Writes the preset's random checkpoint to `out` (a directory) and returns its path."""
     import torch
-    from transformers import (PerceptionLMForConditionalGeneration, PerceptionLMImageProcessor,
-                              PerceptionLMProcessor, PerceptionLMVideoProcessor, PreTrainedTokenizerFast)
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,
+        PerceptionLMForConditionalGeneration,
+        PerceptionLMImageProcessor,
+        PerceptionLMProcessor,
+        PerceptionLMVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
 
-    from plm_core.testing.tokenizer import BOS, END_OF_TEXT, EOT, IMAGE, VIDEO, build_llama3_style_tokenizer
+    from plm_core.testing.tokenizer import (
+        BOS,
+        END_OF_TEXT,
+        EOT,
+        IMAGE,
+        VIDEO,
+        build_llama3_style_tokenizer,
+    )
 
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
@@ -173,7 +232,9 @@ def write_checkpoint(preset_name: str, out: str | Path, *, seed: int = 0, overwr
     out = Path(out)
     if out.exists():
         if not overwrite and (out / "config.json").exists():
-            raise FileExistsError(f"{out} already holds a checkpoint (pass --overwrite to replace it)")
+            raise FileExistsError(
+                f"{out} already holds a checkpoint (pass --overwrite to replace it)"
+            )
         shutil.rmtree(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +248,9 @@ def write_checkpoint(preset_name: str, out: str | Path, *, seed: int = 0, overwr
     model = model.to(dtype)
     model.config.dtype = preset.dtype
     model.save_pretrained(tmp, max_shard_size=preset.max_shard_size)
-    GenerationConfig(do_sample=False, bos_token_id=128000, eos_token_id=[128001, 128009]).save_pretrained(tmp)
+    GenerationConfig(
+        do_sample=False, bos_token_id=128000, eos_token_id=[128001, 128009]
+    ).save_pretrained(tmp)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_llama3_style_tokenizer(),
@@ -199,18 +262,29 @@ def write_checkpoint(preset_name: str, out: str | Path, *, seed: int = 0, overwr
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO, "pad_token": END_OF_TEXT},
     )
     image_processor = PerceptionLMImageProcessor(
-        vision_input_type="thumb+tile", tile_size=preset.tile_size, max_num_tiles=36,
+        vision_input_type="thumb+tile",
+        tile_size=preset.tile_size,
+        max_num_tiles=36,
         size={"height": preset.tile_size, "width": preset.tile_size},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )
-    video_processor = PerceptionLMVideoProcessor(size={"height": preset.tile_size, "width": preset.tile_size})
+    video_processor = PerceptionLMVideoProcessor(
+        size={"height": preset.tile_size, "width": preset.tile_size}
+    )
     processor = PerceptionLMProcessor(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, patch_size=14, pooling_ratio=2,
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=14,
+        pooling_ratio=2,
     )
     processor.save_pretrained(tmp)
     _split_processor_config(tmp)
-    (tmp / "plm_serve_preset.json").write_text(json.dumps({"preset": preset_name, "seed": seed}) + "\n")
+    (tmp / "plm_serve_preset.json").write_text(
+        json.dumps({"preset": preset_name, "seed": seed}) + "\n"
+    )
     tmp.rename(out)
     return out
 
@@ -225,8 +299,11 @@ def _split_processor_config(path: Path) -> None:
     image = dict(nested.pop("image_processor"), processor_class="PerceptionLMProcessor")
     image["image_processor_type"] = "PerceptionLMImageProcessorFast"
     video = dict(nested.pop("video_processor"), processor_class="PerceptionLMProcessor")
-    for name, data in (("preprocessor_config.json", image), ("video_preprocessor_config.json", video),
-                       ("processor_config.json", nested)):
+    for name, data in (
+        ("preprocessor_config.json", image),
+        ("video_preprocessor_config.json", video),
+        ("processor_config.json", nested),
+    ):
         (path / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -235,11 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="plm-make-checkpoint",
         description="Write a random-weight PerceptionLM checkpoint in the Hugging Face hub layout.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="checkpoint size (default: tiny)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="checkpoint size (default: tiny)"
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed for the weights (default: 0)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing checkpoint at --out"
+    )
     args = parser.parse_args(argv)
     path = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.preset} checkpoint to {path}")

@@ -9,7 +9,16 @@ the 128000 ordinary ids are filler words, so every id a random model samples dec
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 NUM_ORDINARY_TOKENS = 128000
 BOS = "<|begin_of_text|>"
@@ -25,11 +34,18 @@ LLAMA3_SPLIT_PATTERN = (
 )
 
 # Same order as PerceptionLM's converted tokenizer: ids 128000 + index.
-SPECIAL_TOKENS = (
-    [BOS, END_OF_TEXT, IMAGE, VIDEO, "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-     "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", EOT]
-    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
-)
+SPECIAL_TOKENS = [
+    BOS,
+    END_OF_TEXT,
+    IMAGE,
+    VIDEO,
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    EOT,
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
 assert len(SPECIAL_TOKENS) == 256
 
 _CORPUS = """
@@ -50,10 +66,12 @@ How many objects are in the scene? Where is the dog? When did the event happen? 
 def build_llama3_style_tokenizer(num_merges: int = 2000) -> Tokenizer:
     """Returns a `tokenizers.Tokenizer` with Llama-3's pipeline and PerceptionLM's special-token ids."""
     tok = Tokenizer(models.BPE(byte_fallback=False, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=256 + num_merges,
@@ -84,14 +102,16 @@ def build_llama3_style_tokenizer(num_merges: int = 2000) -> Tokenizer:
     full.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     assert full.token_to_id(BOS) == 128000 and full.token_to_id(EOT) == 128009
     assert full.token_to_id(IMAGE) == 128002 and full.token_to_id(VIDEO) == 128003
-    full.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{BOS} $A",
-            pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
-            special_tokens=[(BOS, 128000)],
-        ),
-    ])
+    full.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A",
+                pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                special_tokens=[(BOS, 128000)],
+            ),
+        ]
+    )
     return full
 
 
