@@ -1,12 +1,13 @@
-"""Media preprocessing speed: plm_core.media vs HF's PerceptionLM image processor and a full PyAV decode.
+"""Media preprocessing speed: plm_core.media vs HF's PerceptionLM image processor and PyAV.
 
 Run: python benchmarks/bench_processor.py [--media DIR] [--runs N]
 
-(a) per image: our decode-free path (PIL image -> pixels) vs `PerceptionLMImageProcessor()(images=[pil],
-    return_tensors="pt")` plus the tile counting HF's processor does for the prompt; pixels asserted equal.
-(b) per video: `decode_video_frames(num_frames=32)` vs decoding every frame with PyAV, converting each to
-    RGB and indexing, and vs HF's own PyAV reader (decodes up to the last sampled frame, converts only
-    the sampled ones); frames asserted equal.
+(a) per image: our decode-free path (PIL image -> pixels) vs
+    `PerceptionLMImageProcessor()(images=[pil], return_tensors="pt")` plus the tile counting HF's
+    processor does for the prompt; pixels asserted equal.
+(b) per video: `decode_video_frames(num_frames=32)` vs decoding every frame with PyAV, converting
+    each to RGB and indexing, and vs HF's own PyAV reader (decodes up to the last sampled frame,
+    converts only the sampled ones); frames asserted equal.
 Times are medians of --runs runs after one warm-up run; the machine's load makes single runs noisy.
 """
 
@@ -25,8 +26,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plm_core.media import image as image_ops  # noqa: E402
 from plm_core.media import video as video_ops  # noqa: E402
+from plm_core.media.containers import ContainerSource, probe_video  # noqa: E402
+from plm_core.media.preprocess import preprocess_image  # noqa: E402
+from plm_core.media.rgb import pil_to_rgb_tensor  # noqa: E402
+from plm_core.media.sampling import sample_frame_indices  # noqa: E402
+from plm_core.media.settings import FrameSampling  # noqa: E402
+from plm_core.media.tiling import num_image_tiles  # noqa: E402
 
 DEFAULT_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
@@ -43,16 +49,13 @@ def median_time(fn, runs: int) -> float:
 
 
 def hf_token_count(pixel_values: torch.Tensor, patch_size: int = 14, pooling_ratio: int = 2) -> int:
-    """PerceptionLMProcessor.replace_image_token's count: it needs the pixels (a numpy view of them)."""
+    """PerceptionLMProcessor.replace_image_token's count: it needs the pixels (a numpy view)."""
     from transformers.image_utils import get_image_size, to_numpy_array
 
     media = pixel_values[0]
     height, width = get_image_size(to_numpy_array(media))
-    return (
-        (height // patch_size // pooling_ratio)
-        * (width // patch_size // pooling_ratio)
-        * media.shape[0]
-    )
+    grid = (height // patch_size // pooling_ratio) * (width // patch_size // pooling_ratio)
+    return grid * media.shape[0]
 
 
 def bench_images(media: Path, runs: int) -> None:
@@ -61,41 +64,44 @@ def bench_images(media: Path, runs: int) -> None:
     hf = PerceptionLMImageProcessor()
     print("(a) images: PIL image -> pixel_values [N, 3, 448, 448] (max_num_tiles=36)")
     print(
-        f"{'image':28s} {'size':>10s} {'tiles':>5s} {'HF ms':>8s} {'HF+count':>9s} {'ours ms':>8s} {'speedup':>8s}"
+        f"{'image':28s} {'size':>10s} {'tiles':>5s} {'HF ms':>8s} {'HF+count':>9s} "
+        f"{'ours ms':>8s} {'speedup':>8s}"
     )
     for path in sorted(p for p in media.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        pil = Image.open(path)
-        pil.load()
-        ref = hf(images=[pil], return_tensors="pt")["pixel_values"]
-        ours = image_ops.preprocess_image(image_ops.pil_to_rgb_tensor(pil))
-        assert torch.equal(ours, ref[0]), f"{path.name}: pixels differ from HF"
-        n = image_ops.num_image_tiles(*pil.size, tile_size=448, max_num_tiles=36)
-        assert n == ref.shape[1] and hf_token_count(ref) == 256 * n
+        bench_image(hf, path, runs)
 
-        def hf_run():
-            return hf(images=[pil], return_tensors="pt")["pixel_values"]
 
-        def hf_with_count():
-            hf_token_count(hf_run())
+def bench_image(hf, path: Path, runs: int) -> None:
+    """One row of (a): pixels checked against HF's, then the three timings."""
+    pil = Image.open(path)
+    pil.load()
+    ref = hf(images=[pil], return_tensors="pt")["pixel_values"]
+    ours = preprocess_image(pil_to_rgb_tensor(pil))
+    assert torch.equal(ours, ref[0]), f"{path.name}: pixels differ from HF"
+    n = num_image_tiles(*pil.size, tile_size=448, max_num_tiles=36)
+    assert n == ref.shape[1] and hf_token_count(ref) == 256 * n
 
-        def ours_run():
-            image_ops.num_image_tiles(*pil.size, tile_size=448, max_num_tiles=36)
-            return image_ops.preprocess_image(image_ops.pil_to_rgb_tensor(pil))
+    def hf_run():
+        return hf(images=[pil], return_tensors="pt")["pixel_values"]
 
-        t_hf = median_time(hf_run, runs)
-        t_hf_count = median_time(hf_with_count, runs)
-        t_ours = median_time(ours_run, runs)
-        size = f"{pil.width}x{pil.height}"
-        print(
-            f"{path.name:28s} {size:>10s} {n:5d} {t_hf * 1e3:8.1f} {t_hf_count * 1e3:9.1f} "
-            f"{t_ours * 1e3:8.1f} {t_hf / t_ours:7.2f}x"
-        )
+    def hf_with_count():
+        hf_token_count(hf_run())
+
+    def ours_run():
+        num_image_tiles(*pil.size, tile_size=448, max_num_tiles=36)
+        return preprocess_image(pil_to_rgb_tensor(pil))
+
+    t_hf = median_time(hf_run, runs)
+    t_hf_count = median_time(hf_with_count, runs)
+    t_ours = median_time(ours_run, runs)
+    size = f"{pil.width}x{pil.height}"
+    print(
+        f"{path.name:28s} {size:>10s} {n:5d} {t_hf * 1e3:8.1f} {t_hf_count * 1e3:9.1f} "
+        f"{t_ours * 1e3:8.1f} {t_hf / t_ours:7.2f}x"
+    )
 
 
 def bench_videos(media: Path, runs: int) -> None:
-    import av
-    from transformers.video_utils import read_video_pyav
-
     print("\n(b) videos: 32 sampled frames -> uint8 [32, 3, H, W]")
     print(
         f"{'video':20s} {'frames':>6s} {'all+index ms':>13s} {'HF reader ms':>13s} {'ours ms':>8s} "
@@ -106,36 +112,45 @@ def bench_videos(media: Path, runs: int) -> None:
         if not path.is_file():
             print(f"{name}: not found, skipped")
             continue
-        data = path.read_bytes()
-        info = video_ops.probe_video(data)
-        indices = video_ops.sample_frame_indices(info.num_frames, num_frames=32)
+        bench_video(path, runs)
 
-        def decode_all_then_index():
-            container = av.open(str(path))
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-            container.close()
-            return np.stack([frames[i] for i in indices])
 
-        def hf_reader():
-            video, _ = read_video_pyav(
-                str(path), sample_indices_fn=lambda metadata, **kw: np.array(indices)
-            )
-            return video
+def bench_video(path: Path, runs: int) -> None:
+    """One row of (b): frames checked against a full decode and HF's reader, then the timings."""
+    import av
+    from transformers.video_utils import read_video_pyav
 
-        def ours():
-            return video_ops.decode_video_frames(data, num_frames=32)[0]
+    data = path.read_bytes()
+    info = probe_video(data)
+    indices = sample_frame_indices(info.num_frames, num_frames=32)
 
-        ref = torch.from_numpy(decode_all_then_index()).permute(0, 3, 1, 2)
-        assert torch.equal(ours(), ref), f"{name}: frames differ from a full decode"
-        assert torch.equal(torch.from_numpy(hf_reader()).permute(0, 3, 1, 2), ref)
-        _, _, stats = video_ops._decode_indices(video_ops._Source(data), indices)
-        t_all = median_time(decode_all_then_index, runs)
-        t_hf = median_time(hf_reader, runs)
-        t_ours = median_time(ours, runs)
-        print(
-            f"{name:20s} {info.num_frames:6d} {t_all * 1e3:13.1f} {t_hf * 1e3:13.1f} {t_ours * 1e3:8.1f} "
-            f"{t_all / t_ours:6.2f}x {t_hf / t_ours:6.2f}x  {stats.decoded}/{stats.seeks} ({stats.mode})"
+    def decode_all_then_index():
+        container = av.open(str(path))
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        container.close()
+        return np.stack([frames[i] for i in indices])
+
+    def hf_reader():
+        video, _ = read_video_pyav(
+            str(path), sample_indices_fn=lambda metadata, **kw: np.array(indices)
         )
+        return video
+
+    def ours():
+        return video_ops.decode_video_frames(data, FrameSampling(num_frames=32))[0]
+
+    ref = torch.from_numpy(decode_all_then_index()).permute(0, 3, 1, 2)
+    assert torch.equal(ours(), ref), f"{path.name}: frames differ from a full decode"
+    assert torch.equal(torch.from_numpy(hf_reader()).permute(0, 3, 1, 2), ref)
+    _, stats = video_ops.decode_indices(ContainerSource(data), indices)
+    t_all = median_time(decode_all_then_index, runs)
+    t_hf = median_time(hf_reader, runs)
+    t_ours = median_time(ours, runs)
+    print(
+        f"{path.name:20s} {info.num_frames:6d} {t_all * 1e3:13.1f} {t_hf * 1e3:13.1f} "
+        f"{t_ours * 1e3:8.1f} {t_all / t_ours:6.2f}x {t_hf / t_ours:6.2f}x  "
+        f"{stats.decoded}/{stats.seeks} ({stats.mode})"
+    )
 
 
 def main() -> None:

@@ -1,12 +1,14 @@
-"""Fetches http(s) media for a request: async DNS, SSRF guard on every hop, byte cap, no compression.
+"""Fetches http(s) media for a request: async DNS, SSRF guard, byte cap, no compression.
 
 Each URL (and each redirect target) is resolved with the event loop's resolver and refused if any
 address is loopback, private, link-local (cloud metadata), multicast, reserved or unspecified,
 unless private hosts are allowed. The connection then goes to the address that was checked (Host
 header and TLS SNI keep the name), so a DNS answer that changes between the check and the connect
-(rebinding) cannot steer it to an internal service. Bodies are streamed with a byte cap and `Accept-Encoding:
-identity`, so a compressed bomb is never inflated. The fetched bytes then go to the processor, which
-checks their type by magic bytes and the pixel/frame caps before decoding.
+(rebinding) cannot steer it to an internal service. Bodies are streamed with a byte cap and
+`Accept-Encoding: identity`, so a compressed bomb is never inflated. The fetched bytes then go to
+the processor, which checks their type by magic bytes and the pixel/frame caps before decoding.
+A fetch error (MediaError) names the part it is about in `param`, e.g.
+`messages[1].content[0].image_url`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import httpx
@@ -62,7 +65,8 @@ class MediaFetcher:
         )
 
     async def _check(self, url: str) -> str | None:
-        """Refuses a URL the guard forbids; returns the vetted address to connect to (None: no pinning)."""
+        """Refuses a URL the guard forbids; returns the vetted address to connect to (None: no
+        pinning)."""
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise MediaError("media URLs must be http(s) URLs with a host")
@@ -79,14 +83,16 @@ class MediaFetcher:
             )
         except socket.gaierror:
             raise MediaError(f"cannot resolve media host {host}") from None
-        if not infos or not all(_is_public(info[4][0]) for info in infos):
+        addresses = [str(info[4][0]) for info in infos]
+        if not addresses or not all(_is_public(a) for a in addresses):
             raise MediaError(
                 f"media host {host} resolves to a private or reserved address; refused"
             )
-        return infos[0][4][0]
+        return addresses[0]
 
     def _request(self, url: str, address: str | None) -> httpx.Request:
-        """A GET for `url` that connects to `address` when given, keeping the name for Host and SNI."""
+        """A GET for `url` that connects to `address` when given, keeping the name for Host and
+        SNI."""
         if address is None:
             return self.client.build_request("GET", url)
         parsed = urlparse(url)
@@ -138,34 +144,57 @@ class MediaFetcher:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def fetch_request_media(self, messages: list) -> list:
-        """A copy of the messages with every http(s) image/video URL replaced by its bytes (fetched concurrently)."""
-        jobs, targets = [], []
-        out = []
-        for msg in messages:
-            if isinstance(msg, dict) and isinstance(msg.get("content"), list):
-                msg = dict(
-                    msg, content=[dict(p) if isinstance(p, dict) else p for p in msg["content"]]
-                )
-                for part in msg["content"]:
-                    key = (
-                        {"image_url": "image_url", "video_url": "video_url"}.get(part.get("type"))
-                        if isinstance(part, dict)
-                        else None
-                    )
-                    spec = part.get(key) if key else None
-                    if isinstance(spec, str):
-                        spec = {"url": spec}
-                    if (
-                        isinstance(spec, dict)
-                        and isinstance(spec.get("url"), str)
-                        and spec["url"].lower().startswith(("http://", "https://"))
-                    ):
-                        spec = dict(spec)
-                        part[key] = spec
-                        jobs.append(self.fetch(spec["url"]))
-                        targets.append(spec)
-            out.append(msg)
-        for spec, data in zip(targets, await asyncio.gather(*jobs)):
+    async def fetch_request_media(self, messages: list[Any]) -> list[Any]:
+        """A copy of the messages with every http(s) image/video URL replaced by its bytes, fetched
+        concurrently; an error names the part whose URL failed."""
+        out, remote = _copy_with_remote_specs(messages)
+        jobs = [self._fetch_part(spec["url"], param) for spec, param in remote]
+        for (spec, _), data in zip(remote, await asyncio.gather(*jobs)):
             spec["url"] = data
         return out
+
+    async def _fetch_part(self, url: str, param: str) -> bytes:
+        try:
+            return await self.fetch(url)
+        except MediaError as e:
+            if e.param is None:
+                e.param = param
+            raise
+
+
+def _copy_with_remote_specs(
+    messages: list[Any],
+) -> tuple[list[Any], list[tuple[dict[str, Any], str]]]:
+    """A copy of the messages (deep enough to replace URLs in) and each http(s) media spec in it,
+    with the part's param."""
+    out: list[Any] = []
+    remote: list[tuple[dict[str, Any], str]] = []
+    for i, msg in enumerate(messages):
+        if isinstance(msg, dict) and isinstance(msg.get("content"), list):
+            parts = [dict(p) if isinstance(p, dict) else p for p in msg["content"]]
+            msg = dict(msg, content=parts)
+            for j, part in enumerate(parts):
+                spec = _remote_spec(part)
+                if spec is not None:
+                    remote.append((spec, f"messages[{i}].content[{j}].{part['type']}"))
+        out.append(msg)
+    return out, remote
+
+
+def _remote_spec(part: Any) -> dict[str, Any] | None:
+    """An image_url/video_url part's spec if its URL is http(s), copied into the part; else None."""
+    key = part.get("type") if isinstance(part, dict) else None
+    if key not in ("image_url", "video_url"):
+        return None
+    spec = part.get(key)
+    if isinstance(spec, str):
+        spec = {"url": spec}
+    if not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("url"), str)
+        and spec["url"].lower().startswith(("http://", "https://"))
+    ):
+        return None
+    spec = dict(spec)
+    part[key] = spec
+    return spec

@@ -1,5 +1,7 @@
-"""MediaFetcher in process, against loopback servers with a fake resolver: the SSRF guard holds on every
-redirect hop and the connection goes to the address that was checked (no DNS-rebinding window).
+"""MediaFetcher in process, against loopback servers with a fake resolver.
+
+The SSRF guard holds on every redirect hop and the connection goes to the address that was checked
+(no DNS-rebinding window); a fetch error names the part whose URL failed.
 
 127.0.0.2 plays a public host (the guard is told so); 127.0.0.1 plays an internal service, which
 must record 0 hits. No traffic leaves loopback.
@@ -122,3 +124,33 @@ def test_allowed_domains_apply_to_redirect_targets(hosts, servers):
     with pytest.raises(MediaError, match="not in the allowed media domains"):
         fetch(url, allowed_domains=["media.example"])
     assert fetch(url, allowed_domains=["example"]) == public.files["a.png"]
+
+
+def test_request_media_is_fetched_and_errors_name_the_part(hosts, servers):
+    public, internal = servers
+
+    async def run(messages):
+        fetcher = MediaFetcher()
+        try:
+            return await fetcher.fetch_request_media(messages)
+        finally:
+            await fetcher.client.aclose()
+
+    good = {"type": "image_url", "image_url": f"{public.base}/file/a.png"}
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "x"}, good]},
+    ]
+    out = asyncio.run(run(messages))
+    assert out[1]["content"][1]["image_url"] == {"url": public.files["a.png"]}
+    assert messages[1]["content"][1] is good  # the request's own messages are left as they were
+    missing = {"type": "video_url", "video_url": {"url": f"{public.base}/file/none.mp4"}}
+    messages[1]["content"].append(missing)
+    with pytest.raises(MediaError, match="HTTP 404") as e:
+        asyncio.run(run(messages))
+    assert e.value.param == "messages[1].content[2].video_url"
+    to_internal = {"type": "image_url", "image_url": {"url": f"http://{INTERNAL}:{internal.port}/"}}
+    with pytest.raises(MediaError, match="private or reserved") as e:
+        asyncio.run(run([{"role": "user", "content": [to_internal]}]))
+    assert e.value.param == "messages[0].content[0].image_url"
+    assert internal.hits == 0

@@ -1,4 +1,4 @@
-"""Processor limits on client-chosen settings and media sizes: refused early, with a plain message."""
+"""Limits on client-chosen settings and media sizes: refused early, with a plain message."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import time
 import pytest
 from PIL import Image
 
-from plm_core.config import load_model_config
-from plm_core.media import image as image_ops
+from plm_core.config import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_IMAGE_SIDE, MediaConfig
 from plm_core.media import video as video_ops
 from plm_core.media.errors import MediaError
-from plm_core.processor import MediaLimits, MediaOptions, PLMProcessor, PromptError
+from plm_core.media.sampling import sample_frame_indices
+from plm_core.media.tiling import num_image_tiles
+from plm_core.model_config import load_model_config
+from plm_core.processor import MediaOptions, PLMProcessor, PromptError
 from plm_core.tokenizer import PLMTokenizer
 
 NAN, INF = float("nan"), float("inf")
 
 
-def _make(checkpoint, **kwargs) -> PLMProcessor:
+def _make(checkpoint, **media) -> PLMProcessor:
     cfg = load_model_config(checkpoint)
     tok = PLMTokenizer(
         checkpoint,
@@ -27,7 +29,7 @@ def _make(checkpoint, **kwargs) -> PLMProcessor:
         bos_token_id=cfg.bos_token_id,
         eos_token_ids=cfg.eos_token_ids,
     )
-    return PLMProcessor(cfg, tok, **kwargs)
+    return PLMProcessor(cfg, tok, MediaConfig(**media))
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +77,25 @@ def _video(url: str, **spec) -> list[dict]:
     ]
 
 
-# -- max_num_tiles: at most the checkpoint's budget, an integer -------------------------------------
+# -- max_num_tiles: at most the checkpoint's budget, an integer ------------------------------------
 
 
 @pytest.mark.parametrize("tiles", [37, 300_000, 10**7, 10**30])
 def test_tile_budget_over_the_models_is_refused_at_once(processor, tiles):
     assert processor.pcfg.max_num_tiles == 36
     start = time.perf_counter()
-    with pytest.raises(PromptError, match=f"max_num_tiles must be at most 36 .*got {tiles}"):
+    with pytest.raises(PromptError, match=f"max_num_tiles must be at most 36 .*got {tiles}") as e:
         processor.process(_image(), MediaOptions(max_num_tiles=tiles))
-    with pytest.raises(PromptError, match=r"image_url\.max_num_tiles must be at most 36"):
+    assert e.value.param == "max_num_tiles"
+    with pytest.raises(PromptError, match=r"image_url\.max_num_tiles must be at most 36") as e:
         processor.process(_image(max_num_tiles=tiles))
+    assert e.value.param == "messages[0].content[0].image_url.max_num_tiles"
     assert time.perf_counter() - start < 1.0
 
 
 def test_tile_budget_up_to_the_models_is_honored(processor):
     full = processor.process(_image(max_num_tiles=36)).media[0]
-    assert full.num_tiles == image_ops.num_image_tiles(97, 61, tile_size=56, max_num_tiles=36)
+    assert full.num_tiles == num_image_tiles(97, 61, tile_size=56, max_num_tiles=36)
     assert (
         processor.process(_image(), MediaOptions(max_num_tiles=36)).media[0].num_tiles
         == full.num_tiles
@@ -117,19 +121,21 @@ def test_server_default_budget_is_bounded_by_the_checkpoint(tiny_checkpoint):
 
 @pytest.mark.parametrize("fps", [NAN, INF, -INF, 1e308 * 10, 0, -1.0, True, "2"])
 def test_bad_fps_is_a_prompt_error(processor, video_url, fps):
-    with pytest.raises(PromptError, match="fps must be a positive finite number"):
+    with pytest.raises(PromptError, match="fps must be a positive finite number") as e:
         processor.process(_video(video_url, fps=fps))
-    with pytest.raises(PromptError, match="fps must be a positive finite number"):
+    assert e.value.param == "messages[0].content[0].video_url.fps"
+    with pytest.raises(PromptError, match="fps must be a positive finite number") as e:
         processor.process(_video(video_url), MediaOptions(fps=fps))
+    assert e.value.param == "fps"
 
 
 def test_huge_finite_fps_takes_every_frame_up_to_the_ceiling(tiny_checkpoint, video_url):
-    proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_frames=8))
+    proc = _make(tiny_checkpoint, max_num_frames=8)
     for item in (
         proc.process(_video(video_url, fps=1e308)).media[0],
         proc.process(_video(video_url), MediaOptions(fps=1e308)).media[0],
     ):
-        assert item.meta["frame_indices"] == video_ops.sample_frame_indices(30, num_frames=8)
+        assert item.meta["frame_indices"] == sample_frame_indices(30, num_frames=8)
 
 
 @pytest.mark.parametrize("bad", [True, False, 0, 2.5, "4"])
@@ -161,7 +167,7 @@ def test_in_memory_video_fps_must_be_finite(processor):
 def test_elongated_image_is_refused_before_decoding(tiny_checkpoint, monkeypatch):
     from PIL import ImageFile
 
-    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
+    proc = _make(tiny_checkpoint, max_image_side=1000)
     msgs = [
         {
             "role": "user",
@@ -173,20 +179,22 @@ def test_elongated_image_is_refused_before_decoding(tiny_checkpoint, monkeypatch
     )
     with pytest.raises(
         MediaError, match="image size 1x2000 has a side longer than the limit of 1000 pixels"
-    ):
+    ) as e:
         proc.process(msgs)
+    assert e.value.param == "messages[0].content[0].image_url"
 
 
 def test_elongated_in_memory_image_is_refused(tiny_checkpoint):
-    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=1000))
-    with pytest.raises(MediaError, match="side longer than the limit of 1000"):
+    proc = _make(tiny_checkpoint, max_image_side=1000)
+    with pytest.raises(MediaError, match="side longer than the limit of 1000") as e:
         proc.process(
             [{"role": "user", "content": [{"type": "image", "image": Image.new("L", (2000, 1))}]}]
         )
+    assert e.value.param == "messages[0].content[0].image"
 
 
 def test_default_side_limit_keeps_normal_images(processor):
-    assert MediaLimits().max_image_side == image_ops.DEFAULT_MAX_IMAGE_SIDE == 32768
+    assert MediaConfig().max_image_side == DEFAULT_MAX_IMAGE_SIDE == 32768
     msgs = [
         {
             "role": "user",
@@ -197,32 +205,34 @@ def test_default_side_limit_keeps_normal_images(processor):
 
 
 def test_default_decoded_pixel_budget_admits_32_frames_of_4k():
-    budget = MediaLimits().max_video_decoded_pixels
-    assert budget == video_ops.DEFAULT_MAX_DECODED_PIXELS
+    budget = MediaConfig().max_video_pixels
+    assert budget == DEFAULT_MAX_DECODED_PIXELS
     assert 32 * 3840 * 2160 <= budget < 64 * 3840 * 2160
     assert 64 * 4096 * 4096 > budget  # the probe's 57 KB video that decoded to 3.2 GB
 
 
 def test_decoded_pixel_budget_is_checked_before_decoding(tiny_checkpoint, video_url, monkeypatch):
-    proc = _make(tiny_checkpoint, limits=MediaLimits(max_video_decoded_pixels=8 * 64 * 48))
+    proc = _make(tiny_checkpoint, max_video_pixels=8 * 64 * 48)
     assert proc.process(_video(video_url, num_frames=8)).media[0].num_tiles == 8
     monkeypatch.setattr(
-        video_ops, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite the budget")
+        video_ops, "decode_indices", lambda *a, **k: pytest.fail("decoded despite the budget")
     )
     with pytest.raises(
         MediaError,
         match=r"decoding 9 frames of 64x48 .* over the per-video limit of 24576; "
         r"ask for fewer frames",
-    ):
+    ) as e:
         proc.process(_video(video_url, num_frames=9))
+    assert e.value.param == "messages[0].content[0].video_url"
 
 
 def test_video_side_limit(tiny_checkpoint, video_url):
-    proc = _make(tiny_checkpoint, limits=MediaLimits(max_image_side=50))
+    proc = _make(tiny_checkpoint, max_image_side=50)
     with pytest.raises(
         MediaError, match="video frame size 64x48 has a side longer than the limit of 50"
-    ):
+    ) as e:
         proc.process(_video(video_url, num_frames=2))
+    assert e.value.param == "messages[0].content[0].video_url"
 
 
 # -- messages say what is wrong with the input, nothing about the server ---------------------------
@@ -247,7 +257,7 @@ def test_media_errors_do_not_leak_internals(processor, url):
 
 @pytest.mark.parametrize("name", ["clip\x00.mp4", "x" * 5000 + ".png", "."])
 def test_unreadable_local_paths_are_media_errors(tmp_path, name):
-    """A NUL in the name, a name over the OS limit or a directory: a MediaError (400), not a crash."""
+    """A NUL in the name, a name over the OS limit or a directory: a MediaError, not a crash."""
     from plm_core.media.errors import MediaError
     from plm_core.media.sources import read_media_url
 

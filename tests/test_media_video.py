@@ -1,19 +1,27 @@
-"""plm_core.media.video against HF: frame sampling, sparse decoding vs a full decode, frame pixels."""
+"""Video decoding against HF and a full decode: probing, sparse decoding, limits, frame pixels."""
 
 from __future__ import annotations
 
 import functools
 import random
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from video_files import full_decode, write_av, write_video
 
+from plm_core.config import MediaConfig
+from plm_core.media import containers as C
 from plm_core.media import video as V
+from plm_core.media.containers import ContainerSource, VideoInfo, probe_video
 from plm_core.media.errors import MediaError
+from plm_core.media.frame_buffer import DecodeStats
+from plm_core.media.hashing import bytes_content_hash
+from plm_core.media.preprocess import preprocess_video_frames
+from plm_core.media.sampling import sample_frame_indices
+from plm_core.media.settings import FrameSampling
 
 SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 NO_SHARED = f"shared test media not found at {SHARED_MEDIA} (only present in the project workspace)"
@@ -28,67 +36,13 @@ def shared_video(name: str) -> Path:
     return path
 
 
-def _pattern_frame(x: np.ndarray, y: np.ndarray, i: int) -> av.VideoFrame:
-    """Frame i of a test video: a colour pattern that differs in every frame (x, y: np.mgrid of the size)."""
-    arr = np.stack([(x * 4 + i * 7) % 256, (y * 5 + i * 3) % 256, ((x + y) * 2 + i * 11) % 256], -1)
-    return av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")
+def decode(source, limits: MediaConfig | None = None, **sampling):
+    """decode_video_frames with FrameSampling's fields as keywords (num_frames=32 by default)."""
+    return V.decode_video_frames(source, FrameSampling(**sampling), limits)
 
 
-def write_video(
-    path: Path,
-    *,
-    n: int = 90,
-    size=(64, 48),
-    fps: int = 25,
-    codec: str = "libx264",
-    fmt: str | None = None,
-    gop: int = 10,
-    bframes: int = 2,
-    pts_ms: list[int] | None = None,
-) -> Path:
-    """A small synthetic video whose frames all differ (moving gradients)."""
-    container = av.open(str(path), mode="w", format=fmt)
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.codec_context.gop_size = gop
-    stream.codec_context.max_b_frames = bframes
-    if codec == "libx264":
-        stream.options = {
-            "preset": "veryfast",
-            "bf": str(bframes),
-            "g": str(gop),
-            "keyint_min": str(gop),
-            "sc_threshold": "0",
-        }
-    if pts_ms is not None:
-        stream.codec_context.time_base = Fraction(1, 1000)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    for i in range(n):
-        frame = _pattern_frame(x, y, i)
-        if pts_ms is not None:
-            frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
-
-
-@functools.cache
-def full_decode(path: str) -> torch.Tensor:
-    """Every frame, in order, the plain PyAV way HF's reader uses: uint8 [T, 3, H, W]."""
-    container = av.open(path)
-    frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    container.close()
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-
-
-def check_decode(path: Path, indices: list[int], **kw) -> V._DecodeStats:
-    frames, got, stats = V._decode_indices(V._Source(path), indices, **kw)
-    assert got == list(indices)
+def check_decode(path: Path, indices: list[int], **kw) -> DecodeStats:
+    frames, stats = V.decode_indices(ContainerSource(path), indices, **kw)
     ref = full_decode(str(path))[indices]
     assert frames.dtype == torch.uint8 and frames.shape == ref.shape
     assert torch.equal(frames, ref), f"frames differ from a full decode ({stats})"
@@ -114,63 +68,21 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-# -- sampling --------------------------------------------------------------------------------------
-
-
-def test_sample_indices_equal_hf():
-    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
-
-    for total in (1, 2, 5, 31, 32, 33, 100, 132, 250, 1001, 7919):
-        for n in (1, 2, 3, 8, 16, 32, 64):
-            if n > total:  # HF raises; we take every frame once
-                assert V.sample_frame_indices(total, num_frames=n) == list(range(total))
-                continue
-            ref = default_sample_indices_fn(
-                VideoMetadata(total_num_frames=total, fps=25.0), num_frames=n
-            )
-            assert V.sample_frame_indices(total, num_frames=n) == ref.tolist()
-        for fps, video_fps in ((1.0, 25.0), (2.0, 29.97), (0.5, 30.0), (4.0, 24.0)):
-            meta = VideoMetadata(total_num_frames=total, fps=video_fps)
-            try:
-                ref = default_sample_indices_fn(meta, fps=fps).tolist()
-            except (
-                ValueError
-            ):  # HF raises when fps asks for more frames than exist; we take them all
-                assert V.sample_frame_indices(
-                    total, num_frames=None, fps=fps, video_fps=video_fps
-                ) == list(range(total))
-                continue
-            assert (
-                V.sample_frame_indices(total, num_frames=None, fps=fps, video_fps=video_fps) == ref
-            )
-
-
-def test_sample_indices_edge_cases():
-    assert V.sample_frame_indices(250, num_frames=32)[:4] == [0, 7, 15, 23]
-    assert V.sample_frame_indices(5, num_frames=None) == [0, 1, 2, 3, 4]
-    with pytest.raises(MediaError, match="mutually exclusive"):
-        V.sample_frame_indices(100, num_frames=8, fps=1.0, video_fps=25.0)
-    with pytest.raises(MediaError):
-        V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=None)
-    with pytest.raises(MediaError):
-        V.sample_frame_indices(0, num_frames=1)
-
-
 # -- decoding the shared files ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", SHARED_VIDEOS)
 def test_shared_video_frames_equal_full_decode(name):
     path = shared_video(name)
-    info = V.probe_video(path)
-    frames, info2, indices = V.decode_video_frames(path.read_bytes(), num_frames=32)
+    info = probe_video(path)
+    frames, info2, indices = decode(path.read_bytes(), num_frames=32)
     assert info2 == info
-    assert indices == V.sample_frame_indices(info.num_frames, num_frames=32)
+    assert indices == sample_frame_indices(info.num_frames, num_frames=32)
     assert torch.equal(frames, full_decode(str(path))[indices])
     for n in (8, 3, 1):
-        check_decode(path, V.sample_frame_indices(info.num_frames, num_frames=n))
+        check_decode(path, sample_frame_indices(info.num_frames, num_frames=n))
     check_decode(
-        path, V.sample_frame_indices(info.num_frames, num_frames=None, fps=2.0, video_fps=info.fps)
+        path, sample_frame_indices(info.num_frames, num_frames=None, fps=2.0, video_fps=info.fps)
     )
 
 
@@ -179,7 +91,7 @@ def test_shared_video_equals_hf_reader(name):
     from transformers.video_utils import read_video_pyav
 
     path = shared_video(name)
-    frames, info, indices = V.decode_video_frames(str(path), num_frames=32)
+    frames, info, indices = decode(str(path), num_frames=32)
     ref, meta = read_video_pyav(
         str(path),
         sample_indices_fn=lambda metadata, **kw: np.arange(32) * metadata.total_num_frames // 32,
@@ -191,14 +103,14 @@ def test_shared_video_equals_hf_reader(name):
 
 def test_bikes_is_decoded_sparsely():
     path = shared_video("bikes.mp4")
-    stats = check_decode(path, V.sample_frame_indices(250, num_frames=32))
+    stats = check_decode(path, sample_frame_indices(250, num_frames=32))
     assert stats.mode == "seek" and stats.seeks > 0 and stats.decoded < 200
 
 
 def test_shared_probe():
     path = shared_video("bikes.mp4")
-    info = V.probe_video(path)
-    assert info == V.VideoInfo(
+    info = probe_video(path)
+    assert info == VideoInfo(
         num_frames=250, fps=25.0, duration_s=10.0, width=640, height=272, codec="h264"
     )
 
@@ -213,18 +125,18 @@ def test_synthetic_frames_equal_full_decode(videos, kind):
     path = videos[kind]
     total = len(full_decode(str(path)))
     for n in (32, 7, 2, 1):
-        check_decode(path, V.sample_frame_indices(total, num_frames=n))
+        check_decode(path, sample_frame_indices(total, num_frames=n))
     check_decode(path, [5, 5, 60, 3, 89, 0])  # any order, repeats
 
 
 def test_vfr_falls_back_to_counting_frames(videos):
-    stats = check_decode(videos["vfr_mp4"], V.sample_frame_indices(90, num_frames=8))
+    stats = check_decode(videos["vfr_mp4"], sample_frame_indices(90, num_frames=8))
     assert stats.mode == "sequential"
 
 
 def test_long_video_is_not_fully_decoded(videos):
     path = videos["h264_mp4_long"]
-    indices = V.sample_frame_indices(300, num_frames=7)  # 0, 42, 85, ...: none on a keyframe but 0
+    indices = sample_frame_indices(300, num_frames=7)  # 0, 42, 85, ...: none on a keyframe but 0
     stats = check_decode(path, indices)
     assert stats.mode == "seek" and stats.seeks >= 1
     assert stats.decoded < 150, stats  # at most one keyframe interval (25) per wanted frame
@@ -234,27 +146,26 @@ def test_long_video_is_not_fully_decoded(videos):
 
 def test_one_thread_and_many_threads_agree(videos):
     path = videos["h264_mp4_long"]
-    indices = V.sample_frame_indices(300, num_frames=16)
+    indices = sample_frame_indices(300, num_frames=16)
     threads = torch.get_num_threads()
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            assert (
-                check_decode(path, indices).mode == "seek"
-            )  # skip_frame works with FFmpeg threads too
+            # skip_frame works with FFmpeg threads too
+            assert check_decode(path, indices).mode == "seek"
     finally:
         torch.set_num_threads(threads)
 
 
 def test_bytes_and_path_agree(videos):
     path = videos["h264_mkv"]
-    a, info_a, idx_a = V.decode_video_frames(str(path), num_frames=8)
-    b, info_b, idx_b = V.decode_video_frames(path.read_bytes(), num_frames=8)
+    a, info_a, idx_a = decode(str(path), num_frames=8)
+    b, info_b, idx_b = decode(path.read_bytes(), num_frames=8)
     assert torch.equal(a, b) and info_a == info_b and idx_a == idx_b
 
 
 def test_probe_synthetic(videos):
-    info = V.probe_video(videos["h264_mp4"])
+    info = probe_video(videos["h264_mp4"])
     assert (info.num_frames, info.fps, info.width, info.height, info.codec) == (
         90,
         25.0,
@@ -263,13 +174,13 @@ def test_probe_synthetic(videos):
         "h264",
     )
     assert info.duration_s == pytest.approx(3.6)
-    mkv = V.probe_video(videos["h264_mkv"])  # no frame count in the header: estimated
+    mkv = probe_video(videos["h264_mkv"])  # no frame count in the header: estimated
     assert mkv.num_frames == 90 and mkv.fps == 25.0
 
 
 def test_fps_sampling(videos):
-    frames, info, indices = V.decode_video_frames(videos["h264_mp4"], num_frames=None, fps=2.0)
-    assert indices == V.sample_frame_indices(90, num_frames=None, fps=2.0, video_fps=25.0)
+    frames, info, indices = decode(videos["h264_mp4"], num_frames=None, fps=2.0)
+    assert indices == sample_frame_indices(90, num_frames=None, fps=2.0, video_fps=25.0)
     assert len(indices) == 7 and torch.equal(frames, full_decode(str(videos["h264_mp4"]))[indices])
 
 
@@ -280,27 +191,18 @@ def test_limits_checked_before_decoding(videos, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded despite a limit")
 
-    monkeypatch.setattr(V, "_decode_indices", no_decoding)
+    monkeypatch.setattr(V, "decode_indices", no_decoding)
     path = videos["h264_mp4"]
     with pytest.raises(MediaError, match="over the limit of 2 s"):
-        V.decode_video_frames(path, max_duration_s=2)
+        decode(path, MediaConfig(max_video_duration=2))
     with pytest.raises(MediaError, match="64x48, over the limit of 3000"):
-        V.decode_video_frames(path, max_pixels_per_frame=3000)
-    with pytest.raises(MediaError, match="sample 32 frames, over the limit of 16"):
-        V.decode_video_frames(path, num_frames=32, max_frames=16)
-    monkeypatch.undo()
-    frames, _, indices = V.decode_video_frames(
-        path, num_frames=32, max_frames=16, clamp_frames=True
-    )
-    assert len(frames) == len(indices) == 16
-    monkeypatch.setattr(V, "_decode_indices", no_decoding)
+        decode(path, MediaConfig(max_image_pixels=3000))
     with pytest.raises(MediaError, match="mutually exclusive"):
-        V.decode_video_frames(path, num_frames=8, fps=1.0)
-
-
-def test_short_video_gives_every_frame_once():
-    assert V.sample_frame_indices(5, num_frames=32) == [0, 1, 2, 3, 4]
-    assert V.sample_frame_indices(40, fps=100.0, video_fps=25.0, num_frames=None) == list(range(40))
+        decode(path, num_frames=8, fps=1.0)
+    monkeypatch.undo()
+    frames, _, indices = decode(path, num_frames=32, max_frames=16)  # the ceiling clamps
+    assert len(frames) == len(indices) == 16
+    assert indices == sample_frame_indices(90, num_frames=16)
 
 
 @pytest.mark.parametrize(
@@ -314,21 +216,21 @@ def test_short_video_gives_every_frame_once():
 )
 def test_non_video_bytes_rejected(data):
     with pytest.raises(MediaError) as exc:
-        V.decode_video_frames(data)
+        decode(data)
     assert "\\x" not in str(exc.value) and "garbage" not in str(exc.value)
     with pytest.raises(MediaError):
-        V.probe_video(data)
+        probe_video(data)
 
 
 def test_truncated_and_corrupt_videos_rejected(videos):
     data = videos["h264_mp4"].read_bytes()  # the index (moov) is at the end: a cut file has none
     with pytest.raises(MediaError, match="unsupported or corrupt video"):
-        V.decode_video_frames(data[: len(data) // 2])
+        decode(data[: len(data) // 2])
     mkv = videos["h264_mkv"].read_bytes()
     with pytest.raises(MediaError, match="unsupported or corrupt video"):
-        V.decode_video_frames(mkv[:600], num_frames=4)
+        decode(mkv[:600], num_frames=4)
     with pytest.raises(MediaError):
-        V.decode_video_frames(str(videos["h264_mp4"]) + ".missing")
+        decode(str(videos["h264_mp4"]) + ".missing")
 
 
 # -- pixels ----------------------------------------------------------------------------------------
@@ -354,87 +256,44 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", SHARED_VIDEOS)
 def test_shared_video_pixels_equal_hf(name):
     path = shared_video(name)
-    frames, _, _ = V.decode_video_frames(path, num_frames=8)
-    ours = V.preprocess_video_frames(frames)
+    frames, _, _ = decode(path, num_frames=8)
+    ours = preprocess_video_frames(frames)
     assert ours.shape == (8, 3, 448, 448)
     assert_close(ours, hf_video_pixels(frames))
 
 
 def test_synthetic_video_pixels_equal_hf(videos):
-    frames, _, _ = V.decode_video_frames(videos["h264_mp4"], num_frames=11)
-    assert_close(V.preprocess_video_frames(frames), hf_video_pixels(frames))
+    frames, _, _ = decode(videos["h264_mp4"], num_frames=11)
+    assert_close(preprocess_video_frames(frames), hf_video_pixels(frames))
     # a channels-last view (frames given as [F, H, W, 3] and permuted), 1 frame, and odd sizes
     rng = np.random.default_rng(0)
     hwc = torch.from_numpy(rng.integers(0, 256, (3, 37, 901, 3), dtype=np.uint8))
     view = hwc.permute(0, 3, 1, 2)
-    assert_close(V.preprocess_video_frames(view), hf_video_pixels(view))
-    assert_close(V.preprocess_video_frames(view[:1]), hf_video_pixels(view[:1]))
+    assert_close(preprocess_video_frames(view), hf_video_pixels(view))
+    assert_close(preprocess_video_frames(view[:1]), hf_video_pixels(view[:1]))
     big = torch.from_numpy(rng.integers(0, 256, (10, 3, 500, 300), dtype=np.uint8))
-    assert_close(V.preprocess_video_frames(big), hf_video_pixels(big))
+    assert_close(preprocess_video_frames(big), hf_video_pixels(big))
 
 
 def test_preprocess_video_rejects_bad_frames():
     with pytest.raises(MediaError):
-        V.preprocess_video_frames(torch.zeros((2, 4, 8, 8), dtype=torch.uint8))
+        preprocess_video_frames(torch.zeros((2, 4, 8, 8), dtype=torch.uint8))
     with pytest.raises(MediaError):
-        V.preprocess_video_frames(torch.zeros((2, 3, 8, 8), dtype=torch.float32))
+        preprocess_video_frames(torch.zeros((2, 3, 8, 8), dtype=torch.float32))
 
 
 def test_video_content_hash():
-    assert V.video_content_hash(b"abc") == V.video_content_hash(bytearray(b"abc"))
-    assert V.video_content_hash(b"abc") != V.video_content_hash(b"abd")
+    assert bytes_content_hash(b"abc") == bytes_content_hash(bytearray(b"abc"))
+    assert bytes_content_hash(b"abc") != bytes_content_hash(b"abd")
 
 
 # -- containers without a frame count (Matroska/WebM): HF parity -----------------------------------
 
 
-def write_av(
-    path: Path,
-    *,
-    n: int = 60,
-    fps: int = 30,
-    codec: str = "libx264",
-    audio_s: float = 0.0,
-    audio_codec: str = "aac",
-    skip_pts: tuple[int, ...] = (),
-    size=(64, 48),
-) -> Path:
-    """A video whose frames all differ, optionally with an audio track of audio_s seconds (longer
-    than the video) and with timestamps in skip_pts left out (a dropped frame)."""
-    container = av.open(str(path), mode="w")
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    if codec == "libx264":
-        stream.options = {"preset": "veryfast", "g": "10", "keyint_min": "10", "sc_threshold": "0"}
-    audio = container.add_stream(audio_codec, rate=48000) if audio_s else None
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    pts = [p for p in range(n + len(skip_pts)) if p not in skip_pts]
-    for i, p in enumerate(pts):
-        frame = _pattern_frame(x, y, i)
-        frame.pts, frame.time_base = p, Fraction(1, fps)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    if audio is not None:
-        samples, chunk = int(audio_s * 48000), 960
-        tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 48000)).astype(np.float32)
-        for k in range(0, samples - chunk + 1, chunk):
-            af = av.AudioFrame.from_ndarray(tone[None, k : k + chunk], format="flt", layout="mono")
-            af.sample_rate, af.pts, af.time_base = 48000, k, Fraction(1, 48000)
-            for packet in audio.encode(af):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
-    container.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def uncounted(tmp_path_factory) -> dict[str, Path]:
-    """Matroska/WebM files: no frame count in the header, audio longer than video, dropped frames."""
+    """Matroska/WebM files: no frame count in the header, audio longer than video, dropped
+    frames."""
     d = tmp_path_factory.mktemp("uncounted")
     return {
         "mkv_long_audio": write_av(d / "long_audio.mkv", n=60, audio_s=10.0),  # 2 s of video
@@ -447,7 +306,8 @@ def uncounted(tmp_path_factory) -> dict[str, Path]:
 
 
 def hf_sample(path: Path, **kw) -> tuple[list[int], torch.Tensor]:
-    """HF's indices and frames: every frame decoded (HF's PyAV reader), sampled by its `sample_frames`."""
+    """HF's indices and frames: every frame decoded (HF's PyAV reader), sampled by its
+    `sample_frames`."""
     from transformers import PerceptionLMVideoProcessor
     from transformers.video_utils import VideoMetadata
 
@@ -475,25 +335,25 @@ def test_uncounted_containers_equal_hf(uncounted, kind, kw):
         assert container.streams.video[0].frames == 0  # the case under test: no count in the header
     total = len(full_decode(str(path)))
     ref_indices, ref_frames = hf_sample(path, **kw)
-    frames, info, indices = V.decode_video_frames(
+    frames, info, indices = decode(
         path.read_bytes(), num_frames=kw.get("num_frames"), fps=kw.get("fps")
     )
     assert info.num_frames == total
     assert indices == ref_indices
     assert torch.equal(frames, ref_frames)
-    assert_close(V.preprocess_video_frames(frames), hf_video_pixels(ref_frames))
+    assert_close(preprocess_video_frames(frames), hf_video_pixels(ref_frames))
 
 
 def test_uncounted_probe_is_the_video_streams_own(uncounted):
-    info = V.probe_video(uncounted["mkv_long_audio"])
+    info = probe_video(uncounted["mkv_long_audio"])
     assert info.num_frames == 60 and info.fps == 30.0
     assert info.duration_s == pytest.approx(2.0, abs=0.05)  # not the 10 s of audio
-    assert V.probe_video(uncounted["webm_dropped"]).num_frames == 60
+    assert probe_video(uncounted["webm_dropped"]).num_frames == 60
 
 
 def test_uncounted_regular_stream_still_seeks(uncounted):
     path = uncounted["mkv_long_audio"]
-    assert check_decode(path, V.sample_frame_indices(60, num_frames=4)).mode == "seek"
+    assert check_decode(path, sample_frame_indices(60, num_frames=4)).mode == "seek"
 
 
 @pytest.mark.parametrize("kind", ["webm_dropped", "mkv_dropped"])
@@ -501,43 +361,22 @@ def test_timestamp_gap_without_frame_count_decodes_in_order(uncounted, kind):
     path = uncounted[kind]
     total = len(full_decode(str(path)))
     for n in (4, 8, 16):
-        assert check_decode(path, V.sample_frame_indices(total, num_frames=n)).mode == "sequential"
+        assert check_decode(path, sample_frame_indices(total, num_frames=n)).mode == "sequential"
 
 
 def test_fewer_frames_than_packets_are_sampled_again(uncounted, monkeypatch):
     path = uncounted["mkv_dropped"]
-    real = V._scan_packets
+    real = C.scan_packets
 
     def overcount(stream, container):  # as if 5 packets held no frame
         scan = real(stream, container)
-        return V._PacketScan(count=scan.count + 5, duration_s=scan.duration_s, regular=False)
+        return C.PacketScan(count=scan.count + 5, duration_s=scan.duration_s, regular=False)
 
-    monkeypatch.setattr(V, "_scan_packets", overcount)
+    monkeypatch.setattr(C, "scan_packets", overcount)
     # 32 of 45: the last index (43) lies past the 40 real frames, so the decode finds the real end
-    frames, info, indices = V.decode_video_frames(path, num_frames=32)
+    frames, info, indices = decode(path, num_frames=32)
     ref_indices, ref_frames = hf_sample(path, num_frames=32)
     assert info.num_frames == 40 and indices == ref_indices and torch.equal(frames, ref_frames)
-
-
-# -- robustness of sampling and decoding limits ----------------------------------------------------
-
-
-def test_sampling_by_extreme_fps_is_clamped():
-    assert V.sample_frame_indices(100, num_frames=None, fps=1e308, video_fps=25.0) == list(
-        range(100)
-    )
-    assert V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=1e-320) == list(
-        range(100)
-    )
-    assert V.sample_frame_indices(100, num_frames=None, fps=1e-300, video_fps=25.0) == [0]
-    for bad in (float("nan"), float("inf"), -1.0, 0.0, True):
-        with pytest.raises(MediaError, match="fps must be a positive finite number"):
-            V.sample_frame_indices(100, num_frames=None, fps=bad, video_fps=25.0)
-    with pytest.raises(MediaError, match="frame rate is unknown"):
-        V.sample_frame_indices(100, num_frames=None, fps=1.0, video_fps=float("nan"))
-    for bad in (True, 2.5, 0):
-        with pytest.raises(MediaError, match="num_frames must be a positive integer"):
-            V.sample_frame_indices(100, num_frames=bad)
 
 
 def test_decoded_pixel_budget_checked_before_decoding(videos, monkeypatch):
@@ -545,33 +384,31 @@ def test_decoded_pixel_budget_checked_before_decoding(videos, monkeypatch):
         raise AssertionError("decoded despite a limit")
 
     path = videos["h264_mp4"]  # 64x48
-    monkeypatch.setattr(V, "_decode_indices", no_decoding)
+    monkeypatch.setattr(V, "decode_indices", no_decoding)
     with pytest.raises(
         MediaError,
         match=r"decoding 8 frames of 64x48 .* over the per-video limit of 24575; "
         r"ask for fewer frames",
     ):
-        V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48 - 1)
+        decode(path, MediaConfig(max_video_pixels=8 * 64 * 48 - 1), num_frames=8)
     monkeypatch.undo()
-    frames, _, _ = V.decode_video_frames(path, num_frames=8, max_decoded_pixels=8 * 64 * 48)
+    frames, _, _ = decode(path, MediaConfig(max_video_pixels=8 * 64 * 48), num_frames=8)
     assert frames.shape == (8, 3, 48, 64)
 
 
 def test_longest_side_checked_before_decoding(videos, monkeypatch):
-    monkeypatch.setattr(
-        V, "_decode_indices", lambda *a, **k: pytest.fail("decoded despite a limit")
-    )
+    monkeypatch.setattr(V, "decode_indices", lambda *a, **k: pytest.fail("decoded despite a limit"))
     with pytest.raises(
         MediaError, match="video frame size 64x48 has a side longer than the limit of 50"
     ):
-        V.decode_video_frames(videos["h264_mp4"], max_side=50)
+        decode(videos["h264_mp4"], MediaConfig(max_image_side=50))
 
 
 def test_frames_come_back_as_a_view_of_one_buffer(videos):
     """The decoded pixels are written into one [F, H, W, 3] buffer; the result is a view of it."""
     path = videos["h264_mp4_long"]
     for allow_seek in (True, False):
-        frames, _, _ = V._decode_indices(V._Source(path), [0, 40, 80, 120], allow_seek=allow_seek)
+        frames, _ = V.decode_indices(ContainerSource(path), [0, 40, 80, 120], allow_seek=allow_seek)
         base = frames.permute(0, 2, 3, 1)  # [F, H, W, 3] memory
         assert (
             base.is_contiguous() and frames._base is not None and frames._base.shape == base.shape
@@ -582,7 +419,7 @@ def test_errors_do_not_leak_internals(videos):
     data = videos["h264_mp4"].read_bytes()
     for cut in (data[:64], data[: len(data) // 2]):
         with pytest.raises(MediaError) as exc:
-            V.decode_video_frames(cut)
+            decode(cut)
         text = str(exc.value)
         assert "Errno" not in text and "<none>" not in text and "0x" not in text, text
         assert text.startswith("unsupported or corrupt video: ")

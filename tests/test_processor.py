@@ -1,4 +1,4 @@
-"""Processor: message validation, placeholder expansion, token counts, hashes, sources and clear errors."""
+"""Processor: placeholder expansion, token counts, hashes, sources, HF parity and clear errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plm_core.config import load_model_config
+from plm_core.config import MediaConfig
 from plm_core.media.errors import MediaError
-from plm_core.processor import MediaLimits, MediaOptions, PLMProcessor, PromptError
+from plm_core.model_config import load_model_config
+from plm_core.processor import ContextLengthError, MediaOptions, PLMProcessor, PromptError
 from plm_core.tokenizer import PLMTokenizer
 
 
@@ -109,7 +110,10 @@ def test_images_before_videos_within_a_message(processor, tmp_path):
     url = _data_url(_png_bytes())
     p = processor.process(
         _user(
-            {"type": "video_url", "video_url": {"url": str(video), "num_frames": 4}},
+            {
+                "type": "video_url",
+                "video_url": {"url": _data_url(video.read_bytes(), "video/mp4"), "num_frames": 4},
+            },
             {"type": "text", "text": "compare"},
             {"type": "image_url", "image_url": {"url": url}},
         )
@@ -129,7 +133,7 @@ def test_file_url_and_allowed_root(tiny_checkpoint, tmp_path):
     allowed.mkdir()
     (allowed / "a.png").write_bytes(_png_bytes())
     (tmp_path / "secret.png").write_bytes(_png_bytes())
-    proc = PLMProcessor(cfg, tok, limits=MediaLimits(allowed_local_root=allowed))
+    proc = PLMProcessor(cfg, tok, MediaConfig(allowed_local_media_path=str(allowed)))
     ok = proc.process(
         _user({"type": "image_url", "image_url": {"url": f"file://{allowed / 'a.png'}"}})
     )
@@ -152,41 +156,6 @@ def test_in_memory_pil_and_frames(processor):
     )
     assert [m.kind for m in p.media] == ["image", "video"]
     assert p.media[1].num_tiles == 5
-
-
-@pytest.mark.parametrize(
-    "messages, match",
-    [
-        ([], "non-empty list"),
-        ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
-        ([{"role": "user"}], "content is missing"),
-        ([{"role": "user", "content": 5}], "string or a list"),
-        (
-            [{"role": "user", "content": [{"type": "audio_url", "audio_url": {}}]}],
-            "'audio_url' is not supported",
-        ),
-        (
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-            "image_url.url is required",
-        ),
-        (
-            [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": "x", "detail": "ultra"}}
-                    ],
-                }
-            ],
-            "detail",
-        ),
-        ([{"role": "system", "content": "only a system prompt"}], "no user message"),
-        ([{"role": "user", "content": "look: <|image|>"}], "reserved media tokens"),
-    ],
-)
-def test_bad_messages(processor, messages, match):
-    with pytest.raises(PromptError, match=match):
-        processor.process(messages)
 
 
 def test_unreadable_image_bytes(processor):
@@ -227,7 +196,8 @@ def test_context_overflow_names_both_numbers(processor):
     url = _data_url(_png_bytes((2000, 2000)))
     with pytest.raises(
         PromptError,
-        match=r"needs at least \d+ tokens \(\d+ for its first 1 of 1 media item\(s\)\) but the context allows 100",
+        match=r"needs at least \d+ tokens \(\d+ for its first 1 of 1 media item\(s\)\) "
+        r"but the context allows 100",
     ):
         processor.process(
             _user({"type": "image_url", "image_url": {"url": url}}), max_prompt_len=100
@@ -241,10 +211,9 @@ def test_frame_requests_are_clamped_to_the_ceiling(tiny_checkpoint, tmp_path):
     tok = PLMTokenizer(
         tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009)
     )
-    proc = PLMProcessor(cfg, tok, limits=MediaLimits(max_video_frames=6))
-    video = write_synthetic_video(
-        tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10
-    ).read_bytes()  # 3 s
+    proc = PLMProcessor(cfg, tok, MediaConfig(max_num_frames=6))
+    # 3 s
+    video = write_synthetic_video(tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10).read_bytes()
     frames = np.random.default_rng(0).integers(0, 255, (30, 24, 24, 3), dtype=np.uint8)
     for part in (
         {"type": "video", "video": video, "num_frames": 20},
@@ -266,9 +235,8 @@ def test_detail_high_uses_the_models_budget_and_auto_the_servers(tiny_checkpoint
     tok = PLMTokenizer(
         tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009)
     )
-    proc = PLMProcessor(
-        cfg, tok, max_num_tiles=2
-    )  # an operator's small default (--max-num-tiles 2)
+    # an operator's small default (--max-num-tiles 2)
+    proc = PLMProcessor(cfg, tok, MediaConfig(max_num_tiles=2))
     url = _data_url(_png_bytes((400, 300)))
     tiles = {
         d: proc.process(_user({"type": "image_url", "image_url": {"url": url, "detail": d}}))
@@ -291,9 +259,8 @@ def test_detail_high_uses_the_models_budget_and_auto_the_servers(tiny_checkpoint
 def _video_bytes(tmp_path) -> bytes:
     from media_sets import write_synthetic_video
 
-    return write_synthetic_video(
-        tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10
-    ).read_bytes()  # 3 s
+    # 3 s
+    return write_synthetic_video(tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10).read_bytes()
 
 
 def test_part_frame_settings_override_the_request(processor, tmp_path):
@@ -365,13 +332,6 @@ def test_system_message_after_the_user_is_its_own_turn_as_in_hf(processor, tiny_
     assert as_string.prompt_token_ids == p.prompt_token_ids
 
 
-def test_only_system_messages_have_no_user_message(processor):
-    with pytest.raises(PromptError, match="no user message"):
-        processor.process(
-            [{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}]
-        )
-
-
 def _hf_continuation_ids(checkpoint, messages) -> list[int]:
     from hf_reference import hf_processor, to_hf_messages
 
@@ -412,21 +372,77 @@ def test_continue_final_message_equals_hf(processor, tiny_checkpoint, final):
     assert empty.prompt_token_ids == processor.process(msgs[:1]).prompt_token_ids
 
 
+# -- structured errors: `param` names the field at fault -------------------------------------------
+
+
+def test_processor_level_prompt_errors_name_the_field(processor):
+    reserved = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        _user({"type": "text", "text": "fine"}, {"type": "text", "text": "<|video|>"})[0],
+    ]
+    with pytest.raises(PromptError, match="reserved media tokens") as e:
+        processor.process(reserved)
+    assert e.value.param == "messages[2].content[1].text"
+    with pytest.raises(PromptError, match="reserved media tokens") as e:
+        processor.process([{"role": "user", "content": "look: <|image|>"}])
+    assert e.value.param == "messages[0].content"
+    with pytest.raises(PromptError) as e:
+        processor.process([{"role": "user", "content": "bad \ud800 text"}])
+    assert e.value.param == "messages[0].content"
+
+
 @pytest.mark.parametrize(
-    "messages, kwargs, match",
+    "options, kwargs, param",
     [
-        (
-            [{"role": "user", "content": "hi"}],
-            {"add_generation_prompt": False},
-            "last message to be an assistant",
-        ),
-        (
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}],
-            {},
-            "add_generation_prompt",
-        ),
+        (MediaOptions(max_num_tiles=37), {}, "max_num_tiles"),
+        (MediaOptions(num_frames=0), {}, "num_frames"),
+        (MediaOptions(fps=float("nan")), {}, "fps"),
+        (None, {"continue_final_message": True}, "continue_final_message"),
+        (None, {"max_prompt_len": 3}, "messages"),
     ],
 )
-def test_continue_final_message_errors(processor, messages, kwargs, match):
-    with pytest.raises(PromptError, match=match):
-        processor.process(messages, continue_final_message=True, **kwargs)
+def test_request_level_errors_name_the_option(processor, options, kwargs, param):
+    with pytest.raises(PromptError) as e:
+        processor.process([{"role": "user", "content": "hello there"}], options, **kwargs)
+    assert e.value.param == param
+
+
+def test_media_errors_name_the_part(processor, tmp_path):
+    first = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]
+    text = {"type": "text", "text": "x"}
+    bad_image = {"type": "image_url", "image_url": {"url": _data_url(b"not a picture")}}
+    bad_video = {"type": "video_url", "video_url": _data_url(b"\x00" * 4096, "video/mp4")}
+    good = {"type": "image_url", "image_url": {"url": _data_url(_png_bytes())}}
+    cases = [
+        (first + _user(text, bad_image), "messages[2].content[1].image_url"),
+        (_user(good, bad_video), "messages[0].content[1].video_url"),
+        (_user({"type": "image", "path": str(tmp_path / "a.png")}), "messages[0].content[0].path"),
+        (_user({"type": "video", "video": [1, 2]}), "messages[0].content[0].video"),
+    ]
+    for messages, param in cases:
+        with pytest.raises(MediaError) as e:
+            processor.process(messages)
+        assert e.value.param == param, messages
+
+
+def test_context_overflow_from_media_names_the_messages(processor):
+    url = _data_url(_png_bytes((2000, 2000)))
+    with pytest.raises(ContextLengthError) as e:
+        processor.process(
+            _user({"type": "image_url", "image_url": {"url": url}}), max_prompt_len=100
+        )
+    assert e.value.param == "messages"
+
+
+def test_in_memory_frame_rate_is_part_of_the_cache_key(processor):
+    frames = np.random.default_rng(0).integers(0, 255, (30, 24, 24, 3), dtype=np.uint8)
+    items = [
+        processor.process(
+            _user({"type": "video", "video": frames, "fps": 1.0, "video_fps": rate})
+        ).media[0]
+        for rate in (10.0, 5.0)
+    ]
+    assert [m.meta["frame_indices"] for m in items] == [[0, 10, 20], [0, 5, 10, 15, 20, 25]]
+    assert items[0].content_hash == items[1].content_hash
+    assert items[0].cache_key != items[1].cache_key

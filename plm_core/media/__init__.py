@@ -1,6 +1,13 @@
-"""Media decoding and pixel preprocessing: images (thumbnail + tiles) and videos (sampled frames), like HF's PLM.
+"""Media for PLM, as HF's processor makes it: images (thumbnail + tiles), videos (sampled frames).
 
-Modules: `errors` (MediaError), `sources` (data:/file:// URLs and paths), `image` (decode, tile grid,
-preprocess), `video` (probe, HF-equal frame sampling, sparse decoding, preprocess). Import from them
-directly; this package itself imports nothing heavy.
+Import from the modules directly; this package itself imports nothing heavy.
+- `errors`: MediaError, safe descriptions of library errors
+- `sources`: bytes of data: URLs, file:// URLs and local paths
+- `settings`: typed per-item settings (ImageSettings, VideoSettings, FrameSampling) and cache keys
+- `loader`: one media reference -> MediaItem + raw pixels -> preprocessed pixels
+- images: `image` (decoding with limits), `tiling` (tile grid), `rgb` (in-memory -> RGB tensors)
+- videos: `containers` (sniff, probe), `sampling` (frame policy, HF's indices), `video` (decoding
+  the sampled frames), `seek_decoder`, `frame_buffer`, `thread_pool`
+- pixels: `pixels` (resize, normalise, buffers), `preprocess` (settings -> model pixels)
+- `hashing`: content hashes
 """

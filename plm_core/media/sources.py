@@ -1,7 +1,8 @@
 """Reads the bytes behind a media URL: `data:` URLs, local paths and `file://` URLs.
 
-http(s) URLs are not fetched here (fetching with an SSRF guard and byte caps belongs to the HTTP
-server and is not built yet); they are refused with a clear message.
+http(s) URLs are not fetched here: the HTTP server fetches them first (server/media_fetch.py, with
+an SSRF guard and byte caps) and hands the processor bytes; anywhere else they are refused with a
+clear message.
 """
 
 from __future__ import annotations
@@ -54,10 +55,8 @@ def read_local_file(
     """Reads a local media file, optionally only from under `allowed_root` (symlinks resolved)."""
     try:
         return _read_local_file(path, allowed_root, max_bytes)
-    except (
-        ValueError,
-        OSError,
-    ) as e:  # a NUL in the name, a name too long, a directory, no permission, ...
+    # a NUL in the name, a name too long, a directory, no permission, ...
+    except (ValueError, OSError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MediaError(f"cannot read local media file: {reason}") from None
 
