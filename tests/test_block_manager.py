@@ -1,4 +1,4 @@
-"""BlockManager: allocation, sharing, prefix hashing with media, LRU eviction, invariants (CPU, no model)."""
+"""BlockManager: allocation, sharing, prefix hashing with media, LRU eviction, forks (CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from plm_core.engine.block_manager import BlockManager, block_extra_keys, hash_block
 from plm_core.engine.request import Request
-from plm_core.inputs import MediaItem
+from plm_core.inputs import ImageSettings, MediaItem
 from plm_core.sampling import SamplingParams
 
 BS = 4
@@ -24,7 +24,10 @@ def make_request(rid: str, tokens: list[int], media: list[MediaItem] | None = No
 
 
 def image(
-    content_hash: str = "hashA", offset: int = 2, num_tokens: int = 8, settings=("tiles", 448, 36)
+    content_hash: str = "hashA",
+    offset: int = 2,
+    num_tokens: int = 8,
+    settings: ImageSettings = ImageSettings(),
 ) -> MediaItem:
     return MediaItem(
         "image", content_hash, settings, num_tiles=2, num_tokens=num_tokens, offset=offset
@@ -32,7 +35,7 @@ def image(
 
 
 def admit(bm: BlockManager, req: Request) -> int:
-    """What the scheduler does for a new request: reuse cached blocks, allocate the rest, compute all."""
+    """What the scheduler does for a new request: reuse cached blocks, allocate the rest."""
     blocks, num_cached = bm.get_computed_blocks(req)
     assert bm.allocate_slots(req, req.num_tokens - num_cached, blocks)
     req.num_computed_tokens = req.num_tokens
@@ -155,10 +158,10 @@ def test_same_image_hits_and_different_image_misses():
     tokens = media_prompt()
     admit(bm, make_request("a", tokens, [image("hashA")]))
     assert bm.get_computed_blocks(make_request("same", tokens, [image("hashA")]))[1] == 12
-    # Identical placeholder token ids, different pixels: the image starts in block 0, so nothing hits.
+    # Identical placeholder ids, different pixels: the image starts in block 0, so nothing hits.
     assert bm.get_computed_blocks(make_request("other", tokens, [image("hashB")]))[1] == 0
     # Same bytes, different preprocessing: cache_key differs.
-    other_settings = image("hashA", settings=("tiles", 448, 16))
+    other_settings = image("hashA", settings=ImageSettings(max_num_tiles=16))
     assert bm.get_computed_blocks(make_request("tiles", tokens, [other_settings]))[1] == 0
 
 
@@ -276,10 +279,8 @@ def test_evicted_blocks_miss_after_reuse():
     admit(bm, b)  # takes both blocks, evicting a's hashes
     assert bm.num_cached_blocks == 2
     assert bm.get_computed_blocks(make_request("a2", range(9)))[1] == 0
-    assert not bm.reset_prefix_cache()  # b still holds its blocks
     bm.free(b)
-    assert bm.reset_prefix_cache() and bm.num_cached_blocks == 0
-    assert bm.get_computed_blocks(make_request("b2", range(50, 59)))[1] == 0
+    assert bm.get_computed_blocks(make_request("b2", range(50, 59)))[1] == 8
     bm.check_invariants()
 
 
@@ -313,6 +314,119 @@ def test_free_on_abort_mid_prefill_returns_everything():
     bm.check_invariants()
 
 
+# -- forks ---------------------------------------------------------------------------------------
+
+
+def computed(bm: BlockManager, rid: str, tokens: list[int]) -> Request:
+    """A request whose tokens are all computed in fresh blocks (and cached, if enabled)."""
+    req = make_request(rid, tokens)
+    assert bm.allocate_slots(req, req.num_tokens)
+    req.num_computed_tokens = req.num_tokens
+    bm.cache_blocks(req, req.num_computed_tokens)
+    return req
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_fork_shares_full_blocks_and_copies_the_partial_one(prefix_caching):
+    bm = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=prefix_caching)
+    parent = computed(bm, "p", list(range(10)))  # blocks: [0, 4) [4, 8) [8, 10)
+    child = make_request("c", range(10))
+    assert bm.can_fork(9) and bm.can_fork(9, 1)
+    copy = bm.fork(parent, child, 9)
+    assert child.block_ids[:2] == parent.block_ids[:2] and len(child.block_ids) == 3
+    assert copy == (parent.block_ids[2], child.block_ids[2]) and copy[0] != copy[1]
+    assert [bm.ref_counts[b] for b in parent.block_ids] == [2, 2, 1]
+    assert bm.ref_counts[child.block_ids[2]] == 1 and bm.num_free_blocks == 8 - 4
+    assert bm.stats()["hits"] == 9
+    assert bm.stats()["queries"] == 10  # the child's tokens (`computed` looked nothing up)
+    # the child grows on its own copy, then into a fresh block
+    child.num_computed_tokens = 9
+    assert bm.allocate_slots(child, 3) and len(child.block_ids) == 3
+    child.num_computed_tokens = 12
+    assert bm.allocate_slots(child, 1) and len(child.block_ids) == 4
+    bm.check_invariants()
+    bm.free(parent)
+    assert [bm.ref_counts[b] for b in child.block_ids] == [1, 1, 1, 1]
+    bm.free(child)
+    assert bm.num_free_blocks == 8
+    bm.check_invariants()
+
+
+def test_fork_of_whole_blocks_needs_no_copy():
+    bm = BlockManager(num_blocks=3, block_size=BS, enable_prefix_caching=False)
+    parent = computed(bm, "p", list(range(9)))
+    child = make_request("c", range(9))
+    assert bm.can_fork(8) and not bm.can_fork(8, 1)  # no block left for the child's next token
+    assert bm.fork(parent, child, 8) is None
+    assert child.block_ids == parent.block_ids[:2] and bm.num_free_blocks == 0
+    bm.free(child)  # freeing the child first leaves the parent's table whole
+    assert [bm.ref_counts[b] for b in parent.block_ids] == [1, 1, 1]
+    bm.free(parent)
+    bm.check_invariants()
+
+
+def test_fork_refused_without_a_block_for_the_copy_changes_nothing():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    parent = computed(bm, "p", list(range(10)))  # all 3 blocks
+    child = make_request("c", range(10))
+    before = (list(bm.ref_counts), list(bm.free_queue), bm.stats())
+    assert not bm.can_fork(9)
+    with pytest.raises(ValueError, match="no free block"):
+        bm.fork(parent, child, 9)
+    assert (
+        child.block_ids == [] and (list(bm.ref_counts), list(bm.free_queue), bm.stats()) == before
+    )
+    with pytest.raises(ValueError, match="cannot fork"):
+        bm.fork(parent, child, 13)  # more than the parent holds
+    bm.check_invariants()
+
+
+def test_a_forked_child_caches_its_own_blocks_and_a_duplicate_keeps_the_first():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    parent = computed(bm, "p", list(range(10)))
+    child = make_request("c", range(10))
+    bm.fork(parent, child, 9)
+    child.num_computed_tokens = 9
+    child.output_token_ids += [50, 51]  # 12 tokens: its copied block is now full
+    assert bm.allocate_slots(child, 3)
+    child.num_computed_tokens = 12
+    bm.cache_blocks(child, 12)
+    h = child.block_hashes[2]
+    assert bm.hash_to_block[h] == child.block_ids[2] and bm.block_hash[parent.block_ids[2]] is None
+    parent.output_token_ids += [50, 51]  # the same content: the first block keeps the hash
+    assert bm.allocate_slots(parent, 2)
+    parent.num_computed_tokens = 12
+    bm.cache_blocks(parent, 12)
+    assert bm.hash_to_block[h] == child.block_ids[2]
+    assert bm.get_computed_blocks(make_request("d", list(range(10)) + [50, 51, 52]))[1] == 12
+    bm.free(parent)
+    bm.free(child)
+    bm.check_invariants()
+
+
+def test_the_runner_copies_whole_blocks_in_every_layer():
+    torch = pytest.importorskip("torch")
+    from plm_core.engine.model_runner import copy_kv_blocks
+
+    num_blocks, bs = 4, 2
+    kv = [
+        (
+            torch.arange(num_blocks * bs * 3, dtype=torch.float32).reshape(num_blocks * bs, 1, 3)
+            + 100 * layer,
+            -torch.arange(num_blocks * bs * 3, dtype=torch.float32).reshape(num_blocks * bs, 1, 3),
+        )
+        for layer in range(2)
+    ]
+    before = [(k.clone(), v.clone()) for k, v in kv]
+    # block 1 is a destination and then a source: every source is read before any write
+    copy_kv_blocks(kv, [(1, 3), (0, 1)], bs)
+    for (k, v), (k0, v0) in zip(kv, before):
+        for cache, old in ((k, k0), (v, v0)):
+            assert torch.equal(cache[6:8], old[2:4])  # block 3 <- block 1 as it was
+            assert torch.equal(cache[2:4], old[0:2])  # block 1 <- block 0
+            assert torch.equal(cache[0:2], old[0:2]) and torch.equal(cache[4:6], old[4:6])
+
+
 # -- disabled prefix caching ---------------------------------------------------------------------
 
 
@@ -330,6 +444,23 @@ def test_disabled_prefix_caching():
 
 
 # -- randomized ----------------------------------------------------------------------------------
+
+
+def fork_and_compute(bm: BlockManager, parent: Request, rid: str) -> Request | None:
+    """What the scheduler does for a choice once its leader computed the prompt: fork all of it
+    but the last token, then compute that one; None if the parent is not there yet or no room."""
+    p = parent.num_prompt_tokens
+    if parent.num_computed_tokens < p or p < 2 or not bm.can_fork(p - 1, 1):
+        return None
+    child = make_request(rid, parent.prompt_token_ids, list(parent.media))
+    copy = bm.fork(parent, child, p - 1)
+    assert (copy is None) == ((p - 1) % BS == 0)
+    assert child.block_ids[: (p - 1) // BS] == parent.block_ids[: (p - 1) // BS]
+    child.num_computed_tokens = p - 1
+    assert bm.allocate_slots(child, 1)
+    child.num_computed_tokens = p
+    bm.cache_blocks(child, p)
+    return child
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -359,6 +490,10 @@ def test_random_workload(seed, prefix_caching):
                 req.num_computed_tokens = n + chunk
                 bm.cache_blocks(req, req.num_computed_tokens)
                 running.append(req)
+        elif action < 0.45:  # another choice of a running prompt
+            child = fork_and_compute(bm, rng.choice(running), f"r{op}")
+            if child is not None:
+                running.append(child)
         elif action < 0.8:  # one step: finish the prompt chunk by chunk, then decode a token
             req = rng.choice(running)
             if req.num_computed_tokens < req.num_tokens:

@@ -1,4 +1,4 @@
-"""EncoderCacheManager: hits and misses, pinning by references, LRU eviction, budget (CPU, no model)."""
+"""EncoderCacheManager: hits and misses, pinning by references, LRU eviction, budget (CPU)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import random
 import pytest
 
 from plm_core.engine.encoder_cache import EncoderCacheManager
-from plm_core.inputs import MediaItem
+from plm_core.engine.encoder_plan import EncoderPlanner
+from plm_core.engine.request import Request
+from plm_core.inputs import ImageSettings, MediaItem
+from plm_core.sampling import SamplingParams
 
 
 def test_miss_then_hit():
     cache = EncoderCacheManager(budget_tokens=100)
-    item = MediaItem("image", "hashA", ("tiles", 448, 36), num_tiles=2, num_tokens=8, offset=5)
+    item = MediaItem("image", "hashA", ImageSettings(), num_tiles=2, num_tokens=8, offset=5)
     assert not cache.has(item.cache_key)
     assert cache.allocate("r1", item.cache_key, item.num_tokens) == []
     assert cache.has(item.cache_key) and cache.used_tokens == 8
@@ -125,7 +128,7 @@ def test_random_workload(seed):
     cache = EncoderCacheManager(budget_tokens=64)
     sizes = {f"k{i}": rng.choice([4, 8, 16, 32]) for i in range(12)}
     held: dict[str, list[str]] = {}
-    for op in range(400):
+    for _ in range(400):
         action = rng.random()
         rid = f"r{rng.randrange(8)}"
         if action < 0.6:
@@ -151,4 +154,34 @@ def test_random_workload(seed):
         cache.release_all(rid)
     assert cache.can_allocate(64)
     assert cache.stats()["hits"] > 0 and cache.stats()["misses"] > 0
+    cache.check_invariants()
+
+
+# -- planning --------------------------------------------------------------------------------------
+
+
+def test_planning_changes_nothing_until_the_plan_is_applied():
+    cache = EncoderCacheManager(budget_tokens=64)
+    planner = EncoderPlanner(cache)
+    item = MediaItem("image", "x", ImageSettings(), num_tiles=3, num_tokens=12, offset=2)
+    req = Request("r", list(range(20)), SamplingParams(), media=[item])
+    step = planner.begin_step(tile_budget=2)
+    plan = planner.plan(req, 0, 20, step)
+    # 2 of the 3 tiles fit this step: the chunk stops before the item
+    assert plan.num_tokens == 2 and plan.items == [(item, (0, 2))] and plan.encodes
+    assert req.num_computed_tokens == 0 and not req.encoder_keys and not cache.has(item.cache_key)
+    assert step.tile_budget == 2 and step.inputs == []
+    planner.apply(req, plan, step)
+    assert step.tile_budget == 0 and step.inputs == [item] and step.tile_ranges == [(0, 2)]
+    assert planner.partial == {item.cache_key: 2} and req.encoder_keys == {item.cache_key}
+    assert planner.plan(req, 2, 18, step).num_tokens == 0  # no budget left this step
+    step = planner.begin_step(tile_budget=2)
+    plan = planner.plan(req, 2, 18, step)  # the last tile: the chunk runs through the item
+    assert plan.num_tokens == 18 and plan.items == [(item, (2, 3))]
+    planner.apply(req, plan, step)
+    assert planner.partial == {} and step.tile_budget == 1
+    req.num_computed_tokens = 20
+    planner.release_passed(req)
+    assert not req.encoder_keys and cache.has(item.cache_key)
+    assert not cache.is_referenced(item.cache_key)
     cache.check_invariants()

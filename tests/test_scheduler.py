@@ -1,8 +1,10 @@
-"""Scheduler: continuous batching, chunked prefill, preemption, prefix and encoder caching (CPU, no model).
+"""Scheduler: batching, chunked prefill, preemption, policies, forks, prefix and encoder caching.
 
 A fake runner loop drives the scheduler the way `EngineCore.step` does: schedule, "run" (track which
-encoder outputs are resident and check every chunk finds the ones it needs), update_after_step, then
+encoder outputs are resident and check every chunk finds the ones it needs; copy the forked blocks
+and check every chunk reads the KV its own tokens would have written), update_after_step, then
 append a sampled token to each request that reached its last token and finish it at max_tokens.
+Everything runs on the CPU without a model.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections import Counter
 
 import pytest
 
+from plm_core.config import SchedulerConfig
 from plm_core.engine.block_manager import BlockManager
 from plm_core.engine.encoder_cache import EncoderCacheManager
+from plm_core.engine.policy import priority_key
 from plm_core.engine.request import Request, RequestStatus
-from plm_core.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from plm_core.inputs import MediaItem
+from plm_core.engine.scheduler import Scheduler, SchedulerOutput
+from plm_core.inputs import ImageSettings, MediaItem
 from plm_core.sampling import SamplingParams
 
 BS = 4  # tokens per KV block
@@ -31,7 +35,7 @@ def image(content_hash: str, offset: int, num_tokens: int = 8, num_tiles: int = 
     return MediaItem(
         "image",
         content_hash,
-        ("tiles", 448, 36),
+        ImageSettings(),
         num_tiles=num_tiles,
         num_tokens=num_tokens,
         offset=offset,
@@ -53,9 +57,30 @@ def make_request(
     max_tokens: int = 4,
     media: list[MediaItem] = (),
     tokens: list[int] | None = None,
+    priority: int = 0,
 ) -> Request:
     tokens = prompt_tokens(prompt_len, media) if tokens is None else list(tokens)
-    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), media=list(media))
+    return Request(
+        rid, tokens, SamplingParams(max_tokens=max_tokens), media=list(media), priority=priority
+    )
+
+
+def make_choices(leader: Request, n: int, max_tokens: int | None = None) -> list[Request]:
+    """The leader and n - 1 more choices of its prompt, as the engine core creates them."""
+    children = [
+        Request(
+            f"{leader.request_id}#{i}",
+            list(leader.prompt_token_ids),
+            SamplingParams(max_tokens=max_tokens or leader.sampling_params.max_tokens),
+            media=[
+                image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in leader.media
+            ],
+            priority=leader.priority,
+            prefix_parent=leader.request_id,
+        )
+        for i in range(1, n)
+    ]
+    return [leader, *children]
 
 
 def ids(out: SchedulerOutput) -> list[str]:
@@ -73,6 +98,21 @@ def encoded(out: SchedulerOutput) -> list[tuple[str, int, int]]:
     ]
 
 
+def kv_contents(request: Request) -> list[int]:
+    """What the KV at each position of a request depends on: a chained hash of its tokens, with
+    media placeholders standing for their item's content."""
+    media_at = {
+        p: (m.cache_key, p - m.offset)
+        for m in request.media
+        for p in range(m.offset, m.offset + m.num_tokens)
+    }
+    contents, h = [], 0
+    for p, token in enumerate(request.all_token_ids):
+        h = hash((h, token, media_at.get(p)))
+        contents.append(h)
+    return contents
+
+
 class Harness:
     """A scheduler plus a fake model runner; checks the output and every invariant at each step."""
 
@@ -86,25 +126,28 @@ class Harness:
         encoder_tokens: int = 1024,
         prefix_caching: bool = True,
         chunked_prefill: bool = True,
+        policy: str = "fcfs",
     ):
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_encoder_tiles_per_step=max_encoder_tiles_per_step,
             enable_chunked_prefill=chunked_prefill,
+            scheduling_policy=policy,
         )
         self.blocks = BlockManager(num_blocks, BS, enable_prefix_caching=prefix_caching)
         self.encoder = EncoderCacheManager(encoder_tokens)
         self.sched = Scheduler(self.config, self.blocks, self.encoder)
         self.complete: set[str] = set()  # encoder outputs the fake runner holds
-        self.partial: dict[
-            str, int
-        ] = {}  # cache key -> tiles encoded so far, for items not complete yet
+        # cache key -> tiles encoded so far, for items not complete yet
+        self.partial: dict[str, int] = {}
+        # block -> what each slot holds (`kv_contents` of the request that wrote it)
+        self.kv: dict[int, list[int | None]] = {}
         self.arrival: dict[str, int] = {}
         self.finished: dict[str, Request] = {}
-        self.decodes_every_step = (
-            False  # check: a running request one token short is in every batch
-        )
+        self.forked: list[str] = []  # children that started by forking their leader's KV
+        # check: a running request one token short is in every batch
+        self.decodes_every_step = False
 
     # -- driving ----------------------------------------------------------------------------------
     def add(self, *requests: Request) -> None:
@@ -132,7 +175,11 @@ class Harness:
                 )
         self.check_output(out, before, was_running)
         self.run(out)
+        running = {r.request_id for r in s.running}
         s.update_after_step(out)
+        for r in s.running:  # forked after the step, to compute from the next one
+            if r.request_id not in running:
+                self.check_fork(r)
         for request, sample in zip(out.requests, out.sample):
             if sample and not request.is_finished:
                 request.output_token_ids.append(TOKEN)
@@ -152,7 +199,8 @@ class Harness:
         self.check_drained()
 
     def run(self, out: SchedulerOutput) -> None:
-        """The model runner's view: drop freed encoder outputs, encode the booked tiles, check every chunk's media."""
+        """The model runner's view: drop freed encoder outputs, encode the booked tiles, copy the
+        forked blocks, then check every chunk's media and context and write its KV."""
         for rid in out.finished_request_ids:
             assert rid not in self.sched.requests
         assert len(out.encoder_inputs) == len(out.encoder_tile_ranges)
@@ -179,7 +227,7 @@ class Harness:
                     f"{request.request_id} computes {key(item)} before it is encoded"
                 )
         # the scheduler's idea of each entry's progress matches what the runner holds
-        progress = self.sched._encoder_progress
+        progress = self.sched.encoder_planner.partial
         assert self.complete | set(self.partial) <= set(self.encoder.entries)
         for k in self.encoder.entries:
             if k in progress:
@@ -188,8 +236,48 @@ class Harness:
                 assert k in self.complete, (
                     f"{k} resident and complete for the scheduler, not for the runner"
                 )
+        self.run_kv(out)
+
+    def run_kv(self, out: SchedulerOutput) -> None:
+        """Block copies (all read, then all written), then each chunk reads its context and writes
+        its tokens: a stale or shared-and-overwritten block shows as a wrong content."""
+        owners = Counter(b for r in self.sched.running for b in r.block_ids)
+        copied = [list(self.kv.get(src, [None] * BS)) for src, _ in out.block_copies]
+        for (src, dst), data in zip(out.block_copies, copied):
+            assert src != dst and owners[dst] == 1 == self.blocks.ref_counts[dst], (
+                f"copy into block {dst}, which is not one running request's own"
+            )
+            self.kv[dst] = data
+        writes = []
+        for request, start, n in zip(out.requests, out.start_positions, out.num_scheduled_tokens):
+            want = kv_contents(request)
+            got = [
+                self.kv.get(request.block_ids[p // BS], [None] * BS)[p % BS] for p in range(start)
+            ]
+            assert got == want[:start], f"{request.request_id} reads KV it did not compute"
+            for p in range(start, start + n):
+                block = request.block_ids[p // BS]
+                assert self.blocks.ref_counts[block] == 1, (
+                    f"{request.request_id} writes a shared block"
+                )
+                writes.append((block, p % BS, want[p]))
+        for block, slot, content in writes:
+            self.kv.setdefault(block, [None] * BS)[slot] = content
 
     # -- checks -----------------------------------------------------------------------------------
+    def check_fork(self, child: Request) -> None:
+        """A child started by a fork: the leader's prompt KV but its last token, cached."""
+        leader = self.sched.requests.get(child.prefix_parent or "")
+        assert leader is not None and leader.prompt_token_ids == child.prompt_token_ids
+        p = child.num_prompt_tokens
+        assert child.num_computed_tokens == p - 1 and not child.encoder_keys
+        assert len(child.block_ids) == self.blocks.num_blocks_for(p - 1)
+        full = (p - 1) // BS
+        assert child.block_ids[:full] == leader.block_ids[:full]
+        if child.num_preemptions == 0:
+            assert child.num_cached_tokens == p - 1
+        self.forked.append(child.request_id)
+
     def check_output(
         self, out: SchedulerOutput, before: dict[str, int], was_running: set[str]
     ) -> None:
@@ -209,6 +297,8 @@ class Harness:
             assert n >= 1 and request.status is RequestStatus.RUNNING and request in s.running
             if request.request_id in was_running:
                 assert start == before[request.request_id]  # continues where it left off
+            elif request.prefix_parent and start == request.num_prompt_tokens - 1 > 0:
+                pass  # admitted by a fork (checked below)
             else:  # admitted this step: from scratch or after a prefix hit
                 assert start % BS == 0 and start < request.num_tokens
                 if not self.blocks.enable_prefix_caching:
@@ -236,6 +326,16 @@ class Harness:
             else:  # admitted to encode its image first: holds only its prefix hit, if any
                 assert r.num_computed_tokens % BS == 0 and r.encoder_keys
             assert len(r.block_ids) == self.blocks.num_blocks_for(r.num_computed_tokens)
+        self.check_admitted_forks(out, was_running)
+
+    def check_admitted_forks(self, out: SchedulerOutput, was_running: set[str]) -> None:
+        for request, start in zip(out.requests, out.start_positions):
+            if request.request_id in was_running or not request.prefix_parent:
+                continue
+            if start == request.num_prompt_tokens - 1 > 0 and start % BS:
+                # a fork admitted this step (a prefix hit starts on a block boundary)
+                assert any(dst == request.block_ids[start // BS] for _, dst in out.block_copies)
+                self.forked.append(request.request_id)
 
     def check_invariants(self) -> None:
         s, bm, ec = self.sched, self.blocks, self.encoder
@@ -243,8 +343,12 @@ class Harness:
         ec.check_invariants()
         live = list(s.running) + list(s.waiting)
         assert {r.request_id for r in live} == set(s.requests)
-        order = [self.arrival[r.request_id] for r in live]
-        assert order == sorted(order), "running + waiting not in arrival order (FCFS)"
+        if s.policy.name == "fcfs":
+            order = [self.arrival[r.request_id] for r in live]
+            assert order == sorted(order), "running + waiting not in arrival order (FCFS)"
+        else:
+            keys = [priority_key(r) for r in s.waiting]
+            assert keys == sorted(keys), "waiting not in (priority, arrival) order"
         for r in s.running:
             assert r.status is RequestStatus.RUNNING
         for r in s.waiting:
@@ -256,6 +360,7 @@ class Harness:
         assert bm.num_free_blocks == bm.num_blocks - len(tables)
         for r in live:
             assert ec.request_keys.get(r.request_id, set()) == r.encoder_keys
+            assert len(set(r.block_ids)) == len(r.block_ids)
         assert set(ec.request_keys) <= set(s.requests)
         for r in self.finished.values():
             assert r.is_finished and r.block_ids == [] and not r.encoder_keys
@@ -819,11 +924,296 @@ def test_abort_everything_mid_workload():
     h.check_drained()
 
 
+# -- scheduling policies ---------------------------------------------------------------------------
+
+
+def first_scheduled(h: Harness) -> list[str]:
+    """Runs the harness to the end; the ids in the order they first compute a token."""
+    order: list[str] = []
+    while h.sched.num_unfinished:
+        order += [rid for rid in ids(h.step()) if rid not in order]
+    h.run_until_done()
+    return order
+
+
+def test_fcfs_is_the_default_and_an_unknown_policy_is_refused():
+    assert Harness().sched.policy.name == "fcfs"
+    with pytest.raises(ValueError, match="lifo"):
+        Harness(policy="lifo")
+
+
+def test_priority_admits_lower_values_first_then_by_arrival():
+    h = Harness(policy="priority", max_num_seqs=1)
+    priorities = [2, 0, 1, 0, 2, -1]
+    h.add(*[make_request(f"r{i}", 4, 2, priority=p) for i, p in enumerate(priorities)])
+    assert [r.request_id for r in h.sched.waiting] == ["r5", "r1", "r3", "r2", "r0", "r4"]
+    assert first_scheduled(h) == ["r5", "r1", "r3", "r2", "r0", "r4"]
+
+
+def test_priority_ties_go_by_arrival_time_then_by_queue_order():
+    h = Harness(policy="priority", max_num_seqs=1)
+    reqs = [make_request(rid, 4, 1, priority=1) for rid in "abcd"]
+    for r, t in zip(reqs, [5.0, 5.0, 5.0, 1.0]):
+        r.arrival_time = t
+    h.add(*reqs)
+    assert first_scheduled(h) == ["d", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_the_policy_picks_the_victim_and_the_readmission_order(policy):
+    h = Harness(num_blocks=5, policy=policy)  # 20 tokens
+    a = make_request("a", prompt_len=9, max_tokens=8, priority=1)  # 3 blocks
+    b = make_request("b", prompt_len=7, max_tokens=8, priority=0)  # 2 blocks
+    h.add(a, b)
+    h.step()
+    h.step()
+    assert h.blocks.num_free_blocks == 0 and (a.num_computed_tokens, b.num_computed_tokens) == (
+        10,
+        8,
+    )
+    out = h.step()  # b needs a third block
+    if policy == "fcfs":  # the latest admitted yields: b itself
+        assert ids(out) == ["a"] and out.preempted == [b]
+    else:  # the largest (priority, arrival) yields, although it was scheduled first this step
+        assert ids(out) == ["b"] and out.preempted == [a] and out.start_positions == [8]
+        assert a.num_computed_tokens == 0 and a.output_token_ids == [TOKEN] * 2
+    c = make_request("c", prompt_len=4, max_tokens=2, priority=0)
+    d = make_request("d", prompt_len=4, max_tokens=2, priority=2)
+    h.add(c, d)
+    victim = out.preempted[0]
+    if policy == "fcfs":  # back to the front: it arrived before the others
+        assert list(h.sched.waiting) == [victim, c, d]
+        assert first_scheduled(h) == ["a", "b", "c", "d"]
+    else:  # back in (priority, arrival) order: c, which arrived later, outranks it
+        assert list(h.sched.waiting) == [c, victim, d]
+        assert first_scheduled(h) == ["b", "c", "a", "d"]
+    assert all(r.output_token_ids == [TOKEN] * r.sampling_params.max_tokens for r in (a, b, c, d))
+
+
+def test_priority_victim_among_equals_is_the_latest_admitted():
+    h = Harness(num_blocks=5, policy="priority")
+    a, b = make_request("a", prompt_len=9, max_tokens=8), make_request("b", prompt_len=7)
+    a.arrival_time = b.arrival_time = 1.0
+    h.add(a, b)
+    h.step()
+    h.step()
+    out = h.step()  # b needs a third block; equal keys: b, admitted last, yields
+    assert ids(out) == ["a"] and out.preempted == [b]
+    h.run_until_done()
+
+
+# -- n > 1 choices fork the leader's prompt --------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_choices_fork_the_leaders_prompt_kv(prefix_caching):
+    h = Harness(prefix_caching=prefix_caching)
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=10, max_tokens=3), 3)
+    h.add(leader, c1, c2)
+    out = h.step()
+    assert ids(out) == ["a"] and out.block_copies == []  # the choices wait for the prompt
+    # forked right after: they share the 2 full blocks and own a copy of the partial one
+    assert h.forked == ["a#1", "a#2"] and c1.status is c2.status is RequestStatus.RUNNING
+    assert [h.blocks.ref_counts[b] for b in leader.block_ids] == [3, 3, 1]
+    assert len({leader.block_ids[2], c1.block_ids[2], c2.block_ids[2]}) == 3
+    assert (c1.num_cached_tokens, c2.num_cached_tokens, leader.num_cached_tokens) == (9, 9, 0)
+    out = h.step()  # each choice computes the last prompt token itself and samples
+    assert ids(out) == ["a", "a#1", "a#2"] and out.start_positions == [10, 9, 9]
+    assert out.num_scheduled_tokens == [1, 1, 1] and out.sample == [True] * 3
+    src = leader.block_ids[2]
+    assert out.block_copies == [(src, c1.block_ids[2]), (src, c2.block_ids[2])]
+    lookups = 10 if prefix_caching else 0  # the leader's own lookup
+    assert h.blocks.stats()["queries"] == lookups + 2 * 10
+    assert h.blocks.stats()["hits"] == 2 * 9
+    h.run_until_done()
+    assert c1.output_token_ids == c2.output_token_ids == [TOKEN] * 3
+
+
+def test_a_block_aligned_prompt_forks_without_a_copy():
+    h = Harness(prefix_caching=False)
+    leader, child = make_choices(make_request("a", prompt_len=9, max_tokens=2), 2)
+    h.add(leader, child)
+    h.step()
+    shared = leader.block_ids[:2]
+    assert child.block_ids == shared and child.num_computed_tokens == 8
+    out = h.step()
+    assert out.block_copies == [] and out.start_positions == [9, 8]
+    assert child.block_ids[:2] == shared and len(child.block_ids) == 3
+    h.run_until_done()
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_leader_finishing_in_its_prompt_step_still_shares_the_prompt(prefix_caching):
+    h = Harness(num_blocks=6, prefix_caching=prefix_caching)
+    leader, child = make_choices(make_request("a", prompt_len=10, max_tokens=1), 2, max_tokens=2)
+    h.add(leader, child)
+    h.step()  # the child forked before the leader finished
+    assert leader.is_finished and h.forked == ["a#1"] and child.num_computed_tokens == 9
+    filler = make_request("f", prompt_len=12, max_tokens=2)
+    h.add(filler)
+    out = h.step()
+    assert ids(out) == ["a#1", "f"] and out.start_positions == [9, 0]
+    ((src, dst),) = out.block_copies
+    # the leader's partial block went back to the free queue and is rewritten in this very step:
+    # the runner copies before the forward (the fake runner checks what the child reads)
+    assert dst == child.block_ids[2] and src in filler.block_ids
+    h.run_until_done()
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_choices_of_an_aborted_leader_run_on_their_own(prefix_caching):
+    h = Harness(max_num_batched_tokens=8, prefix_caching=prefix_caching)
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=20, max_tokens=2), 3)
+    h.add(leader, c1, c2)
+    h.step()
+    h.step()
+    assert leader.num_computed_tokens == 16 and c1.status is RequestStatus.WAITING
+    h.abort("a")
+    out = h.step()
+    if prefix_caching:  # the leader's full blocks are cached: both hit them
+        assert ids(out) == ["a#1", "a#2"] and out.start_positions == [16, 16]
+        assert c1.num_cached_tokens == c2.num_cached_tokens == 16
+    else:
+        assert ids(out) == ["a#1"] and out.start_positions == [0]
+    h.run_until_done()
+    assert not h.forked
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_choices_of_a_preempted_leader_fork_from_its_recompute(prefix_caching):
+    h = Harness(num_blocks=6, max_num_batched_tokens=4, prefix_caching=prefix_caching)
+    x = make_request("x", prompt_len=5, max_tokens=8)
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=14, max_tokens=3), 3)
+    h.add(x, leader, c1, c2)
+    starts: dict[str, int] = {}
+    while h.sched.num_unfinished:
+        out = h.step()
+        if leader in out.preempted:
+            assert not leader.output_token_ids and not h.forked  # mid-prompt
+        for r, start in zip(out.requests, out.start_positions):
+            starts.setdefault(r.request_id, start)
+    h.run_until_done()
+    assert leader.num_preemptions == 1 and h.forked == ["a#1", "a#2"]
+    assert starts["a#1"] == starts["a#2"] == 13 and c1.num_cached_tokens == 13
+
+
+def test_aborting_a_forked_choice_keeps_the_shared_blocks():
+    h = Harness()
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=10, max_tokens=4), 3)
+    h.add(leader, c1, c2)
+    h.step()
+    h.abort("a#1")  # before its copy reached the runner
+    assert [h.blocks.ref_counts[b] for b in leader.block_ids] == [2, 2, 1]
+    out = h.step()
+    assert ids(out) == ["a", "a#2"] and out.block_copies == [(leader.block_ids[2], c2.block_ids[2])]
+    h.abort("a")
+    assert [h.blocks.ref_counts[b] for b in c2.block_ids] == [1, 1, 1]
+    h.run_until_done()
+    assert c2.output_token_ids == [TOKEN] * 4
+
+
+def test_choices_without_a_sequence_slot_fork_later_while_the_leader_runs():
+    h = Harness(max_num_seqs=2)
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=10, max_tokens=6), 3, max_tokens=1)
+    c2.sampling_params = SamplingParams(max_tokens=2)
+    h.add(leader, c1, c2)
+    h.step()
+    assert h.forked == ["a#1"] and c2.status is RequestStatus.WAITING
+    assert ids(h.step()) == ["a", "a#1"] and c1.is_finished
+    out = h.step()  # a slot is free: c2 forks at admission, its copy in the same step
+    assert ids(out) == ["a", "a#2"] and out.start_positions == [11, 9]
+    assert out.block_copies == [(leader.block_ids[2], c2.block_ids[2])]
+    h.run_until_done()
+    assert h.forked == ["a#1", "a#2"] and c2.num_cached_tokens == 9
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_choices_without_a_slot_run_on_their_own_once_the_leader_is_gone(prefix_caching):
+    h = Harness(max_num_seqs=2, prefix_caching=prefix_caching)
+    leader, c1, c2 = make_choices(make_request("a", prompt_len=10, max_tokens=1), 3, max_tokens=3)
+    h.add(leader, c1, c2)
+    h.step()
+    assert leader.is_finished and h.forked == ["a#1"]
+    out = h.step()
+    assert ids(out) == ["a#1", "a#2"]
+    assert out.start_positions == [9, 8 if prefix_caching else 0]
+    h.run_until_done()
+
+
+def test_choices_fork_once_a_kv_block_is_free():
+    h = Harness(num_blocks=4)
+    other = make_request("o", prompt_len=3, max_tokens=2)
+    leader, child = make_choices(make_request("a", prompt_len=10, max_tokens=4), 2)
+    h.add(other, leader, child)
+    h.step()  # the cache is full: no block for the child's copy
+    assert h.blocks.num_free_blocks == 0 and child.status is RequestStatus.WAITING
+    h.step()  # o finishes, after the step
+    out = h.step()
+    assert ids(out) == ["a", "a#1"] and out.start_positions == [11, 9]
+    assert out.block_copies == [(leader.block_ids[2], child.block_ids[2])]
+    h.run_until_done()
+
+
+def test_a_choice_with_another_prompt_does_not_wait_or_fork():
+    h = Harness()
+    leader = make_request("a", prompt_len=10, max_tokens=2)
+    other = make_request("b", prompt_len=10, max_tokens=2)
+    other.prefix_parent = "a"
+    h.add(leader, other)
+    assert ids(h.step()) == ["a", "b"]
+    h.run_until_done()
+    assert not h.forked
+
+
 # -- randomized ------------------------------------------------------------------------------------
 
 
-def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = False) -> Harness:
-    """Random arrivals (text, images, repeated prompts), random aborts, small KV and encoder budgets."""
+def random_prompt(rng: random.Random, made: list[Request], max_media: int, rid: str) -> Request:
+    """A prompt of text and up to max_media images, or the same prompt as an earlier request."""
+    # a small pool of images, some larger than the tile budget: hits, misses and evictions happen
+    pool = {f"img{i}": (tiles, 2 * tiles) for i, tiles in enumerate([1, 2, 3, 4, 6, 8])}
+    media, end = [], 0
+    for _ in range(rng.randrange(0, max_media + 1)):
+        name = rng.choice(sorted(pool))
+        tiles, ntok = pool[name]
+        media.append(
+            image(name, offset=end + rng.randrange(0, 8), num_tokens=ntok, num_tiles=tiles)
+        )
+        end = media[-1].offset + ntok
+    prompt_len = max(end + rng.randrange(0, 10), rng.randrange(1, 30))
+    req = make_request(rid, prompt_len=prompt_len, media=media, max_tokens=rng.randrange(1, 16))
+    if rng.random() < 0.2 and made:  # same prompt as an earlier one: prefix hits
+        twin = rng.choice(made)
+        media = [image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in twin.media]
+        req = make_request(
+            rid, tokens=twin.prompt_token_ids, media=media, max_tokens=rng.randrange(1, 16)
+        )
+    return req
+
+
+def random_group(rng: random.Random, req: Request, *, choices: bool, policy: str) -> list[Request]:
+    """The request alone, or with more choices of its prompt (each its own max_tokens)."""
+    if policy == "priority":
+        req.priority = rng.randrange(3)
+    if not choices or rng.random() < 0.6:
+        return [req]
+    group = make_choices(req, rng.randrange(2, 5))
+    for child in group[1:]:
+        child.sampling_params = SamplingParams(max_tokens=rng.randrange(1, 16))
+    return group
+
+
+def random_workload(
+    seed: int,
+    max_media: int,
+    *,
+    decodes_every_step: bool = False,
+    choices: bool = False,
+    policy: str = "fcfs",
+    prefix_caching: bool = True,
+) -> Harness:
+    """Random arrivals (text, images, repeated prompts, n > 1 choices), random aborts, small KV
+    and encoder budgets."""
     rng = random.Random(seed)
     h = Harness(
         num_blocks=24,
@@ -831,46 +1221,23 @@ def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = Fal
         max_num_batched_tokens=20,
         max_encoder_tiles_per_step=5,
         encoder_tokens=24,
+        prefix_caching=prefix_caching,
+        policy=policy,
     )
     h.decodes_every_step = decodes_every_step
-    # a small pool of images, some larger than the tile budget, so hits, misses and evictions all happen
-    pool = {f"img{i}": (tiles, 2 * tiles) for i, tiles in enumerate([1, 2, 3, 4, 6, 8])}
-    made, aborted = [], set()
+    made: list[Request] = []
+    aborted: set[str] = set()
     for step in range(400):
         if step < 250 and rng.random() < 0.35:
-            media, end = [], 0
-            for _ in range(rng.randrange(0, max_media + 1)):
-                name = rng.choice(sorted(pool))
-                tiles, ntok = pool[name]
-                media.append(
-                    image(name, offset=end + rng.randrange(0, 8), num_tokens=ntok, num_tiles=tiles)
-                )
-                end = media[-1].offset + ntok
-            prompt_len = max(end + rng.randrange(0, 10), rng.randrange(1, 30))
-            req = make_request(
-                f"s{seed}r{len(made)}",
-                prompt_len=prompt_len,
-                media=media,
-                max_tokens=rng.randrange(1, 16),
-            )
-            if rng.random() < 0.2 and made:  # same prompt as an earlier one: prefix hits
-                twin = rng.choice(made)
-                media = [
-                    image(m.content_hash, m.offset, m.num_tokens, m.num_tiles) for m in twin.media
-                ]
-                req = make_request(
-                    req.request_id,
-                    tokens=twin.prompt_token_ids,
-                    media=media,
-                    max_tokens=rng.randrange(1, 16),
-                )
+            req = random_prompt(rng, made, max_media, f"s{seed}r{len(made)}")
             # a prompt's media fit the encoder cache (the engine's default budget guarantees it)
             if (
                 sum({m.content_hash: m.num_tokens for m in req.media}.values())
                 <= h.encoder.budget_tokens
             ):
-                made.append(req)
-                h.add(req)
+                group = random_group(rng, req, choices=choices, policy=policy)
+                made += group
+                h.add(*group)
         if h.sched.requests and rng.random() < 0.04:
             rid = rng.choice(sorted(h.sched.requests))
             assert h.abort(rid) is not None
@@ -887,6 +1254,7 @@ def random_workload(seed: int, max_media: int, *, decodes_every_step: bool = Fal
             assert r.status is RequestStatus.FINISHED_LENGTH
             assert len(r.output_token_ids) == r.sampling_params.max_tokens
     assert h.encoder.hits > 0 and h.blocks.prefix_cache_hits > 0 and aborted
+    assert bool(h.forked) == choices
     return h
 
 
@@ -903,3 +1271,22 @@ def test_random_workload_keeps_every_decode_flowing():
 def test_random_workload_with_several_images_per_prompt():
     for seed in range(6):
         random_workload(seed, max_media=3)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_random_workload_with_choices(policy, prefix_caching):
+    for seed in range(6):
+        random_workload(
+            seed,
+            max_media=2,
+            choices=True,
+            policy=policy,
+            prefix_caching=prefix_caching,
+            decodes_every_step=True,
+        )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_workload_with_priorities(seed):
+    random_workload(seed, max_media=1, policy="priority", decodes_every_step=seed == 0)

@@ -1,4 +1,4 @@
-"""Paged KV-cache bookkeeping: block tables, reference counts and the prefix cache (no tensors)."""
+"""Paged KV-cache bookkeeping: block tables, reference counts, prefix cache, forks (no tensors)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ if TYPE_CHECKING:
 
 _NO_PARENT = b"\0" * 32
 
+# Media keys of one block: (MediaItem.cache_key, index in the item of the block's first placeholder)
+ExtraKeys = tuple[tuple[str, int], ...]
+# A block copy for the model runner: (source block, destination block), every layer's K and V.
+BlockCopy = tuple[int, int]
 
-def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: ExtraKeys = ()) -> bytes:
     """Chained content hash of one block: the parent block's hash, its token ids and media keys.
 
     Deterministic across processes and machines (blake2b over little-endian int32 tokens and the
@@ -27,7 +32,7 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple
     return h.digest()
 
 
-def block_extra_keys(request: Request, start: int, end: int) -> tuple:
+def block_extra_keys(request: Request, start: int, end: int) -> ExtraKeys:
     """Media keys of the block covering token positions [start, end).
 
     One `(cache_key, index of the block's first placeholder within the item)` per overlapping
@@ -39,11 +44,13 @@ def block_extra_keys(request: Request, start: int, end: int) -> tuple:
 
 
 class BlockManager:
-    """Owns the KV cache's `num_blocks` blocks of `block_size` tokens and every request's block table.
+    """Owns the KV cache's `num_blocks` blocks of `block_size` tokens and every block table.
 
     A block is in use while its reference count is above zero; blocks at zero wait in an LRU free
     queue, and if they hold a full hashed block they stay findable in the prefix cache until a new
-    allocation takes (evicts) them. Requests that share a prompt prefix share its full blocks.
+    allocation takes (evicts) them. Requests that share a prompt prefix share its full blocks, and
+    a forked request (another choice of the same prompt) shares its parent's full blocks and gets a
+    copy of the last, partial one.
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
@@ -55,18 +62,15 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [
-            None
-        ] * num_blocks  # content hash of a full, computed block
+        # content hash of a full, computed block
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}  # the prefix cache
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(
-            range(num_blocks)
-        )  # LRU first
-        self._num_hashed: dict[
-            str, int
-        ] = {}  # request id -> leading blocks of its table already hashed
-        self.prefix_cache_queries = 0  # tokens looked up
-        self.prefix_cache_hits = 0  # tokens found
+        # blocks with no references, least recently used first
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # request id -> leading blocks of its table already hashed
+        self._num_hashed: dict[str, int] = {}
+        self.prefix_cache_queries = 0  # tokens looked up (forks included)
+        self.prefix_cache_hits = 0  # tokens found (forked tokens included)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -77,23 +81,27 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
+        """Share of the blocks in use (referenced by a request)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     @property
     def num_cached_blocks(self) -> int:
+        """Blocks findable in the prefix cache, in use or not."""
         return len(self.hash_to_block)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
+        """Prefix-cache counters in tokens: queries, hits and hit_rate (forks count as hits)."""
         q, h = self.prefix_cache_queries, self.prefix_cache_hits
         return {"queries": q, "hits": h, "hit_rate": h / q if q else 0.0}
 
     def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
     # -- prefix cache ----------------------------------------------------------------------------
 
     def compute_block_hashes(self, request: Request) -> list[bytes]:
-        """Extends `request.block_hashes` to cover every full block of prompt + outputs; returns it."""
+        """Extends `request.block_hashes` to every full block of prompt + outputs; returns it."""
         hashes = request.block_hashes
         bs = self.block_size
         num_full = request.num_tokens // bs
@@ -117,7 +125,7 @@ class BlockManager:
             return [], 0
         hashes = self.compute_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        blocks = []
+        blocks: list[int] = []
         for h in hashes[:max_blocks]:
             block_id = self.hash_to_block.get(h)
             if block_id is None:
@@ -129,7 +137,7 @@ class BlockManager:
         return blocks, num_tokens
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Registers the request's full blocks within [0, num_computed_tokens) in the prefix cache."""
+        """Registers the request's full blocks in [0, num_computed_tokens) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
         n = min(num_computed_tokens // self.block_size, len(request.block_ids))
@@ -141,19 +149,9 @@ class BlockManager:
             block_id = request.block_ids[i]
             if self.block_hash[block_id] is None:
                 self.block_hash[block_id] = hashes[i]
-                self.hash_to_block.setdefault(
-                    hashes[i], block_id
-                )  # a duplicate keeps the first block
+                # a duplicate keeps the first block
+                self.hash_to_block.setdefault(hashes[i], block_id)
         self._num_hashed[request.request_id] = n
-
-    def reset_prefix_cache(self) -> bool:
-        """Forgets every cached block; refused (False) while any block is in use."""
-        if any(self.ref_counts):
-            return False
-        self.hash_to_block.clear()
-        self.block_hash = [None] * self.num_blocks
-        self._num_hashed.clear()
-        return True
 
     # -- allocation ------------------------------------------------------------------------------
 
@@ -174,9 +172,8 @@ class BlockManager:
     ) -> bool:
         """Whether `allocate_slots` with the same arguments would succeed."""
         num_new = self._num_new_blocks(request, num_new_tokens, computed_blocks)
-        reclaimed = sum(
-            1 for b in computed_blocks if self.ref_counts[b] == 0
-        )  # free, but not for new data
+        # free, but not for new data
+        reclaimed = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)
         return num_new <= self.num_free_blocks - reclaimed
 
     def allocate_slots(
@@ -199,11 +196,55 @@ class BlockManager:
         if computed_blocks:
             self._num_hashed[request.request_id] = len(computed_blocks)
         for _ in range(num_new):
-            block_id, _ = self.free_queue.popitem(last=False)
-            self._evict(block_id)
-            self.ref_counts[block_id] = 1
-            request.block_ids.append(block_id)
+            request.block_ids.append(self._take_free_block())
         return True
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        self._evict(block_id)
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    # -- forks -----------------------------------------------------------------------------------
+
+    def can_fork(self, num_tokens: int, num_new_tokens: int = 0) -> bool:
+        """Whether `fork` of num_tokens tokens, then `allocate_slots(child, num_new_tokens)`, fit"""
+        copy = 1 if num_tokens % self.block_size else 0
+        grow = self.num_blocks_for(num_tokens + num_new_tokens) - self.num_blocks_for(num_tokens)
+        return copy + grow <= self.num_free_blocks
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> BlockCopy | None:
+        """Gives `child` (no blocks yet) the parent's KV of its first num_tokens tokens.
+
+        The full blocks are shared by reference count; a last, partial block is copied on write
+        into a fresh block, since both will append to it. Returns that copy, (parent's block,
+        child's block), which the model runner makes before its next forward, or None when
+        num_tokens fills whole blocks. Counts the forked tokens as prefix-cache queries and hits.
+        Raises ValueError if the child holds blocks, the parent too few, or no block is free.
+        """
+        bs = self.block_size
+        num_full, partial = divmod(num_tokens, bs)
+        if child.block_ids or len(parent.block_ids) < self.num_blocks_for(num_tokens):
+            raise ValueError(
+                f"cannot fork {num_tokens} tokens of {parent.request_id} "
+                f"({len(parent.block_ids)} blocks) into {child.request_id}"
+            )
+        if not self.can_fork(num_tokens):
+            raise ValueError(f"no free block to fork {parent.request_id} into {child.request_id}")
+        for block_id in parent.block_ids[:num_full]:
+            self.ref_counts[block_id] += 1
+            child.block_ids.append(block_id)
+        if self.enable_prefix_caching:
+            self._num_hashed[child.request_id] = min(
+                num_full, self._num_hashed.get(parent.request_id, 0)
+            )
+        self.prefix_cache_queries += child.num_tokens
+        self.prefix_cache_hits += num_tokens
+        if not partial:
+            return None
+        block_id = self._take_free_block()
+        child.block_ids.append(block_id)
+        return parent.block_ids[num_full], block_id
 
     def _evict(self, block_id: int) -> None:
         h = self.block_hash[block_id]
@@ -230,6 +271,7 @@ class BlockManager:
     # -- tests -----------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
+        """Asserts the reference counts, free queue and prefix cache agree (for tests)."""
         assert all(r >= 0 for r in self.ref_counts), "negative reference count"
         assert set(self.free_queue) == {b for b, r in enumerate(self.ref_counts) if r == 0}, (
             "free queue != ref-0 blocks"

@@ -19,9 +19,8 @@ class EncoderCacheManager:
         if budget_tokens < 0:
             raise ValueError(f"budget_tokens must be >= 0, got {budget_tokens}")
         self.budget_tokens = budget_tokens
-        self.entries: OrderedDict[str, int] = (
-            OrderedDict()
-        )  # key -> num_tokens, least recently used first
+        # key -> num_tokens, least recently used first
+        self.entries: OrderedDict[str, int] = OrderedDict()
         self.refs: dict[str, dict[str, int]] = {}  # key -> {request_id: reference count}
         self.request_keys: dict[str, set[str]] = {}  # request_id -> keys it references
         self._used_tokens = 0
@@ -31,6 +30,7 @@ class EncoderCacheManager:
 
     @property
     def used_tokens(self) -> int:
+        """Tokens held by resident entries, referenced or not."""
         return self._used_tokens
 
     def has(self, key: str) -> bool:
@@ -59,7 +59,7 @@ class EncoderCacheManager:
                 f"encoder cache cannot fit {num_tokens} tokens for {key!r}: "
                 f"{self._used_tokens}/{self.budget_tokens} used, {self._evictable_tokens} evictable"
             )
-        evicted = []
+        evicted: list[str] = []
         for old in list(self.entries):
             if self.budget_tokens - self._used_tokens >= num_tokens:
                 break
@@ -78,7 +78,7 @@ class EncoderCacheManager:
         return evicted
 
     def acquire(self, request_id: str, key: str) -> None:
-        """Adds the request's reference to a resident entry (a hit) and marks it most recently used."""
+        """Adds the request's reference to a resident entry (a hit), now most recently used."""
         if key not in self.entries:
             raise KeyError(f"{key!r} is not in the encoder cache")
         self._add_ref(request_id, key)
@@ -86,7 +86,7 @@ class EncoderCacheManager:
         self.hits += 1
 
     def release(self, request_id: str, key: str) -> None:
-        """Drops one of the request's references; the entry stays resident. No-op if it holds none."""
+        """Drops one of the request's references; the entry stays resident. No-op if none."""
         holders = self.refs.get(key)
         if not holders or request_id not in holders:
             return
@@ -116,7 +116,8 @@ class EncoderCacheManager:
         holders[request_id] = holders.get(request_id, 0) + 1
         self.request_keys.setdefault(request_id, set()).add(key)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
+        """Hits, misses and hit_rate of lookups; used and budget tokens; resident entries."""
         lookups = self.hits + self.misses
         return {
             "hits": self.hits,
@@ -128,6 +129,7 @@ class EncoderCacheManager:
         }
 
     def check_invariants(self) -> None:
+        """Asserts the entries, references and token counts agree (for tests)."""
         assert set(self.refs) == set(self.entries), "refs and entries disagree"
         assert self._used_tokens == sum(self.entries.values()) <= self.budget_tokens, (
             "used tokens wrong or over budget"

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plm_core.config import ModelConfig
+from plm_core.engine.block_manager import BlockCopy
 from plm_core.engine.request import Request
 from plm_core.engine.sampler import BatchSampler, Logprobs, SamplingState
 from plm_core.engine.scheduler import SchedulerOutput
 from plm_core.inputs import MediaItem
-from plm_core.model.attention import build_metadata
+from plm_core.model.attention import AttentionMetadata, build_metadata
 from plm_core.model.decode_graphs import DecodeGraphs
 from plm_core.model.perception_lm import PerceptionLM, build_model
+from plm_core.model_config import ModelConfig
 
 log = logging.getLogger("plm_core.runner")
 
@@ -35,6 +36,7 @@ class RunnerOutput:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V, all layers, for one token."""
     t = cfg.text
     return (
         2
@@ -43,6 +45,25 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
         * t.head_dim
         * torch.tensor([], dtype=dtype).element_size()
     )
+
+
+def copy_kv_blocks(
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[BlockCopy], block_size: int
+) -> None:
+    """Copies whole KV blocks, (source, destination), in every layer's K and V.
+
+    Each cache is [num_slots, kv_heads, head_dim] with block b at slots [b * block_size, (b + 1) *
+    block_size). All sources are read before any destination is written (a gather, then a
+    scatter), so a block may be the destination of one copy and the source of a later one.
+    """
+    device = kv_caches[0][0].device
+    offsets = torch.arange(block_size, device=device)
+    src = torch.tensor([s for s, _ in copies], device=device)[:, None] * block_size + offsets
+    dst = torch.tensor([d for _, d in copies], device=device)[:, None] * block_size + offsets
+    src, dst = src.flatten(), dst.flatten()  # [C * block_size]
+    for k, v in kv_caches:
+        k[dst] = k[src]
+        v[dst] = v[src]
 
 
 @torch.inference_mode()
@@ -124,11 +145,11 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_tiles_per_forward = max_encoder_tiles_per_forward
-        # decode batching: a padded batch on GPU, a per-sequence loop on CPU (see model/attention.py)
+        # decode batching: a padded batch on GPU, a per-sequence loop on CPU (model/attention.py)
         self.batch_decodes = device.type == "cuda" if batch_decodes is None else batch_decodes
         self.model = model if model is not None else build_model(cfg, device=device, dtype=dtype)
         t = cfg.text
-        # with decode graphs, one extra block past the block manager's range is the padded rows' scratch
+        # with decode graphs, one block past the block manager's range is the padded rows' scratch
         shape = ((num_blocks + int(cuda_graphs)) * block_size, t.num_kv_heads, t.head_dim)
         self.kv_caches = [
             (
@@ -164,14 +185,17 @@ class ModelRunner:
         self.samplers: dict[str, SamplingState] = {}
         self.sampler = BatchSampler()
 
-    # -- one step -------------------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Runs one step: block copies, then encoder work, then the forward, then sampling."""
         for rid in sched.finished_request_ids:
             self.samplers.pop(rid, None)
         for key in sched.free_encoder_keys:
             self.encoder_outputs.pop(key, None)
             self._partial.pop(key, None)
+        if sched.block_copies:  # forked n > 1 choices: before any forward writes the cache
+            copy_kv_blocks(self.kv_caches, sched.block_copies, self.block_size)
         out = RunnerOutput()
         if sched.encoder_inputs:
             out.num_encoded_tiles = self._encode(sched.encoder_inputs, sched.encoder_tile_ranges)
@@ -202,10 +226,17 @@ class ModelRunner:
         return out
 
     def _decode_graph_logits(
-        self, embeds, positions, meta, num_sampled: int
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        num_sampled: int,
     ) -> torch.Tensor | None:
-        """Logits from a decode graph when every sequence decodes one sampled token and a bucket fits."""
+        """Logits from a decode graph when every sequence decodes one sampled token and a bucket
+        fits."""
         if self.graphs is None or meta.prefill_seqs or num_sampled != len(meta.decode_seqs):
+            return None
+        if meta.decode_slots is None:  # batch_decodes off: no padded decode batch
             return None
         bucket = self.graphs.bucket(len(meta.decode_seqs), meta.decode_slots.shape[1])
         if bucket is None:
@@ -227,15 +258,17 @@ class ModelRunner:
         return state
 
     def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> int:
-        """Encodes the scheduled tiles of each item in batched forwards; completed items become usable."""
-        pixels = torch.cat(
-            [m.pixel_values[lo:hi] for m, (lo, hi) in zip(items, ranges)]
-        )  # [N, 3, T, T]
-        pixels = pixels.to(self.device, self.dtype)
-        feats = torch.cat(
-            [self.model.encode_media(chunk) for chunk in pixels.split(self.max_tiles_per_forward)]
-        )
-        for item, (lo, hi), part in zip(items, ranges, feats.split([hi - lo for lo, hi in ranges])):
+        """Encodes the scheduled tiles in batched forwards; an item is usable once whole."""
+        tiles = []
+        for m, (lo, hi) in zip(items, ranges):
+            if m.pixel_values is None:
+                raise RuntimeError(f"{m.kind} {m.cache_key[:32]} has no pixels to encode")
+            tiles.append(m.pixel_values[lo:hi])
+        pixels = torch.cat(tiles).to(self.device, self.dtype)  # [N, 3, T, T]
+        chunks = torch.split(pixels, self.max_tiles_per_forward)
+        feats = torch.cat([self.model.encode_media(chunk) for chunk in chunks])
+        parts = torch.split(feats, [hi - lo for lo, hi in ranges])
+        for item, (lo, hi), part in zip(items, ranges, parts):
             key = item.cache_key
             if lo == 0 and hi == item.num_tiles:
                 whole = part
@@ -251,7 +284,7 @@ class ModelRunner:
         return pixels.shape[0]
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flattened token embeddings with media rows filled, positions, and the rows to sample from."""
+        """Flattened token embeddings with media rows filled, positions, and rows to sample from."""
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is in its life; the finished values are OpenAI's finish reasons."""
+
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # blocks freed; waits to be recomputed from scratch
@@ -24,6 +26,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
+        """True for the three finished states."""
         return self in (
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
@@ -48,36 +51,41 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    # prompt tokens served from the prefix cache or forked from the leader (first admission)
+    num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)  # the block table, owned by the BlockManager
-    block_hashes: list = field(default_factory=list)  # hashes of full prompt blocks, computed once
+    # hashes of full blocks of prompt + outputs, extended by the BlockManager as they fill
+    block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
-    encoder_keys: set = field(
-        default_factory=set
-    )  # encoder-cache entries this request holds a reference to
-    prefix_parent: str | None = None  # a sibling choice (n > 1) whose prompt KV this request reuses
+    # encoder-cache entries this request holds a reference to
+    encoder_keys: set[str] = field(default_factory=set)
+    # n > 1: the request id of choice 0 (the leader) of the same prompt. This request waits while
+    # the leader computes the prompt, then forks the leader's KV of all but the last prompt token.
+    prefix_parent: str | None = None
+    # scheduling_policy="priority": lower runs first, ties by arrival_time (vLLM's convention)
+    priority: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     grammar: Grammar | None = None  # structured-output matcher; advanced by each appended token
 
     @property
     def num_prompt_tokens(self) -> int:
+        """Tokens in the prompt (media placeholders included)."""
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output tokens."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt then output token ids (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     @property
     def is_finished(self) -> bool:
+        """True once stopped, cut at its length or aborted."""
         return self.status.finished
 
     @property

@@ -3,32 +3,31 @@
 There is no prefill phase and decode phase: every step each request moves `num_computed_tokens`
 towards `num_tokens` within a shared token budget. Running requests go first (decodes cost one
 token, so streams keep flowing while a long image prompt prefills chunk by chunk), then waiting
-requests are admitted in arrival order while KV blocks, sequence slots and encoder space allow.
-When blocks run out, the latest-arrived running request is preempted: its blocks are freed and it
-is recomputed later from its prompt and outputs, which changes none of its tokens.
+requests are admitted in the policy's order (policy.py) while KV blocks, sequence slots and encoder
+space allow. When blocks run out, the policy's victim is preempted: its blocks are freed and it is
+recomputed later from its prompt and outputs, which changes none of its tokens.
+
+Choices 1..n-1 of an `n > 1` request (`Request.prefix_parent` names choice 0, the leader) wait
+while the leader computes the prompt, then fork its KV (`BlockManager.fork`): they share its full
+blocks, copy its last partial block (`SchedulerOutput.block_copies`) and compute only the last
+prompt token themselves. Forking happens after the step the leader completes its prompt in
+(`update_after_step`, before the engine may finish the leader) or at admission while the leader
+runs; a child whose leader is gone (finished, aborted) runs on its own, with prefix-cache hits or a
+full prefill. A leader preempted before its children fork is ahead of them in the queue: they
+wait for it again and fork from its recompute.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
-from plm_core.engine.block_manager import BlockManager
+from plm_core.config import SchedulerConfig
+from plm_core.engine.block_manager import BlockCopy, BlockManager
 from plm_core.engine.encoder_cache import EncoderCacheManager
+from plm_core.engine.encoder_plan import EncoderPlanner, EncoderStep
+from plm_core.engine.policy import RequestQueue, make_policy
 from plm_core.engine.request import Request, RequestStatus
 from plm_core.inputs import MediaItem
-
-
-@dataclass
-class SchedulerConfig:
-    """Limits of one engine step."""
-
-    max_num_seqs: int = 64  # running sequences at most
-    max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) per step
-    max_encoder_tiles_per_step: int = (
-        64  # vision-tower tiles/frames encoded per step; big items span steps
-    )
-    enable_chunked_prefill: bool = True
 
 
 @dataclass
@@ -43,24 +42,38 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     # Requests that reach their last token this step: the runner samples one token for each.
     sample: list[bool] = field(default_factory=list)
-    # Media items whose tiles/frames the vision encoder runs this step (all in one batched forward) ...
+    # Media items whose tiles/frames the vision encoder runs this step (one batched forward) ...
     encoder_inputs: list[MediaItem] = field(default_factory=list)
     # ... and which of each item's tiles: [lo, hi). An item is usable once its last tile is encoded.
     encoder_tile_ranges: list[tuple[int, int]] = field(default_factory=list)
     # Encoder-cache entries (cache keys) the runner drops before this step.
     free_encoder_keys: list[str] = field(default_factory=list)
+    # KV blocks the runner copies, (source, destination), in every layer's K and V, in this order
+    # and before this step's forward: the last partial prompt block of each forked choice.
+    block_copies: list[BlockCopy] = field(default_factory=list)
     # Requests preempted while building this step: KV freed, to be recomputed later.
     preempted: list[Request] = field(default_factory=list)
-    # Requests finished or aborted since the previous step: the runner drops their per-request state.
+    # Requests finished or aborted since the previous step: the runner drops per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
+        """Tokens computed this step, all requests together."""
         return sum(self.num_scheduled_tokens)
 
     @property
     def is_empty(self) -> bool:
+        """True when no request computes a token this step."""
         return not self.requests
+
+
+@dataclass
+class _Step:
+    """What one `schedule` call is building, and the budgets it has left."""
+
+    out: SchedulerOutput
+    token_budget: int
+    encoder: EncoderStep
 
 
 class Scheduler:
@@ -75,20 +88,21 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.encoder_cache = encoder_cache
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
-        self._finished_ids: list[str] = []
-        self._evicted_encoder_keys: list[str] = []
-        self._encoder_progress: dict[
-            str, int
-        ] = {}  # tiles encoded so far of entries not yet complete
+        self.encoder_planner = EncoderPlanner(encoder_cache)
+        self.policy = make_policy(config.scheduling_policy)
+        self.waiting: RequestQueue = self.policy.new_queue()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+        # copies of forks made after the last step, sent with the next step: (child, copy)
+        self._pending_copies: list[tuple[Request, BlockCopy]] = []
 
-    # -- queue ----------------------------------------------------------------------------------------
+    # -- queue -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queues a new request (the choices of an n > 1 request right after their leader)."""
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def abort(self, request_id: str) -> Request | None:
         """Frees everything the request holds at once; returns it, or None if unknown or done."""
@@ -99,237 +113,235 @@ class Scheduler:
         return request
 
     def finish(self, request: Request, status: RequestStatus) -> None:
+        """Ends a request: frees its KV blocks and encoder references; the next step reports it."""
         request.status = status
         if request in self.running:
             self.running.remove(request)
         else:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
+            self.waiting.remove(request)
         self.blocks.free(request)
-        self._release_encoder(request)
+        self.encoder_planner.release_all(request)
         self.requests.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
 
     @property
     def num_unfinished(self) -> int:
+        """Requests waiting or running."""
         return len(self.waiting) + len(self.running)
 
-    # -- scheduling -----------------------------------------------------------------------------------
+    # -- scheduling --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        encoder_budget = [self.config.max_encoder_tiles_per_step]
-
-        # 1. Running requests, oldest first; preempt the newest when blocks run out. A prefill chunk
-        #    leaves one token of budget for every decode behind it, so streams never skip a step.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            decodes_behind = sum(
-                1 for r in self.running[i + 1 :] if r.num_tokens - r.num_computed_tokens == 1
-            )
-            n = self._chunk_size(
-                request, max(1, budget - decodes_behind) if request.is_prefill else budget
-            )
-            n = self._fit_encoder(request, n, encoder_budget, out)
-            if n == 0:
-                i += 1
-                continue
-            while not self.blocks.allocate_slots(request, n):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is request:
-                    n = 0
-                    break
-            if n == 0 or request.status is not RequestStatus.RUNNING:
-                break
-            self._add(out, request, n)
-            budget -= n
-            i += 1
-
-        # 2. Waiting requests in arrival order, while there is room.
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and not out.preempted
-        ):
-            request = self.waiting[0]
-            if self._waits_for_sibling(request):
-                break
-            computed_blocks, num_cached = self.blocks.get_computed_blocks(request)
-            request.num_computed_tokens = num_cached  # for sizing the chunk only
-            n = self._chunk_size(request, budget)
-            n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
-            request.num_computed_tokens = 0  # allocate_slots counts the computed blocks itself
-            encoding = any(rng for _, rng in plan)
-            if (n == 0 and not encoding) or not self.blocks.allocate_slots(
-                request, n, computed_blocks
-            ):
-                break
-            request.num_computed_tokens = num_cached
-            self._apply_encoder_plan(request, plan, encoder_budget, out)
-            self.waiting.popleft()
-            if request.num_preemptions == 0 and request.num_cached_tokens == 0:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if (
-                n
-            ):  # a request may join while its image is still being encoded, computing no token yet
-                self._add(out, request, n)
-                budget -= n
-
-        # an entry allocated and then evicted within this step (its request was preempted) is not computed
-        kept = [i for i, m in enumerate(out.encoder_inputs) if self.encoder_cache.has(m.cache_key)]
-        out.encoder_inputs = [out.encoder_inputs[i] for i in kept]
-        out.encoder_tile_ranges = [out.encoder_tile_ranges[i] for i in kept]
-        out.free_encoder_keys = self._evicted_encoder_keys
-        self._evicted_encoder_keys = []
-        out.finished_request_ids = self._finished_ids
-        self._finished_ids = []
-        for request, n in zip(out.requests, out.num_scheduled_tokens):
-            request.num_computed_tokens += n
-        return out
-
-    def _waits_for_sibling(self, request: Request) -> bool:
-        """Choices 2..n of a request wait until choice 1 has computed the shared prompt, then hit its blocks."""
-        parent = self.requests.get(request.prefix_parent) if request.prefix_parent else None
-        return (
-            parent is not None
-            and self.blocks.enable_prefix_caching
-            and not parent.is_finished
-            and parent.status is RequestStatus.RUNNING
-            and parent.num_computed_tokens < parent.num_prompt_tokens
+        """Builds the next step: running requests first, then admissions, within the budgets."""
+        step = _Step(
+            SchedulerOutput(),
+            self.config.max_num_batched_tokens,
+            self.encoder_planner.begin_step(self.config.max_encoder_tiles_per_step),
         )
+        self._schedule_running(step)
+        if not step.out.preempted:
+            self._schedule_waiting(step)
+        return self._close(step)
 
-    def _chunk_size(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+    def _schedule_running(self, step: _Step) -> None:
+        """Running requests in admission order; the policy's victims yield when blocks run out."""
+        for request in list(self.running):
+            if step.token_budget <= 0:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            n = self._running_chunk(request, step)
+            if n > 0 and self._reserve(request, n, step):
+                self._add(step, request, n)
+
+    def _running_chunk(self, request: Request, step: _Step) -> int:
+        """Sizes and books a running request's chunk. A prefill chunk leaves one token of budget
+        for every decode behind it, so streams never skip a step."""
+        behind = self.running[self.running.index(request) + 1 :]
+        decodes_behind = sum(1 for r in behind if r.num_tokens - r.num_computed_tokens == 1)
+        budget = step.token_budget
+        if request.is_prefill:
+            budget = max(1, budget - decodes_behind)
+        start = request.num_computed_tokens
+        plan = self.encoder_planner.plan(
+            request, start, self._chunk_size(request, start, budget), step.encoder
+        )
+        self.encoder_planner.apply(request, plan, step.encoder)
+        return plan.num_tokens
+
+    def _reserve(self, request: Request, n: int, step: _Step) -> bool:
+        """KV slots for n more tokens of a running request, preempting the policy's victims until
+        they fit; False if the request itself had to yield."""
+        while not self.blocks.allocate_slots(request, n):
+            victim = self.policy.victim(self.running)
+            self._preempt(victim, step)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        """Admits waiting requests in the policy's order while there is room; the first that
+        cannot start stops the rest, so none overtakes it."""
+        while (
+            self.waiting and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting.peek()
+            if self._waits_for_leader(request) or not self._admit(request, step):
+                break
+
+    def _admit(self, request: Request, step: _Step) -> bool:
+        """Starts the head of the queue if its first chunk fits: forked from its leader, or from
+        the longest prefix-cache hit. A request may start while its image is still being encoded,
+        computing no token yet."""
+        leader = self._fork_source(request)
+        computed_blocks: list[int] = []
+        if leader is not None:
+            start = leader.num_prompt_tokens - 1
+        else:
+            computed_blocks, start = self.blocks.get_computed_blocks(request)
+        budget = self._chunk_size(request, start, step.token_budget)
+        plan = self.encoder_planner.plan(request, start, budget, step.encoder)
+        n = plan.num_tokens
+        if n == 0 and not plan.encodes:
+            return False
+        if leader is not None:
+            if not self.blocks.can_fork(start, n):
+                return False
+            self._fork(request, leader)
+            allocated = self.blocks.allocate_slots(request, n)
+            assert allocated, "can_fork promised the blocks"
+        elif self.blocks.allocate_slots(request, n, computed_blocks):
+            request.num_computed_tokens = start
+            self._count_cached(request, start)
+        else:
+            return False
+        self.encoder_planner.apply(request, plan, step.encoder)
+        self._start(self.waiting.pop())
+        if n:
+            self._add(step, request, n)
+        return True
+
+    def _start(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    @staticmethod
+    def _count_cached(request: Request, num_tokens: int) -> None:
+        """Reports the prompt tokens served without computing them, on the first admission only."""
+        if request.num_preemptions == 0 and request.num_cached_tokens == 0:
+            request.num_cached_tokens = num_tokens
+
+    def _chunk_size(self, request: Request, start: int, budget: int) -> int:
+        remaining = request.num_tokens - start
         if not self.config.enable_chunked_prefill and remaining > budget:
             return 0
         return min(remaining, budget)
 
-    def _fit_encoder(
-        self, request: Request, n: int, encoder_budget: list[int], out: SchedulerOutput
-    ) -> int:
-        """Plans and books the encoder work for a running request's chunk; returns the chunk size."""
-        n, plan = self._plan_encoder(request, n, encoder_budget[0], out)
-        self._apply_encoder_plan(request, plan, encoder_budget, out)
-        return n
-
-    def _encoded_tiles(self, item: MediaItem) -> int:
-        key = item.cache_key
-        if not self.encoder_cache.has(key):
-            return 0
-        return self._encoder_progress.get(key, item.num_tiles)
-
-    def _plan_encoder(
-        self, request: Request, n: int, tile_budget: int, out: SchedulerOutput
-    ) -> tuple[int, list[tuple[MediaItem, tuple[int, int] | None]]]:
-        """Shrinks the chunk so every media item it touches is fully encoded by the end of this step.
-
-        Items are encoded a few tiles per step within the encoder budget, so a 37-tile image or a
-        32-frame video never stalls running streams for a whole encoder pass; the chunk stops before
-        an item that is not complete yet (or does not fit the encoder cache). Returns the chunk size
-        and the plan: (item, tiles to encode this step or None if it only needs a reference).
-        """
-        start = request.num_computed_tokens
-        plan: list[tuple[MediaItem, tuple[int, int] | None]] = []
-        needed_tokens = 0
-        seen: set[str] = set()
-        for item in request.media_in_range(start, start + n):
-            key = item.cache_key
-            if key in seen:
-                continue
-            seen.add(key)
-            done = self._encoded_tiles(item)
-            for m, (lo, hi) in zip(out.encoder_inputs, out.encoder_tile_ranges):
-                if m.cache_key == key:
-                    done = max(done, hi)  # another request books these tiles this step
-            # a new entry, or an unreferenced one this request is about to pin, takes room that
-            # another item of the same chunk might otherwise have evicted or used
-            cache = self.encoder_cache
-            if key not in request.encoder_keys and (
-                not cache.has(key) or not cache.is_referenced(key)
-            ):
-                if not cache.can_allocate(needed_tokens + item.num_tokens):
-                    return max(0, item.offset - start), plan
-                needed_tokens += item.num_tokens
-            if done >= item.num_tiles:
-                plan.append((item, None))
-                continue
-            take = min(item.num_tiles - done, tile_budget)
-            plan.append((item, (done, done + take) if take > 0 else None))
-            tile_budget -= take
-            if done + take < item.num_tiles:
-                return max(0, item.offset - start), plan  # tokens wait until the item is complete
-        return n, plan
-
-    def _apply_encoder_plan(
-        self, request: Request, plan, encoder_budget: list[int], out: SchedulerOutput
-    ) -> None:
-        # pin the resident entries first, so that allocating the new ones cannot evict them
-        for item, tiles in sorted(plan, key=lambda p: not self.encoder_cache.has(p[0].cache_key)):
-            key = item.cache_key
-            if key not in request.encoder_keys:
-                if self.encoder_cache.has(key):
-                    self.encoder_cache.acquire(request.request_id, key)
-                else:
-                    evicted = self.encoder_cache.allocate(request.request_id, key, item.num_tokens)
-                    for k in evicted:
-                        self._encoder_progress.pop(k, None)
-                    self._evicted_encoder_keys += evicted
-                    self._encoder_progress[key] = 0
-                request.encoder_keys.add(key)
-            if tiles is not None:
-                out.encoder_inputs.append(item)
-                out.encoder_tile_ranges.append(tiles)
-                encoder_budget[0] -= tiles[1] - tiles[0]
-                if tiles[1] >= item.num_tiles:
-                    self._encoder_progress.pop(key, None)
-                else:
-                    self._encoder_progress[key] = tiles[1]
-
-    def _add(self, out: SchedulerOutput, request: Request, n: int) -> None:
+    def _add(self, step: _Step, request: Request, n: int) -> None:
+        out = step.out
         out.requests.append(request)
         out.start_positions.append(request.num_computed_tokens)
         out.num_scheduled_tokens.append(n)
         out.sample.append(request.num_computed_tokens + n == request.num_tokens)
+        step.token_budget -= n
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, request: Request, step: _Step) -> None:
+        """Frees a running request's KV and encoder references and queues it to be recomputed."""
+        out = step.out
+        if request in out.requests:  # scheduled earlier in this step: give its tokens back
+            i = out.requests.index(request)
+            step.token_budget += out.num_scheduled_tokens[i]
+            for column in (out.requests, out.start_positions, out.num_scheduled_tokens, out.sample):
+                del column[i]
         self.running.remove(request)
         self.blocks.free(request)
-        self._release_encoder(request)
+        self.encoder_planner.release_all(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.requeue(request)
         out.preempted.append(request)
 
-    def _release_encoder(self, request: Request) -> None:
-        self.encoder_cache.release_all(request.request_id)
-        request.encoder_keys.clear()
+    def _close(self, step: _Step) -> SchedulerOutput:
+        """Fills the output's encoder work, block copies and finished ids; advances the requests."""
+        out = step.out
+        self.encoder_planner.end_step(step.encoder)
+        out.encoder_inputs = step.encoder.inputs
+        out.encoder_tile_ranges = step.encoder.tile_ranges
+        out.free_encoder_keys = step.encoder.evicted
+        # a fork undone since (its child aborted or preempted) is not copied
+        out.block_copies = [c for child, c in self._pending_copies if c[1] in child.block_ids]
+        self._pending_copies = []
+        out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        for request, n in zip(out.requests, out.num_scheduled_tokens):
+            request.num_computed_tokens += n
+        return out
 
-    # -- after the step -------------------------------------------------------------------------------
+    # -- forks of n > 1 choices --------------------------------------------------------------------
+    def _leader(self, child: Request) -> Request | None:
+        """The live leader whose prompt KV `child` (holding no blocks) can fork, or None."""
+        if child.prefix_parent is None or child.block_ids:
+            return None
+        leader = self.requests.get(child.prefix_parent)
+        if leader is None or leader is child or leader.num_prompt_tokens < 2:
+            return None
+        same_prompt = leader.prompt_token_ids == child.prompt_token_ids and [
+            (m.cache_key, m.offset) for m in leader.media
+        ] == [(m.cache_key, m.offset) for m in child.media]
+        return leader if same_prompt else None
+
+    def _waits_for_leader(self, child: Request) -> bool:
+        """Whether `child` waits for its running leader to finish computing the prompt."""
+        leader = self._leader(child)
+        return (
+            leader is not None
+            and leader.status is RequestStatus.RUNNING
+            and leader.num_computed_tokens < leader.num_prompt_tokens
+        )
+
+    def _fork_source(self, child: Request) -> Request | None:
+        """The leader `child` forks from now: running with its prompt computed; else None."""
+        leader = self._leader(child)
+        if (
+            leader is None
+            or leader.status is not RequestStatus.RUNNING
+            or leader.num_computed_tokens < leader.num_prompt_tokens
+        ):
+            return None
+        return leader
+
+    def _fork(self, child: Request, leader: Request) -> None:
+        """Gives `child` the leader's KV of all prompt tokens but the last, which it computes."""
+        num_tokens = leader.num_prompt_tokens - 1
+        copy = self.blocks.fork(leader, child, num_tokens)
+        if copy is not None:
+            self._pending_copies.append((child, copy))
+        child.num_computed_tokens = num_tokens
+        self._count_cached(child, num_tokens)
+
+    def _fork_ready_children(self) -> None:
+        """Forks the children at the head of the queue whose running leader has its prompt
+        computed, and starts them; they compute from the next step.
+
+        Runs after each step, before the engine may finish a leader (max_tokens=1, eos) and free
+        its blocks. A child that cannot fork now (no sequence slot, no KV block, or a request
+        ahead of it) forks at admission while its leader runs, else runs on its own.
+        """
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            child = self.waiting.peek()
+            leader = self._fork_source(child)
+            if leader is None or not self.blocks.can_fork(leader.num_prompt_tokens - 1, 1):
+                return
+            self._fork(child, leader)
+            self._start(self.waiting.pop())
+
+    # -- after the step ----------------------------------------------------------------------------
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Registers newly full blocks in the prefix cache and releases encoder outputs no longer needed."""
+        """After the model ran `out`: registers newly full blocks in the prefix cache, releases
+        encoder outputs no longer needed and forks the choices whose leader computed its prompt."""
         for request in out.requests:
             if request.is_finished:
                 continue
             self.blocks.cache_blocks(request, request.num_computed_tokens)
-            if request.encoder_keys:
-                # hold an entry only while the request is inside the item or it is still being
-                # encoded; a later repeat of the same image re-acquires (or re-encodes) it
-                computed = request.num_computed_tokens
-                pending = {
-                    m.cache_key
-                    for m in request.media
-                    if m.offset + m.num_tokens > computed
-                    and (m.offset < computed or m.cache_key in self._encoder_progress)
-                }
-                for key in request.encoder_keys - pending:
-                    self.encoder_cache.release(request.request_id, key)
-                request.encoder_keys &= pending
+            self.encoder_planner.release_passed(request)
+        self._fork_ready_children()
