@@ -5,22 +5,22 @@ Run: python benchmarks/bench_attention.py [--runs N] [--shapes bench,1b] [--budg
 plm_core.model.attention attends decode-only sequences (query_len 1) either
   (a) batch_decodes=True:  gathered into one [B, max_ctx] padded batch, one masked SDPA call, or
   (b) batch_decodes=False: one by one, like prefill chunks (one unmasked SDPA call per sequence).
-For each attention shape (the `bench` checkpoint's 8 heads / 2 kv heads / head_dim 32, 4 layers; PLM-1B's
-32 / 8 / 64, 16 layers), decode batch sizes 1, 4, 16, 32 and context lengths 512, 2048, 9600 (all equal),
-`mixed` (uniform random in [256, 9600]) and `skew` (one 9600, the others 512), fp32, block_size 16, shuffled
-block tables over a shared cache, it times:
+For each attention shape (the `bench` checkpoint's 8 heads / 2 kv heads / head_dim 32, 4 layers;
+PLM-1B's 32 / 8 / 64, 16 layers), decode batch sizes 1, 4, 16, 32 and context lengths 512, 2048,
+9600 (all equal), `mixed` (uniform random in [256, 9600]) and `skew` (one 9600, the others 512),
+fp32, block_size 16, shuffled block tables over a shared cache, it times:
   meta   build_metadata for the step (once a step, shared by all layers),
   attn   one layer's paged_attention (KV write + gather + SDPA),
   step   meta + layers * attn: the attention part of one whole forward step.
 Then one step that mixes a 512-token prefill chunk (after 1536 cached tokens) with 16 decodes.
-Times are medians of --runs runs after one warm-up run, (a) and (b) interleaved; fewer runs (at least 3) for
-the slowest cases, see --budget. On a machine shared with other work, expect noise: the load average is
-printed before and after. Memory: PLM-1B's B=32 x 9600 rows allocate ~6 GiB of temporaries per call
-under (a) (the gathered, GQA-expanded K and V).
+Times are medians of --runs runs after one warm-up run, (a) and (b) interleaved; fewer runs (at
+least 3) for the slowest cases, see --budget. On a machine shared with other work, expect noise:
+the load average is printed before and after. Memory: PLM-1B's B=32 x 9600 rows allocate ~6 GiB of
+temporaries per call under (a) (the gathered, GQA-expanded K and V).
 
-Both paths copy K/V twice per layer (index_select gather, then the GQA expand); under glibc's malloc, blocks
-over its mmap threshold (at most 32 MiB) are fresh pages on every call, and page faults, not SDPA, make most
-of (a)'s extra cost. To see the allocator's share, rerun with e.g.
+Both paths copy K/V twice per layer (index_select gather, then the GQA expand); under glibc's
+malloc, blocks over its mmap threshold (at most 32 MiB) are fresh pages on every call, and page
+faults, not SDPA, make most of (a)'s extra cost. To see the allocator's share, rerun with e.g.
 MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=100000000000 (the settings are printed).
 """
 
@@ -63,9 +63,9 @@ MAX_CTX = 9600
 
 
 def median_times(fns: dict, runs: int, budget_s: float) -> dict:
-    """Median seconds of each fn, runs interleaved (a, b, a, b, ...) so that load on the machine hits all
-    alike. One warm-up call each first, unless that call alone took over a second (it then counts as a run);
-    stops after 3 rounds once budget_s has passed."""
+    """Median seconds of each fn, runs interleaved (a, b, a, b, ...) so that load on the machine
+    hits all alike. One warm-up call each first, unless that call alone took over a second (it then
+    counts as a run); stops after 3 rounds once budget_s has passed."""
     times: dict = {name: [] for name in fns}
     for name, fn in fns.items():
         t = time.perf_counter()
@@ -86,7 +86,7 @@ def median_times(fns: dict, runs: int, budget_s: float) -> dict:
 
 
 class Cache:
-    """One layer's paged KV cache, big enough for 32 sequences of 9600 tokens plus a prefill, random contents."""
+    """One layer's paged KV cache, room for 32 sequences of 9600 tokens plus a prefill; random."""
 
     def __init__(self, shape: Shape, seed: int = 0):
         self.shape = shape
@@ -123,7 +123,7 @@ class Result:
 def time_step(
     cache: Cache, starts: list[int], query_lens: list[int], runs: int, budget_s: float
 ) -> tuple[Result, Result]:
-    """(a) batch_decodes=True and (b) batch_decodes=False for one step, same block tables and inputs."""
+    """(a) batch_decodes=True and (b) batch_decodes=False for one step, same tables and inputs."""
     s = cache.shape
     tables = cache.tables([a + n for a, n in zip(starts, query_lens)])
     total = sum(query_lens)
@@ -157,19 +157,19 @@ def decode_cases(batch: int, rng: random.Random) -> list[tuple[str, list[int]]]:
 
 
 def padding_ratio(contexts: list[int]) -> float:
-    """Tokens the padded batch gathers and attends over, relative to the tokens actually attended."""
+    """Tokens the padded batch gathers and attends over, relative to the tokens really attended."""
     return len(contexts) * max(contexts) / sum(contexts)
 
 
 def load_note() -> str:
     """Other runnable tasks right now (from /proc/loadavg) and the 1-minute load average."""
     try:
-        running = (
-            int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
-        )  # less this process
+        # runnable tasks, less this process
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
     except (OSError, ValueError, IndexError):
         running = -1
-    note = f"load average {os.getloadavg()[0]:.2f}, other runnable tasks now: {running if running >= 0 else '?'}"
+    others = running if running >= 0 else "?"
+    note = f"load average {os.getloadavg()[0]:.2f}, other runnable tasks now: {others}"
     return note + ("  ** the machine is busy: timings will be noisy **" if running > 0 else "")
 
 
@@ -201,19 +201,21 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{os.cpu_count()} CPUs; " + load_note())
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, block_size {BLOCK_SIZE}; "
-        f"times in ms, medians of up to {args.runs} runs"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+        f"block_size {BLOCK_SIZE}; times in ms, medians of up to {args.runs} runs"
     )
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if malloc_env:
         print("allocator settings:", " ".join(f"{k}={v}" for k, v in sorted(malloc_env.items())))
     print(
-        "(a) batch_decodes=True: one padded, masked SDPA   (b) batch_decodes=False: one SDPA per sequence"
+        "(a) batch_decodes=True: one padded, masked SDPA   "
+        "(b) batch_decodes=False: one SDPA per sequence"
     )
     print("attn = one layer; step = meta + layers * attn; pad = padded tokens / real tokens\n")
 
     header = (
-        f"{'shape':6s} {'B':>3s} {'ctx':>6s} {'pad':>5s} | {'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
+        f"{'shape':6s} {'B':>3s} {'ctx':>6s} {'pad':>5s} | "
+        f"{'meta a':>8s} {'attn a':>8s} {'step a':>8s} | "
         f"{'meta b':>8s} {'attn b':>8s} {'step b':>8s} | {'winner':>6s} {'b/a':>5s}"
     )
     rows: list[dict] = []
@@ -222,8 +224,8 @@ def main() -> None:
         shape = SHAPES[shape_name]
         cache = Cache(shape)
         print(
-            f"== {shape.name}: {shape.heads} heads, {shape.kv_heads} kv heads, head_dim {shape.head_dim}, "
-            f"{shape.layers} layers"
+            f"== {shape.name}: {shape.heads} heads, {shape.kv_heads} kv heads, "
+            f"head_dim {shape.head_dim}, {shape.layers} layers"
         )
         print(header)
         rng = random.Random(42)
@@ -243,8 +245,9 @@ def main() -> None:
                 )
                 rows.append(row)
                 print(
-                    f"{shape.name:6s} {batch:3d} {label:>6s} {row['pad']:5.2f} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} "
-                    f"{fmt(a.step_ms)} | {fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | "
+                    f"{shape.name:6s} {batch:3d} {label:>6s} {row['pad']:5.2f} | "
+                    f"{fmt(a.meta_ms)} {fmt(a.attn_ms)} {fmt(a.step_ms)} | "
+                    f"{fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | "
                     f"{winner(ratio):>6s} {ratio:5.2f}",
                     flush=True,
                 )
@@ -269,8 +272,10 @@ def main() -> None:
             ratio = b.step_ms / a.step_ms
             mixed_rows.append(dict(shape=shape.name, label=label, a=a, b=b, ratio=ratio))
             print(
-                f"{shape.name:6s} {label:>8s} | {fmt(a.meta_ms)} {fmt(a.attn_ms)} {fmt(a.step_ms)} | "
-                f"{fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | {winner(ratio):>6s} {ratio:5.2f}",
+                f"{shape.name:6s} {label:>8s} | "
+                f"{fmt(a.meta_ms)} {fmt(a.attn_ms)} {fmt(a.step_ms)} | "
+                f"{fmt(b.meta_ms)} {fmt(b.attn_ms)} {fmt(b.step_ms)} | "
+                f"{winner(ratio):>6s} {ratio:5.2f}",
                 flush=True,
             )
         del cache
@@ -281,8 +286,8 @@ def main() -> None:
 
 def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
     print(
-        "\n== summary (b/a > 1: the batched padded call (a) is faster; < 1: the per-sequence loop (b) is; "
-        "winner ~: within 5%)"
+        "\n== summary (b/a > 1: the batched padded call (a) is faster; "
+        "< 1: the per-sequence loop (b) is; winner ~: within 5%)"
     )
     groups = {
         "B=1": [r for r in rows if r["batch"] == 1],
@@ -304,8 +309,9 @@ def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
     for r in mixed_rows:
         print(f"  prefill + 16 decodes ({r['shape']}, {r['label']}): b/a {r['ratio']:.2f}")
 
-    # What choosing per step could buy: the oracle takes the faster of the two in every row; the rules are
-    # the simple hybrids "batch the decodes when their contexts are similar in length, else loop".
+    # What choosing per step could buy: the oracle takes the faster of the two in every row; the
+    # rules are the simple hybrids "batch the decodes when their contexts are similar in length,
+    # else loop".
     a_total = sum(r["a"].step_ms for r in rows)
     b_total = sum(r["b"].step_ms for r in rows)
     oracle = sum(min(r["a"].step_ms, r["b"].step_ms) for r in rows)
@@ -326,9 +332,10 @@ def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
     best_rule = min(rules.values())
     if b_total < a_total:
         worst = min(rows, key=lambda r: r["ratio"])
+        a_wins = sum(r["ratio"] > 1.05 for r in rows)
         print(
-            f"  batch_decodes=False (b): its steps sum to {b_total / a_total:.2f} x (a)'s; (a) wins "
-            f"{sum(r['ratio'] > 1.05 for r in rows)}/{len(rows)} decode rows by more than 5%, and loses up to "
+            f"  batch_decodes=False (b): its steps sum to {b_total / a_total:.2f} x (a)'s; "
+            f"(a) wins {a_wins}/{len(rows)} decode rows by more than 5%, and loses up to "
             f"{1 / worst['ratio']:.0f}x ({worst['shape']} B={worst['batch']} ctx={worst['label']})."
         )
     else:
@@ -336,13 +343,15 @@ def summarize(rows: list[dict], mixed_rows: list[dict]) -> None:
     default_total = min(a_total, b_total)
     if best_rule >= default_total * 0.95:
         print(
-            f"  A hybrid on context-length similarity is not worth it: the best rule above sums to "
-            f"{best_rule / default_total:.2f} x the better fixed setting (the oracle: {oracle / default_total:.2f} x)."
+            "  A hybrid on context-length similarity is not worth it: the best rule above sums to "
+            f"{best_rule / default_total:.2f} x the better fixed setting "
+            f"(the oracle: {oracle / default_total:.2f} x)."
         )
     else:
+        saved, oracle_saved = 1 - best_rule / default_total, 1 - oracle / default_total
         print(
-            f"  A hybrid on context-length similarity saves {100 * (1 - best_rule / default_total):.0f}% over the "
-            f"better fixed setting (the oracle: {100 * (1 - oracle / default_total):.0f}%): worth considering."
+            f"  A hybrid on context-length similarity saves {100 * saved:.0f}% over the "
+            f"better fixed setting (the oracle: {100 * oracle_saved:.0f}%): worth considering."
         )
 
 

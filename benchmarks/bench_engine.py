@@ -1,7 +1,8 @@
 """Engine benchmark against HF generate one request at a time, on the same prompts (not a test).
 
     .venv/bin/python benchmarks/bench_engine.py                  # bench checkpoint, CPU, fp32
-    .venv/bin/python benchmarks/bench_engine.py --checkpoint DIR --device cuda --dtype bfloat16 --out gpu.json
+    .venv/bin/python benchmarks/bench_engine.py --checkpoint DIR --device cuda --dtype bfloat16 \
+        --out gpu.json
 
 Prints, in one run:
   1. output tokens/s with N concurrent image chats (distinct images), plm-serve vs HF;
@@ -43,7 +44,7 @@ QUESTIONS = [
 
 
 def distinct_images(n: int) -> list[Image.Image]:
-    """n different RGB images: the shared photos and flipped/rotated variants (or synthetic ones)."""
+    """n different RGB images: the shared photos and flipped/rotated variants (or synthetic)."""
     base = []
     if SHARED.is_dir():
         for p in sorted(SHARED.iterdir()):
@@ -74,11 +75,8 @@ DETAIL = "high"
 
 
 def chat(img: Image.Image, question: str) -> list[dict]:
-    image = {
-        "type": "image",
-        "image": img,
-        "detail": DETAIL,
-    }  # "low": the 448-px thumbnail only, 256 tokens
+    # detail "low": the 448-px thumbnail only, 256 tokens
+    image = {"type": "image", "image": img, "detail": DETAIL}
     return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
 
 
@@ -87,7 +85,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-# -- plm-serve --------------------------------------------------------------------------------------
+# -- plm-serve -------------------------------------------------------------------------------------
 def ours_throughput(llm: LLM, convs, max_tokens: int) -> dict:
     prompts = [llm.process(c) for c in convs]
     params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)] * len(prompts)
@@ -165,13 +163,11 @@ def ours_itl(llm: LLM, long_conv, n_streams: int, warm_steps: int = 8) -> dict:
     }
 
 
-# -- HF reference -----------------------------------------------------------------------------------
+# -- HF reference ----------------------------------------------------------------------------------
 def hf_prepare(path: str, convs):
     from hf_reference import hf_inputs
 
-    vit = (
-        "vanilla" if DETAIL == "low" else "thumb+tile"
-    )  # HF's single-tile mode = our thumbnail-only
+    vit = "vanilla" if DETAIL == "low" else "thumb+tile"  # HF's single tile = our thumbnail only
     return [hf_inputs(path, c, vision_input_type=vit) for c in convs]
 
 
@@ -183,8 +179,9 @@ def hf_generate(model, inputs, n: int) -> list[int]:
 
 
 def fresh_llm(path: str, **kwargs) -> LLM:
-    """An engine built after the previous one's memory is really free: on a GPU the KV cache takes 85% of
-    what is free, so a dead engine's tensors left in the caching allocator would shrink the next one's."""
+    """An engine built after the previous one's memory is really free: on a GPU the KV cache takes
+    85% of what is free, so a dead engine's tensors left in the caching allocator would shrink the
+    next one's."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -192,7 +189,7 @@ def fresh_llm(path: str, **kwargs) -> LLM:
 
 
 def ours_variant(args, path: str, images, convs, graphs: bool) -> dict:
-    """Throughput, cached-image TTFT and ITL of one engine configuration (eager or CUDA-graph decode)."""
+    """Throughput, cached-image TTFT and ITL of one engine configuration (eager or graph decode)."""
     global DETAIL
     tag = "CUDA-graph decode" if graphs else "eager decode"
     DETAIL = args.detail
@@ -206,19 +203,21 @@ def ours_variant(args, path: str, images, convs, graphs: bool) -> dict:
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     ours = ours_throughput(llm, convs, args.max_tokens)
     print(
-        f"\n1. [{tag}] {args.concurrency} concurrent image chats (detail={args.detail}), {args.max_tokens} tokens "
-        f"each ({ours['prompt_tokens']} prompt tokens in all; max_num_batched_tokens={args.throughput_chunk})"
+        f"\n1. [{tag}] {args.concurrency} concurrent image chats (detail={args.detail}), "
+        f"{args.max_tokens} tokens each ({ours['prompt_tokens']} prompt tokens in all; "
+        f"max_num_batched_tokens={args.throughput_chunk})"
     )
     print(
-        f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s = {ours['tokens_per_s']:.2f} tok/s"
+        f"   plm-serve: {ours['output_tokens']} tokens in {ours['wall_s']:.1f} s "
+        f"= {ours['tokens_per_s']:.2f} tok/s"
     )
     DETAIL = "high"  # TTFT and ITL runs use full-size images
     cold_img = images[args.concurrency]
     cold = ours_ttft(llm, chat(cold_img, QUESTIONS[0]))
     warm = ours_ttft(llm, chat(cold_img, QUESTIONS[1]))
     print(
-        f"2. [{tag}] time to first token: cold image {cold * 1000:.0f} ms; same image, new question "
-        f"{warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)"
+        f"2. [{tag}] time to first token: cold image {cold * 1000:.0f} ms; same image, "
+        f"new question {warm * 1000:.1f} ms: {cold / warm:.1f}x lower (target 20x)"
     )
     ttft = {"cold_s": cold, "repeat_s": warm, "ratio": cold / warm}
     del llm
@@ -233,20 +232,23 @@ def ours_variant(args, path: str, images, convs, graphs: bool) -> dict:
     llm.chat(chat(images[-1], "warm up"), SamplingParams(temperature=0, max_tokens=2))
     itl = ours_itl(llm, chat(images[args.concurrency + 1], QUESTIONS[2]), args.itl_streams)
     print(
-        f"3. [{tag}] {args.itl_streams} streams decoding while a {itl['long_prompt_tokens']}-token image prompt "
-        f"prefills (max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)"
+        f"3. [{tag}] {args.itl_streams} streams decoding while a "
+        f"{itl['long_prompt_tokens']}-token image prompt prefills "
+        f"(max_num_batched_tokens={args.chunk}, {args.encoder_tiles} encoder tiles per step)"
     )
     print(
         f"   ITL before it arrives p50 {itl['decode_only_p50_ms']:.1f} ms; while it prefills p50 "
         f"{itl['during_prefill_p50_ms']:.1f} ms, p99 {itl['during_prefill_p99_ms']:.1f} ms "
         f"(max {itl['during_prefill_max_ms']:.1f} ms, {itl['samples']} samples): p99/p50 = "
-        f"{itl['p99_over_p50']:.2f} (target <= 3); the long prompt's TTFT {itl['long_ttft_s']:.1f} s"
+        f"{itl['p99_over_p50']:.2f} (target <= 3); "
+        f"the long prompt's TTFT {itl['long_ttft_s']:.1f} s"
     )
     if graphs and llm.engine.runner.graphs is not None:
         g = llm.engine.runner.graphs
         itl["graph_steps"] = g.num_runs
         print(
-            f"   decode steps served by graphs in this run: {g.num_runs} ({len(g.graphs)} graphs captured)"
+            f"   decode steps served by graphs in this run: {g.num_runs} "
+            f"({len(g.graphs)} graphs captured)"
         )
     return {
         "throughput": {k: v for k, v in ours.items() if k != "ids"},
@@ -280,7 +282,8 @@ def main() -> int:
         "--detail",
         choices=["high", "low"],
         default="high",
-        help="image detail for the throughput run: high = up to 36 tiles + thumbnail, low = thumbnail",
+        help="image detail for the throughput run: high = up to 36 tiles + thumbnail, "
+        "low = thumbnail",
     )
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument(
@@ -294,7 +297,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.checkpoint is None:
-        from conftest import checkpoint_path
+        from support import checkpoint_path
 
         args.checkpoint = str(checkpoint_path("bench"))
     path = args.checkpoint
@@ -322,9 +325,7 @@ def main() -> int:
         name = "graphs" if graphs else "eager"
         try:
             runs[name] = ours_variant(args, path, images, convs, graphs)
-        except (
-            Exception
-        ) as e:  # a failed graph capture must not cost the other figures of a scarce GPU run
+        except Exception as e:  # a failed graph capture must not cost a GPU run's other figures
             if len(variants) == 1:
                 raise
             traceback.print_exc()
@@ -334,16 +335,16 @@ def main() -> int:
     if len(runs) == 2:
         same = sum(a == b for a, b in zip(runs["eager"]["ids"], runs["graphs"]["ids"]))
         e, g = results["eager"], results["graphs"]
+        g_itl, e_itl = g["itl"]["decode_only_p50_ms"], e["itl"]["decode_only_p50_ms"]
         results["graphs_vs_eager"] = {
             "identical_requests": same,
             "throughput_ratio": g["throughput"]["tokens_per_s"] / e["throughput"]["tokens_per_s"],
-            "decode_only_itl_ratio": g["itl"]["decode_only_p50_ms"]
-            / e["itl"]["decode_only_p50_ms"],
+            "decode_only_itl_ratio": g_itl / e_itl,
         }
         print(
             f"\nCUDA graphs vs eager: {same}/{len(convs)} requests token-identical; throughput "
             f"{results['graphs_vs_eager']['throughput_ratio']:.2f}x; decode-only ITL p50 "
-            f"{g['itl']['decode_only_p50_ms']:.1f} ms vs {e['itl']['decode_only_p50_ms']:.1f} ms"
+            f"{g_itl:.1f} ms vs {e_itl:.1f} ms"
         )
 
     if not args.skip_hf:
@@ -390,8 +391,8 @@ def main() -> int:
         t2 = time.perf_counter()
         per_token = ((t2 - t1) - (t1 - t0)) / 32
         print(
-            f"3. HF one at a time: a stream waits the whole {t1 - t0:.2f} s prefill of the other request; "
-            f"its own decode step is {per_token * 1000:.1f} ms"
+            f"3. HF one at a time: a stream waits the whole {t1 - t0:.2f} s prefill of the other "
+            f"request; its own decode step is {per_token * 1000:.1f} ms"
         )
         results["hf"].update(prefill_s=t1 - t0, decode_step_ms=per_token * 1000)
     if args.out:

@@ -1,11 +1,13 @@
-"""Sampled decoding throughput, unconstrained and under a structured-output constraint (prints figures).
+"""Sampled decoding throughput, unconstrained and under a structured-output constraint.
 
-Run: python benchmarks/bench_sampling.py [--checkpoint DIR] [--streams 16] [--max-tokens 64] [--runs 2]
+Run: python benchmarks/bench_sampling.py [--checkpoint DIR] [--streams 16] [--max-tokens 64]
+     [--runs 2]
 
 (a) the sampler's draw alone: one step of `--streams` rows over the checkpoint's vocabulary;
-(b) `--streams` chats decoding `--max-tokens` sampled tokens each, in one batch, with no constraint and
-    with a JSON schema that cannot end early (an array of at least 40 lowercase strings), so both
-    runs produce the same number of tokens. Each run is timed on its own; nothing is averaged away.
+(b) `--streams` chats decoding `--max-tokens` sampled tokens each, in one batch, with no constraint
+    and with a JSON schema that cannot end early (an array of at least 40 lowercase strings), so
+    both runs produce the same number of tokens. Each run is timed on its own; nothing is averaged
+    away.
 """
 
 from __future__ import annotations
@@ -52,17 +54,15 @@ def main() -> None:
     path = args.checkpoint
     if path is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import checkpoint_path
+        from support import checkpoint_path
 
         path = str(checkpoint_path("bench"))
     llm = LLM(path, device="cpu", dtype="float32")
     vocab = llm.model_config.text.vocab_size
-    print(
-        f"checkpoint {path}; vocabulary {vocab}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    print(
-        f"(a) draw of {args.streams} rows: {bench_draw(vocab, args.streams) * 1e3:.1f} ms per step"
-    )
+    threads = torch.get_num_threads()
+    print(f"checkpoint {path}; vocabulary {vocab}; torch {torch.__version__}, {threads} threads")
+    draw_ms = bench_draw(vocab, args.streams) * 1e3
+    print(f"(a) draw of {args.streams} rows: {draw_ms:.1f} ms per step")
 
     convs = [
         [{"role": "user", "content": f"Request {i}: describe the number {i}."}]

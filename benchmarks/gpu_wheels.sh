@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches, into .whl/ (git-ignored), the wheels a GPU host without network needs beside its own
 # PyTorch stack, at the versions this checkout's .venv runs (so the GPU run uses what CI tests).
+# The tests gpu_bench.sh runs need pytest and jsonschema, fetched here too.
 # Run it here, where the package registry is reachable; benchmarks/gpu_bench.sh installs them there
 # with `pip install --no-index --target` when it finds .whl/. Targets CPython 3.12 on x86-64 Linux
 # (override with PYVER=3.11 etc.). The host must already have torch, torchvision, numpy, pillow,
@@ -10,7 +11,8 @@ cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
 VENV_PY=${VENV_PY:-.venv/bin/python}
 PKGS="transformers timm fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
-      typing-extensions opentelemetry-api uvicorn av regex xgrammar apache-tvm-ffi"
+      typing-extensions opentelemetry-api uvicorn av regex xgrammar apache-tvm-ffi
+      pytest pluggy iniconfig pygments jsonschema jsonschema-specifications referencing rpds-py attrs"
 pins=$($VENV_PY - $PKGS <<'EOF'
 import importlib.metadata as m, sys
 print(" ".join(f"{name}=={m.version(name)}" for name in sys.argv[1:]))

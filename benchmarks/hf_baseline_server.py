@@ -1,4 +1,4 @@
-"""The serving benchmark's baseline: an OpenAI-style chat server that runs HF `generate` one request at a time.
+"""The serving benchmark's baseline: an OpenAI-style chat server running HF `generate` serially.
 
     .venv/bin/python benchmarks/hf_baseline_server.py --model CHECKPOINT_DIR --port 8001
 
@@ -65,7 +65,7 @@ def requested_max_tokens(body: dict) -> int:
     return value
 
 
-# -- request -> HF inputs ---------------------------------------------------------------------------
+# -- request -> HF inputs --------------------------------------------------------------------------
 def data_url_bytes(url: str) -> bytes:
     """The payload of a base64 `data:` URL; other schemes are refused."""
     if not isinstance(url, str) or not url.startswith("data:"):
@@ -80,7 +80,7 @@ def data_url_bytes(url: str) -> bytes:
 
 
 def decode_video(data: bytes, num_frames: int) -> np.ndarray:
-    """Every frame decoded with PyAV, then `num_frames` evenly spaced ones kept: uint8 [T, H, W, 3]."""
+    """Every frame decoded with PyAV, then `num_frames` evenly spaced ones kept: uint8 [T,H,W,3]."""
     try:
         with av.open(io.BytesIO(data)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -100,7 +100,8 @@ def hf_conversation(messages: list) -> tuple[list[dict], list[Image.Image], list
             raise BadRequest("each message needs a role and content")
         role, content = msg["role"], msg.get("content")
         if isinstance(content, str):
-            # HF's PLM template drops a plain-string user message; keep it as a text part, as plm-serve does.
+            # HF's PLM template drops a plain-string user message; keep it as a text part, as
+            # plm-serve does.
             out.append(
                 {
                     "role": role,
@@ -141,7 +142,7 @@ def hf_conversation(messages: list) -> tuple[list[dict], list[Image.Image], list
 
 
 def build_inputs(processor, messages: list) -> dict:
-    """input_ids and pixel tensors as HF's processor makes them (one BOS: the template already has it)."""
+    """input_ids and pixel tensors as HF's processor makes them (one BOS: the template has it)."""
     conv, images, videos, vision_input_type = hf_conversation(messages)
     text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     media = {name: items for name, items in (("images", images), ("videos", videos)) if items}
@@ -149,16 +150,17 @@ def build_inputs(processor, messages: list) -> dict:
         text=text, add_special_tokens=False, vision_input_type=vision_input_type, **media
     )
     inputs = {"input_ids": torch.tensor([enc["input_ids"][0]])}
-    # Tiles of all images (frames of all videos) go in one row: HF cannot stack different tile counts.
+    # Tiles of all images (frames of all videos) go in one row: HF cannot stack different tile
+    # counts.
     for name, key in (("images", "pixel_values"), ("videos", "pixel_values_videos")):
         if name in media:
             inputs[key] = torch.cat([torch.as_tensor(np.asarray(p)) for p in enc[key]])[None]
     return inputs
 
 
-# -- generation -------------------------------------------------------------------------------------
+# -- generation ------------------------------------------------------------------------------------
 class TokenStreamer:
-    """HF streamer that hands each new token id to a callback (generate's first put is the prompt)."""
+    """HF streamer handing each new token id to a callback (generate's first put is the prompt)."""
 
     def __init__(self, on_token):
         self.on_token, self.prompt_seen = on_token, False
@@ -185,7 +187,8 @@ class Cancelled:
 
 
 class TextDeltas:
-    """Incremental detokenisation: the text each new token adds, held back while a character is incomplete."""
+    """Incremental detokenisation: the text each new token adds, held back while a character is
+    incomplete."""
 
     def __init__(self, tokenizer, eos_ids: set[int]):
         self.tokenizer, self.eos_ids, self.ids, self.sent = tokenizer, eos_ids, [], 0
@@ -209,7 +212,8 @@ class Baseline:
 
         self.processor = AutoProcessor.from_pretrained(path)
         self.device = torch.device(device)
-        # fp32 on CPU (bf16 matmuls are very slow there), bf16 on GPU: what plm-serve's dtype=auto picks
+        # fp32 on CPU (bf16 matmuls are very slow there), bf16 on GPU: what plm-serve's dtype=auto
+        # picks
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.model = (
             PerceptionLMForConditionalGeneration.from_pretrained(
@@ -241,7 +245,7 @@ class Baseline:
 
     @torch.inference_mode()
     def generate(self, job: Job, on_token) -> None:
-        """Runs HF generate for one job, calling on_token(id) per new token; on the worker thread."""
+        """Runs HF generate for one job, on_token(id) per new token; on the worker thread."""
         if job.seed is not None:
             torch.manual_seed(job.seed)
         sampling = (
@@ -260,8 +264,9 @@ class Baseline:
         )
 
     async def run(self, body: dict):
-        """Async iterator for one request, in turn with all the others (one worker): first the prompt
-        length, then each new token id. Closing it early stops the generation (or skips a waiting one)."""
+        """Async iterator for one request, in turn with all the others (one worker): first the
+        prompt length, then each new token id. Closing it early stops the generation (or skips a
+        waiting one)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done, cancel = object(), threading.Event()
@@ -291,7 +296,7 @@ class Baseline:
             cancel.set()
 
 
-# -- HTTP -------------------------------------------------------------------------------------------
+# -- HTTP ------------------------------------------------------------------------------------------
 def error_body(message: str, type_: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": None}}
 
@@ -425,7 +430,8 @@ def create_app(baseline: Baseline, served_model_name: str) -> FastAPI:
                             [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
                         )
             except Exception as e:  # noqa: BLE001 — an error event, then [DONE]
-                yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+                failed = error_body(f"generation failed: {e}", "server_error")
+                yield f"data: {json.dumps(failed)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             yield reply.chunk([{"index": 0, "delta": {}, "finish_reason": reply.finish()}])

@@ -1,10 +1,13 @@
-"""Serving benchmark: streams text, image and video chats at OpenAI-compatible servers; reports latency, throughput.
+"""Serving benchmark: streams text, image and video chats at OpenAI-compatible servers.
+
+It reports latency and throughput per server and load level.
 
     # one command, both servers on the same workload (each started, measured and stopped in turn)
-    .venv/bin/python benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline --model CHECKPOINT_DIR \\
-        --concurrency 1,4,8 --out serve-bench
+    .venv/bin/python benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline \\
+        --model CHECKPOINT_DIR --concurrency 1,4,8 --out serve-bench
     # servers already running
-    .venv/bin/python benchmarks/serve_bench.py --target plm-serve=http://127.0.0.1:8000 --request-rate 2,inf
+    .venv/bin/python benchmarks/serve_bench.py --target plm-serve=http://127.0.0.1:8000 \\
+        --request-rate 2,inf
     # the report again from a results.json
     .venv/bin/python benchmarks/serve_bench.py --replot serve-bench
 
@@ -51,8 +54,9 @@ IMAGE_SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1280, 720), (44
 VIDEO_SIZE = (320, 240)
 VIDEO_FPS = 8
 WORDS = (
-    "river stone lantern orbit maple signal copper harbor violet engine meadow cipher falcon glacier "
-    "ember tunnel quartz willow beacon canyon thread marble comet forest prism anchor velvet summit"
+    "river stone lantern orbit maple signal copper harbor violet engine meadow cipher falcon "
+    "glacier ember tunnel quartz willow beacon canyon thread marble comet forest prism anchor "
+    "velvet summit"
 ).split()
 QUESTIONS = [
     "Describe this in detail.",
@@ -66,7 +70,7 @@ QUESTIONS = [
 ]
 
 
-# -- workload ---------------------------------------------------------------------------------------
+# -- workload --------------------------------------------------------------------------------------
 @dataclass
 class WorkloadConfig:
     """What the requests look like; every level draws its own requests from this."""
@@ -191,10 +195,7 @@ def make_workload(cfg: WorkloadConfig, salt: str) -> list[BenchRequest]:
     np_rng = np.random.default_rng(rng.getrandbits(64))
     kinds = [k for k, n in kind_counts(cfg.mix, cfg.num_prompts).items() for _ in range(n)]
     rng.shuffle(kinds)
-    seen: dict[str, list[tuple[str, dict]]] = {
-        "image": [],
-        "video": [],
-    }  # kind -> [(media id, part)]
+    seen: dict[str, list[tuple[str, dict]]] = {"image": [], "video": []}  # kind -> [(id, part)]
     out = []
     for i, kind in enumerate(kinds):
         if kind == "text":
@@ -243,7 +244,7 @@ def request_body(req: BenchRequest, model: str, cfg: WorkloadConfig) -> bytes:
     ).encode()
 
 
-# -- one request ------------------------------------------------------------------------------------
+# -- one request -----------------------------------------------------------------------------------
 @dataclass
 class RequestRecord:
     """What one request did, as the client saw it (seconds; start_s from the start of its run)."""
@@ -267,7 +268,8 @@ class RequestRecord:
 
 
 class StreamParser:
-    """Turns the SSE lines of one streamed chat completion, with their arrival times, into a record."""
+    """Turns the SSE lines of one streamed chat completion, with their arrival times, into a
+    record."""
 
     def __init__(self, record: RequestRecord, sent_at: float):
         self.record, self.sent_at = record, sent_at
@@ -335,7 +337,8 @@ async def send(
         ) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+                text = (await resp.aread()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status_code}: {text[:300]}"
                 rec.e2e_s = time.perf_counter() - sent_at
                 return rec
             parser = StreamParser(rec, sent_at)
@@ -348,9 +351,10 @@ async def send(
         return rec
 
 
-# -- one run: a workload at one load level ----------------------------------------------------------
+# -- one run: a workload at one load level ---------------------------------------------------------
 def arrival_times(n: int, rate: float, rng: random.Random) -> list[float]:
-    """Seconds after the start at which each request is due: Poisson arrivals, or all at 0 for rate=inf."""
+    """Seconds after the start at which each request is due: Poisson arrivals, or all at 0 for
+    rate=inf."""
     if math.isinf(rate):
         return [0.0] * n
     t, out = 0.0, []
@@ -370,7 +374,10 @@ async def run_level(
     timeout_s: float,
     progress: tqdm,
 ) -> tuple[list[RequestRecord], float]:
-    """Sends the requests as they fall due, at most `concurrency` in flight (0: no limit); (records, seconds)."""
+    """Sends the requests as they fall due, at most `concurrency` in flight (0: no limit).
+
+    Returns (records, seconds).
+    """
     slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
     due = arrival_times(len(requests), rate, random.Random(seed))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -392,7 +399,7 @@ async def run_level(
 
 
 def distribution(values: list[float]) -> dict:
-    """count, mean, p50, p90, p99, max (linear-interpolated percentiles); None figures when empty."""
+    """count, mean, p50, p90, p99, max (linear-interpolated percentiles); None figures if empty."""
     if not values:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     arr = np.asarray(values, dtype=float)
@@ -447,7 +454,7 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
     }
 
 
-# -- servers ----------------------------------------------------------------------------------------
+# -- servers ---------------------------------------------------------------------------------------
 @dataclass
 class Target:
     """A server under test: a base URL, or a kind this script starts (plm-serve, hf-baseline)."""
@@ -504,7 +511,7 @@ def server_command(
 def start_server(
     cmd: list[str], base: str, ready_paths: list[str], log_path: Path, timeout_s: float
 ) -> subprocess.Popen:
-    """Starts a server (output to log_path) and waits until every path in ready_paths answers 200."""
+    """Starts a server (output to log_path); waits until every path in ready_paths answers 200."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -543,7 +550,7 @@ def served_model(base: str) -> str:
     return models[0]["id"]
 
 
-# -- the whole benchmark ----------------------------------------------------------------------------
+# -- the whole benchmark ---------------------------------------------------------------------------
 def level_label(concurrency: int, rate: float | None) -> str:
     """'c=4', 'c=all rate=2/s': rate None or inf means all requests at once."""
     c = "all" if concurrency <= 0 else str(concurrency)
@@ -660,21 +667,23 @@ def bench_target(
                     }
                 )
                 print(
-                    f"[{target.name}] {label}: {summary['completed']}/{summary['requests']} ok in {duration:.1f} s, "
-                    f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} out tok/s, "
-                    f"TTFT p50 {fmt_ms(summary['ttft_s']['p50'])} ms, E2E p50 {fmt_ms(summary['e2e_s']['p50'])} ms",
+                    f"[{target.name}] {label}: {summary['completed']}/{summary['requests']} ok "
+                    f"in {duration:.1f} s, {summary['request_throughput']:.2f} req/s, "
+                    f"{summary['output_throughput']:.1f} out tok/s, "
+                    f"TTFT p50 {fmt_ms(summary['ttft_s']['p50'])} ms, "
+                    f"E2E p50 {fmt_ms(summary['e2e_s']['p50'])} ms",
                     file=sys.stderr,
                 )
-                write_json(
-                    results, out / "results.json"
-                )  # after every run: a crash keeps what was measured
+                # after every run: a crash keeps what was measured
+                write_json(results, out / "results.json")
     finally:
         if proc is not None:
             stop_server(proc)
 
 
 def load_average() -> float | None:
-    """The machine's 1-minute load average (other work on a shared machine shows here), None if unknown."""
+    """The machine's 1-minute load average (other work on a shared machine shows here), None if
+    unknown."""
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
@@ -706,7 +715,7 @@ def parse_rates(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",") if x.strip()]
 
 
-# -- report -----------------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 def _run_level(run: dict) -> str:
     return level_label(run["concurrency"], run["request_rate"])
 
@@ -837,27 +846,29 @@ def report_markdown(results: dict) -> str:
     ]
     lines += [f"- Note: {n}" for n in results.get("notes") or []]
     for name, server in (results.get("servers") or {}).items():
-        cmd = shlex.join(server["command"]).replace(
-            f"{REPO}/", ""
-        )  # paths as seen from the repository root
+        # paths as seen from the repository root
+        cmd = shlex.join(server["command"]).replace(f"{REPO}/", "")
         lines.append(f"- `{name}` was started as `{cmd}`")
     counts = kind_counts(wl["mix"], wl["num_prompts"])
+    mix = ", ".join(f"{n} {k}" for k, n in counts.items())
     lines += [
         "",
         "## Workload",
         "",
-        f"{wl['num_prompts']} streamed chats per load level ({', '.join(f'{n} {k}' for k, n in counts.items())}),"
-        f" {wl['max_tokens']} output tokens each (temperature 0, ignore_eos {wl['ignore_eos']}); images "
-        f"with detail `{wl['image_detail']}`, videos of {wl['video_frames']} frames sampled to "
-        f"{wl['num_frames']}; an image/video chat reuses an earlier item of its level with a new question "
-        f"with probability {wl['repeat_media_ratio']}; seed {wl['seed']}. Every level has its own media and "
-        "texts, identical across targets. Concurrency c = at most c requests in flight, the next sent as "
-        "one finishes; all are due at once unless a request rate is shown.",
+        f"{wl['num_prompts']} streamed chats per load level ({mix}),"
+        f" {wl['max_tokens']} output tokens each (temperature 0, ignore_eos {wl['ignore_eos']}); "
+        f"images with detail `{wl['image_detail']}`, videos of {wl['video_frames']} frames sampled "
+        f"to {wl['num_frames']}; an image/video chat reuses an earlier item of its level with a "
+        f"new question with probability {wl['repeat_media_ratio']}; seed {wl['seed']}. Every "
+        "level has its own media and texts, identical across targets. Concurrency c = at most c "
+        "requests in flight, the next sent as one finishes; all are due at once unless a request "
+        "rate is shown.",
         "",
-        "Timing from the moment a request is sent: TTFT to the first content chunk, ITL = gaps between "
-        "content chunks (about one per token on both servers), E2E to `[DONE]`. Throughputs count completed "
-        "requests over the run's wall time; total tokens = prompt + output tokens (from `usage`). The load "
-        "average (1 minute, before and after each run) shows other work on the machine.",
+        "Timing from the moment a request is sent: TTFT to the first content chunk, ITL = gaps "
+        "between content chunks (about one per token on both servers), E2E to `[DONE]`. "
+        "Throughputs count completed requests over the run's wall time; total tokens = prompt + "
+        "output tokens (from `usage`). The load average (1 minute, before and after each run) "
+        "shows other work on the machine.",
         "",
     ]
     kinds_tokens = {}
@@ -874,16 +885,18 @@ def report_markdown(results: dict) -> str:
         "## Results",
         "",
         "| target | level | ok | failed | wall s | req/s | output tok/s | total tok/s | "
-        "TTFT ms mean / p50 / p90 / p99 | ITL ms mean / p50 / p90 / p99 | E2E s mean / p50 / p90 / p99 | "
-        "load avg before / after |",
+        "TTFT ms mean / p50 / p90 / p99 | ITL ms mean / p50 / p90 / p99 | "
+        "E2E s mean / p50 / p90 / p99 | load avg before / after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r["summary"]
         lines.append(
-            f"| {r['target']} | {_run_level(r)} | {s['completed']} | {s['failed']} | {s['duration_s']:.1f} | "
-            f"{s['request_throughput']:.3f} | {s['output_throughput']:.1f} | "
-            f"{s['total_token_throughput']:.0f} | {_ms(s['ttft_s'])} | {_ms(s['itl_s'])} | {_s(s['e2e_s'])} | "
+            f"| {r['target']} | {_run_level(r)} | {s['completed']} | {s['failed']} | "
+            f"{s['duration_s']:.1f} | {s['request_throughput']:.3f} | "
+            f"{s['output_throughput']:.1f} | "
+            f"{s['total_token_throughput']:.0f} | {_ms(s['ttft_s'])} | {_ms(s['itl_s'])} | "
+            f"{_s(s['e2e_s'])} | "
             + " / ".join(
                 "-" if x is None else f"{x:.1f}" for x in r.get("load_average") or [None, None]
             )

@@ -1,4 +1,4 @@
-"""Finds a PerceptionLM checkpoint: a local directory, or a hub id downloaded with only the HF files.
+"""Finds a PerceptionLM checkpoint: a local directory, or a hub id fetched with only the HF files.
 
 The hub repos `facebook/Perception-LM-{1B,3B,8B}` also carry the original-format weights
 (`consolidated.pth`, `params.json`); `ALLOW_PATTERNS` keeps the download to the Hugging Face files.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from plm_core.config import ConfigError
+from plm_core.model_config import ConfigError
 
 ALLOW_PATTERNS = [
     "config.json",
@@ -28,6 +28,7 @@ ALLOW_PATTERNS = [
 ]
 
 REQUIRED_FILES = ["config.json", "tokenizer.json"]
+_TRUE = ("1", "true", "yes", "on")  # the values of HF_HUB_OFFLINE that mean offline
 
 
 class CheckpointError(ConfigError):
@@ -40,7 +41,7 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def resolve_checkpoint(
-    model: str | os.PathLike,
+    model: str | os.PathLike[str],
     *,
     revision: str | None = None,
     cache_dir: str | None = None,
@@ -72,29 +73,31 @@ def resolve_checkpoint(
     return path
 
 
-def _download(repo_id: str, *, revision, cache_dir, local_files_only, progress) -> Path:
+def _download(
+    repo_id: str,
+    *,
+    revision: str | None,
+    cache_dir: str | None,
+    local_files_only: bool,
+    progress: bool,
+) -> Path:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
-    kwargs = dict(
-        repo_id=repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        allow_patterns=ALLOW_PATTERNS,
-        local_files_only=offline,
-    )
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
     if not progress:
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils.tqdm import disable_progress_bars
 
         disable_progress_bars()
     try:
-        return Path(snapshot_download(**kwargs))
+        path = snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=ALLOW_PATTERNS,
+            local_files_only=offline,
+        )
+        return Path(path)
     except hf_errors.GatedRepoError as e:
         raise CheckpointError(
             f"{repo_id} is gated: accept its licence on the hub and log in "

@@ -1,4 +1,5 @@
-"""Sampling parameters of a request: vLLM's names and defaults, validated on creation."""
+"""Sampling parameters of a request: vLLM's names and defaults, validated on creation (an
+InputError naming the field for a value that could later fail a step)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,44 @@ import json
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from plm_core.errors import InputError
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI accepts logit_bias values in [-100, 100] and rejects the rest
-SEED_MIN, SEED_MAX = (
-    -(2**63),
-    2**64 - 1,
-)  # what torch.Generator.manual_seed accepts (it reads seeds modulo 2**64)
+# what torch.Generator.manual_seed accepts (it reads seeds modulo 2**64)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 _GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+_INTEGER_FIELDS = ("top_k", "max_tokens", "n", "min_tokens")
 
 
-def _integer(name: str, value) -> int:
+def _field(name: str) -> str:
+    """The request field a checked value belongs to (`logit_bias[5]` -> `logit_bias`)."""
+    return name.split("[", 1)[0]
+
+
+def _integer(name: str, value: Any) -> int:
     """value as a plain int (ints, numpy integers); ValueError for floats, strings and the rest."""
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise InputError(f"{name} must be an integer, got {value!r}", param=_field(name)) from None
 
 
-def _finite(name: str, value) -> float:
+def _finite(name: str, value: Any) -> float:
     """value as a finite float; ValueError for NaN, infinities and non-numbers."""
     if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InputError(f"{name} must be a finite number, got {value!r}", param=_field(name))
     return float(value)
 
 
@@ -45,7 +61,7 @@ class StructuredOutput:
     choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
     grammar: str | None = None  # an EBNF grammar (GBNF-style, `root ::= ...`)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
         kinds += ["json_object"] if self.json_object else []
         if len(kinds) != 1:
@@ -86,8 +102,8 @@ class StructuredOutput:
 class SamplingParams:
     """How to pick tokens for one request (vLLM's names and defaults where they exist).
 
-    Every field is checked here (token ids against the vocabulary in EngineCore.add_request), so that
-    a request the engine accepts can never make a step fail.
+    Every field is checked here (token ids against the vocabulary in EngineCore.add_request), so
+    that a request the engine accepts can never make a step fail.
     """
 
     temperature: float = 1.0  # 0 means greedy
@@ -101,110 +117,152 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
-    repetition_penalty: float = (
-        1.0  # divides (or multiplies, if negative) logits of prompt + output tokens
-    )
-    logit_bias: dict[int, float] | None = (
-        None  # token id -> added to its logit; values in [-100, 100]
-    )
+    # divides (or multiplies, if negative) logits of prompt + output tokens
+    repetition_penalty: float = 1.0
+    # token id -> added to its logit; values in [-100, 100]
+    logit_bias: dict[int, float] | None = None
     stop: list[str] | str | None = None  # stop strings; normalised to a list
-    include_stop_str_in_output: bool = (
-        False  # keep the stop string (or stop/eos token's text) in the text
-    )
+    # keep the stop string (or stop/eos token's text) in the text
+    include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k (0..20)
     skip_special_tokens: bool = True
-    min_tokens: int = (
-        0  # eos, stop tokens and stop strings do not end the output before this many tokens
-    )
-    structured_output: StructuredOutput | None = (
-        None  # constrain the text to a JSON schema, regex, ...
-    )
+    # eos, stop tokens and stop strings do not end the output before this many tokens
+    min_tokens: int = 0
+    # constrain the text to a JSON schema, regex, ...
+    structured_output: StructuredOutput | None = None
 
-    def __post_init__(self):
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        ):
+    def __post_init__(self) -> None:
+        for name in _FLOAT_FIELDS:
             setattr(self, name, _finite(name, getattr(self, name)))
-        for name in ("top_k", "max_tokens", "n", "min_tokens"):
+        for name in _INTEGER_FIELDS:
             setattr(self, name, _integer(name, getattr(self, name)))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None:
-            self.logprobs = _integer("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
-            )
+        self._check_ranges()
         if self.seed is not None:
             self.seed = _integer("seed", self.seed)
             if not SEED_MIN <= self.seed <= SEED_MAX:
-                raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+                raise InputError(
+                    f"seed must be in [-2**63, 2**64 - 1], got {self.seed}", param="seed"
+                )
         stop_token_ids = () if self.stop_token_ids is None else self.stop_token_ids
         self.stop_token_ids = [_integer("stop_token_ids", t) for t in stop_token_ids]
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
-
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-
+            raise InputError(
+                f"stop_token_ids must be non-negative, got {self.stop_token_ids}",
+                param="stop_token_ids",
+            )
+        self.stop = _stop_strings(self.stop)
         if self.structured_output is not None and not isinstance(
             self.structured_output, StructuredOutput
         ):
             raise ValueError(
                 f"structured_output must be a StructuredOutput, got {self.structured_output!r}"
             )
-
         if self.logit_bias is not None:
-            bias = {}
-            for token, value in self.logit_bias.items():
-                try:
-                    token_id = int(token) if isinstance(token, str) else operator.index(token)
-                except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
-                if token_id < 0:
-                    raise ValueError(
-                        f"logit_bias keys must be non-negative token ids, got {token_id}"
-                    )
-                value = _finite(f"logit_bias[{token_id}]", value)
-                if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-                    raise ValueError(
-                        f"logit_bias values must be in [-100, 100], got {value} for token {token_id}"
-                    )
-                bias[token_id] = value
-            self.logit_bias = bias
+            self.logit_bias = _logit_bias(self.logit_bias)
+
+    def _check_ranges(self) -> None:
+        """ValueError for a number outside its field's range (logprobs is made an int here)."""
+        if self.temperature < 0:
+            raise InputError(
+                f"temperature must be >= 0, got {self.temperature}", param="temperature"
+            )
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < -1:
+            raise InputError(
+                f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}", param="top_k"
+            )
+        if self.max_tokens < 1:
+            raise InputError(
+                f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens"
+            )
+        if self.n < 1:
+            raise InputError(f"n must be at least 1, got {self.n}", param="n")
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        if not -2 <= self.presence_penalty <= 2:
+            raise InputError(
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+                param="presence_penalty",
+            )
+        if not -2 <= self.frequency_penalty <= 2:
+            raise InputError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+                param="frequency_penalty",
+            )
+        if not self.repetition_penalty > 0:
+            raise InputError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise InputError(
+                    f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                    param="logprobs",
+                )
+        if self.min_tokens < 0:
+            raise InputError(f"min_tokens must be >= 0, got {self.min_tokens}", param="min_tokens")
+        if self.min_tokens > self.max_tokens:
+            raise InputError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
 
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax: temperature (almost) 0, or top_k == 1."""
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of choice `index` of an n-choice request: n=1 and, with a seed, seed + index.
+
+        seed + index past SEED_MAX wraps around by 2**64 (to 0, 1, ...): torch reads seeds modulo
+        2**64, so that is the generator seed + index stands for, and the seed stays in the range
+        torch accepts.
+        """
+        seed = None
+        if self.seed is not None:
+            seed = self.seed + index
+            if seed > SEED_MAX:
+                seed -= 2**64
+        return replace(self, n=1, seed=seed)
+
+
+def _stop_strings(stop: list[str] | str | None) -> list[str]:
+    """stop as a list of non-empty strings; ValueError for an empty or non-string one."""
+    if stop is None:
+        strings = []
+    elif isinstance(stop, str):
+        strings = [stop]
+    else:
+        strings = list(stop)
+    if any(not isinstance(s, str) or s == "" for s in strings):
+        raise InputError(f"stop must be non-empty strings, got {strings!r}", param="stop")
+    return strings
+
+
+def _logit_bias(logit_bias: dict[Any, Any]) -> dict[int, float]:
+    """logit_bias with int token ids (JSON gives string keys) and finite values in [-100, 100]."""
+    bias = {}
+    for token, value in logit_bias.items():
+        try:
+            token_id = int(token) if isinstance(token, str) else operator.index(token)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"logit_bias keys must be token ids, got {token!r}", param="logit_bias"
+            ) from None
+        if token_id < 0:
+            raise InputError(
+                f"logit_bias keys must be non-negative token ids, got {token_id}",
+                param="logit_bias",
+            )
+        value = _finite(f"logit_bias[{token_id}]", value)
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise InputError(
+                f"logit_bias values must be in [-100, 100], got {value} for token {token_id}",
+                param="logit_bias",
+            )
+        bias[token_id] = value
+    return bias

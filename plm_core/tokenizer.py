@@ -1,10 +1,10 @@
-"""Tokenizer and chat template: renders a conversation with the checkpoint's Jinja template and encodes it.
+"""Tokenizer and chat template: renders a conversation with the checkpoint's template, encodes it.
 
-Rendering follows transformers' `apply_chat_template` (sandboxed Jinja, trim_blocks, lstrip_blocks),
-and the rendered text is encoded without adding special tokens, so the prompt has exactly the one
-BOS the template writes (rendering and then calling the tokenizer with defaults would add a second).
-`token_bytes` gives a token's raw bytes (OpenAI's logprobs `bytes`), which a byte-level token that
-splits a character has, though alone it decodes to U+FFFD.
+Rendering follows transformers' `apply_chat_template` (sandboxed Jinja, trim_blocks,
+lstrip_blocks), and the rendered text is encoded without adding special tokens, so the prompt has
+exactly the one BOS the template writes (rendering and then calling the tokenizer with defaults
+would add a second). `token_bytes` gives a token's raw bytes (OpenAI's logprobs `bytes`), which a
+byte-level token that splits a character has, though alone it decodes to U+FFFD.
 """
 
 from __future__ import annotations
@@ -13,21 +13,22 @@ import json
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
+from typing import Any, NoReturn
 
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from plm_core.config import ConfigError
+from plm_core.model_config import ConfigError
 
 
 class InvalidTextError(ValueError):
-    """Text that cannot be tokenized: it is not valid Unicode (a lone surrogate, such as JSON's "\\ud800")."""
+    """Text that cannot be tokenized: not valid Unicode (a lone surrogate, as JSON's "\\ud800")."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table from each byte to the printable character that byte-level BPE vocabularies spell it with."""
+    """GPT-2's table from each byte to the printable character byte-level BPE spells it with."""
     bs = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -44,16 +45,21 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _CHAR_OF_BYTE = bytes_to_unicode()
-_BYTE_OF_CHAR = {
-    c: b for b, c in _CHAR_OF_BYTE.items()
-}  # the inverse: vocabulary character -> byte
+# the inverse: vocabulary character -> byte
+_BYTE_OF_CHAR = {c: b for b, c in _CHAR_OF_BYTE.items()}
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -88,12 +94,10 @@ class PLMTokenizer:
             self._template = env.from_string(chat_template)
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"the checkpoint's chat template does not parse: {e}") from e
-        self._added = {
-            i: t.content for i, t in self._tok.get_added_tokens_decoder().items()
-        }  # id -> text
-        self._token_bytes: dict[
-            int, bytes
-        ] = {}  # cache of token_bytes(); filled as tokens are asked for
+        # id -> text of the added tokens
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        # cache of token_bytes(); filled as tokens are asked for
+        self._token_bytes: dict[int, bytes] = {}
 
     @cached_property
     def vocab_size(self) -> int:
@@ -109,7 +113,7 @@ class PLMTokenizer:
             raise ConfigError(f"token {token!r} is not in the tokenizer")
         return tid
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """Renders template-ready messages (content as a list of {"type": ...} parts) to text."""
         eos = self._tok.id_to_token(self.eos_token_ids[-1]) if self.eos_token_ids else ""
         return self._template.render(
@@ -120,7 +124,7 @@ class PLMTokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text, without special tokens added; InvalidTextError (a ValueError) for invalid Unicode."""
+        """Token ids of text, with no special tokens added; InvalidTextError for invalid Unicode."""
         if not text.isascii():
             try:
                 text.encode("utf-8")
@@ -136,21 +140,23 @@ class PLMTokenizer:
 
     @cached_property
     def is_byte_level(self) -> bool:
-        """True for byte-level BPE vocabularies (Llama 3's, GPT-2's): tokens spelled in GPT-2's byte alphabet."""
-        ids = {c: self._tok.token_to_id(c) for c in _BYTE_OF_CHAR}
-        if None in ids.values():
-            return False
+        """True for byte-level BPE vocabularies (Llama 3's, GPT-2's), spelled in GPT-2's bytes."""
+        ids: dict[str, int] = {}
+        for c in _BYTE_OF_CHAR:
+            token_id = self._tok.token_to_id(c)
+            if token_id is None:
+                return False
+            ids[c] = token_id
         # and its decoder must read it that way: "Ġ" is a space, "Ã" + "©" is "é"
-        space, e_acute = (
-            [ids[_CHAR_OF_BYTE[b]] for b in b" "],
-            [ids[_CHAR_OF_BYTE[b]] for b in "é".encode()],
-        )
+        space = [ids[_CHAR_OF_BYTE[b]] for b in b" "]
+        e_acute = [ids[_CHAR_OF_BYTE[b]] for b in "é".encode()]
         return self._tok.decode(space) == " " and self._tok.decode(e_acute) == "é"
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token: part of a UTF-8 character for byte-level tokens that split one, the
-        UTF-8 text of special and added tokens, b"" for ids outside the vocabulary. The bytes of a sequence's
-        tokens concatenate to the UTF-8 of its decoded text (without skipping special tokens)."""
+        """The raw bytes of one token: part of a UTF-8 character for byte-level tokens that split
+        one, the UTF-8 text of special and added tokens, b"" for ids outside the vocabulary. The
+        bytes of a sequence's tokens concatenate to the UTF-8 of its decoded text (without skipping
+        special tokens)."""
         cached = self._token_bytes.get(token_id)
         if cached is None:
             cached = self._compute_token_bytes(token_id)
@@ -159,7 +165,7 @@ class PLMTokenizer:
         return cached
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token alone; a token holding part of a UTF-8 character shows U+FFFD for it."""
+        """The text of one token alone; a token with part of a UTF-8 character shows U+FFFD."""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def _compute_token_bytes(self, token_id: int) -> bytes:
@@ -171,8 +177,7 @@ class PLMTokenizer:
         if self.is_byte_level:
             try:
                 return bytes(_BYTE_OF_CHAR[c] for c in token)
-            except (
-                KeyError
-            ):  # not spelled in the byte alphabet: the decoder, too, takes such a token as it is
+            except KeyError:
+                # not spelled in the byte alphabet: the decoder, too, takes such a token as it is
                 return token.encode()
         return self._tok.decode([token_id], skip_special_tokens=False).encode()

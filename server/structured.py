@@ -1,10 +1,14 @@
-"""The request's output constraint: OpenAI's `response_format`, or vLLM's `structured_outputs` (and its
-older `guided_*` fields), read into one plain `StructuredOutput` for the engine (or None)."""
+"""The request's output constraint, read into one plain `StructuredOutput` for the engine.
+
+It comes from OpenAI's `response_format`, or vLLM's `structured_outputs` (and its older `guided_*`
+fields); a request without one gets None.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from plm_core.sampling import StructuredOutput
 
@@ -26,10 +30,10 @@ class ConstraintError(ValueError):
         self.param = param
 
 
-def structured_output(extra: dict) -> tuple[StructuredOutput | None, str | None]:
-    """(the constraint, the request field it came from) from the request's extra fields; ConstraintError
-    for a malformed one or for more than one."""
-    found = []
+def structured_output(extra: dict[str, Any]) -> tuple[StructuredOutput | None, str | None]:
+    """(the constraint, the request field it came from) from the request's extra fields;
+    ConstraintError for a malformed one or for more than one."""
+    found: list[tuple[StructuredOutput, str]] = []
     fmt = extra.get("response_format")
     if fmt is not None:
         spec = _response_format(fmt)
@@ -48,7 +52,7 @@ def structured_output(extra: dict) -> tuple[StructuredOutput | None, str | None]
     return found[0] if found else (None, None)
 
 
-def _response_format(fmt) -> StructuredOutput | None:
+def _response_format(fmt: object) -> StructuredOutput | None:
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise ConstraintError("response_format must be an object with a 'type'", "response_format")
     kind = fmt["type"]
@@ -88,7 +92,7 @@ def _response_format(fmt) -> StructuredOutput | None:
         ) from None
 
 
-def _vllm(so, param: str) -> StructuredOutput:
+def _vllm(so: object, param: str) -> StructuredOutput:
     if not isinstance(so, dict):
         raise ConstraintError(
             f"{param} must be an object with one of {', '.join(_VLLM_KINDS)}", param

@@ -21,9 +21,8 @@ def hf_processor(path: str, max_num_tiles: int = 36, vision_input_type: str = "t
     proc = AutoProcessor.from_pretrained(path)
     # HF ignores a per-call max_num_tiles when choosing the grid: set it on the instance.
     proc.image_processor.max_num_tiles = max_num_tiles
-    proc.image_processor.vision_input_type = (
-        vision_input_type  # "vanilla": one squashed tile (our detail=low)
-    )
+    # "vanilla": one squashed tile (our detail=low)
+    proc.image_processor.vision_input_type = vision_input_type
     return proc
 
 
@@ -60,7 +59,8 @@ def hf_sampled_frames(path, num_frames: int = 32) -> np.ndarray:
 
 
 def to_hf_messages(messages: list[dict]) -> tuple[list[dict], list[Image.Image], list[np.ndarray]]:
-    """Our test conversations use {"image": path|PIL} / {"video": frames} parts; HF gets placeholders."""
+    """Our test conversations use {"image": path|PIL} / {"video": frames} parts; HF gets
+    placeholders."""
     out, images, videos = [], [], []
     for msg in messages:
         content = msg["content"]

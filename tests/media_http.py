@@ -1,4 +1,4 @@
-"""A loopback HTTP server for media tests: serves files, redirects and bad responses, and counts hits."""
+"""A loopback HTTP server for media tests: serves files, redirects, bad responses; counts hits."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class MediaServer:
-    """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME; `hits` counts every request,
-    `host_headers` records the Host header of each."""
+    """Routes: /file/NAME (registered bytes), /redirect?to=URL, /gzip/NAME.
+
+    `hits` counts every request, `host_headers` records the Host header of each.
+    """
 
     def __init__(self, host: str = "127.0.0.1"):
         self.files: dict[str, bytes] = {}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from conftest import SHARED_MEDIA
 from PIL import Image, ImageDraw
+from support import SHARED_MEDIA
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 HAVE_SHARED = SHARED_MEDIA.is_dir()

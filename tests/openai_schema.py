@@ -1,20 +1,20 @@
-"""OpenAI's published API schemas (../shared/openai-openapi.json) as a validator for responses and errors.
+"""OpenAI's published API schemas (../shared/openai-openapi.json) as a validator of responses.
 
-`openai_validator()` gives check(schema_name, obj), raising jsonschema's ValidationError, or None where
-the file is absent (a user's clone): the tests' own assertions still run then.
+`openai_validator()` gives check(schema_name, obj), raising jsonschema's ValidationError, or None
+where the file is absent (a user's clone): the tests' own assertions still run then.
 """
 
 from __future__ import annotations
 
 import json
 
-from conftest import REPO
+from support import SHARED
 
-OPENAPI = REPO.parent / "shared" / "openai-openapi.json"
+OPENAPI = SHARED / "openai-openapi.json"
 
 
 def _convert(node):
-    """OpenAPI 3.0 -> JSON Schema: `nullable` becomes a null alternative, component refs become $defs."""
+    """OpenAPI 3.0 -> JSON Schema: `nullable` becomes a null alternative, component refs $defs."""
     if isinstance(node, dict):
         node = {k: _convert(v) for k, v in node.items()}
         if node.pop("nullable", False):

@@ -1,9 +1,10 @@
 """Paged attention (plm_core.model.attention) against a plain per-sequence reference.
 
-Each sequence's full K/V history is kept contiguous here; the cached part is scattered into the paged
-cache through a shuffled, non-contiguous block table, the step's new part goes in as `k`, `v`. The
-reference attends each sequence's queries to its contiguous K/V with torch SDPA and an explicit causal
-mask (query at absolute position p sees keys 0..p), GQA by repeat_interleave of the kv heads.
+Each sequence's full K/V history is kept contiguous here; the cached part is scattered into the
+paged cache through a shuffled, non-contiguous block table, the step's new part goes in as `k`,
+`v`. The reference attends each sequence's queries to its contiguous K/V with torch SDPA and an
+explicit causal mask (query at absolute position p sees keys 0..p), GQA by repeat_interleave of the
+kv heads.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ def slot_of(table: list[int], pos: int, block_size: int = BLOCK_SIZE) -> int:
 def reference(
     q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """q: [n, nh, D] at positions start..start+n-1; k_full, v_full: [start + n, nkv, D] -> [n, nh, D]."""
+    """The attention output [n, nh, D] of q: [n, nh, D] at positions start..start+n-1.
+
+    k_full, v_full: [start + n, nkv, D], the sequence's whole K/V.
+    """
     n, nh, _ = q.shape
     ctx, nkv, _ = k_full.shape
     rep = nh // nkv
-    keys = k_full.transpose(0, 1).repeat_interleave(
-        rep, dim=0
-    )  # [nh, ctx, D]; head h uses kv head h // rep
+    # [nh, ctx, D]; head h uses kv head h // rep
+    keys = k_full.transpose(0, 1).repeat_interleave(rep, dim=0)
     values = v_full.transpose(0, 1).repeat_interleave(rep, dim=0)
     q_pos = torch.arange(start, start + n)[:, None]
     mask = torch.arange(ctx)[None, :] <= q_pos  # [n, ctx]
@@ -53,15 +56,14 @@ def make_case(
     extra_blocks: int = 7,
     spare_table_blocks: int = 2,
 ):
-    """specs: (start, query_len) per sequence. Returns everything a step needs plus the per-sequence truth."""
+    """specs: (start, query_len) per sequence. Returns everything a step needs plus the
+    per-sequence truth."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     needed = [-(-(s + n) // BLOCK_SIZE) + spare_table_blocks for s, n in specs]
     num_blocks = sum(needed) + extra_blocks
     ids = list(range(num_blocks))
-    rng.shuffle(
-        ids
-    )  # block tables are shuffled and interleaved across sequences: nothing contiguous
+    rng.shuffle(ids)  # block tables are shuffled and interleaved across sequences: none contiguous
     tables: list[list[int]] = [[] for _ in specs]
     while any(len(t) < m for t, m in zip(tables, needed)):  # dealt round-robin: tables interleave
         for t, m in zip(tables, needed):
@@ -117,9 +119,8 @@ def run_and_check(case: dict, batch_decodes: bool) -> torch.Tensor:
         )
         got = out[offset : offset + n]
         err = (got - expected).abs().max().item()
-        assert err <= ATOL, (
-            f"sequence {i} (start {start}, query_len {n}, batch_decodes={batch_decodes}): max err {err}"
-        )
+        where = f"sequence {i} (start {start}, query_len {n}, batch_decodes={batch_decodes})"
+        assert err <= ATOL, f"{where}: max err {err}"
         offset += n
 
     # The new K/V landed in their slots, and nothing else in the cache changed.

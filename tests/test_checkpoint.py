@@ -1,4 +1,4 @@
-"""Checkpoint lookup and config parsing: local dirs, hub ids through the HF cache, layouts, clear errors."""
+"""Checkpoint lookup and config parsing: local dirs, hub ids via the HF cache, layouts, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from plm_core.checkpoint import ALLOW_PATTERNS, CheckpointError, resolve_checkpoint
-from plm_core.config import ConfigError, load_model_config
+from plm_core.model_config import ConfigError, load_model_config
 
 
 def _fake_hub_cache(
@@ -39,16 +39,10 @@ def test_local_directory_resolves_and_parses(tiny_checkpoint):
 def test_hub_id_offline_from_cache(tiny_checkpoint, tmp_path, monkeypatch):
     root, snap = _fake_hub_cache(tmp_path, tiny_checkpoint)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert (
-        resolve_checkpoint("facebook/Perception-LM-1B", cache_dir=str(root), progress=False) == snap
-    )
+    options = dict(cache_dir=str(root), progress=False)
+    assert resolve_checkpoint("facebook/Perception-LM-1B", **options) == snap
     # an explicit revision (commit hash) resolves to that snapshot
-    assert (
-        resolve_checkpoint(
-            "facebook/Perception-LM-1B", revision="a" * 40, cache_dir=str(root), progress=False
-        )
-        == snap
-    )
+    assert resolve_checkpoint("facebook/Perception-LM-1B", revision="a" * 40, **options) == snap
 
 
 def test_hub_id_offline_missing_names_the_problem(tmp_path, monkeypatch):
@@ -72,9 +66,7 @@ def test_download_asks_only_for_hf_files(tiny_checkpoint, tmp_path, monkeypatch)
     assert calls["repo_id"] == "facebook/Perception-LM-3B" and calls["revision"] == "v1"
     assert calls["allow_patterns"] == ALLOW_PATTERNS and calls["local_files_only"] is False
     patterns = " ".join(ALLOW_PATTERNS)
-    assert (
-        "consolidated" not in patterns and ".pth" not in patterns and "params.json" not in patterns
-    )
+    assert all(name not in patterns for name in ("consolidated", ".pth", "params.json"))
 
 
 def test_missing_files_are_named(tiny_checkpoint, tmp_path):
@@ -103,7 +95,7 @@ def test_not_a_directory_or_hub_id():
 
 
 def test_transformers4_layout_parses_the_same(tiny_checkpoint, tmp_path):
-    """The hub's configs were written by transformers 4.x: rope_scaling + rope_theta, torch_dtype."""
+    """The hub's configs come from transformers 4.x: rope_scaling + rope_theta, torch_dtype."""
     old = tmp_path / "old"
     shutil.copytree(tiny_checkpoint, old)
     cfg = json.loads((old / "config.json").read_text())
@@ -140,7 +132,6 @@ def test_weight_errors_are_named(tiny_checkpoint, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from plm_core.config import load_model_config
     from plm_core.model.perception_lm import build_model
 
     broken = tmp_path / "weights"
@@ -153,7 +144,6 @@ def test_weight_errors_are_named(tiny_checkpoint, tmp_path):
         build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)
     tensors["model.language_model.norm.weight"] = torch.cat([dropped, dropped])
     save_file(tensors, st, metadata={"format": "pt"})
-    with pytest.raises(
-        ConfigError, match=r"norm\.weight has shape \(128,\), the config implies \(64,\)"
-    ):
+    shape = r"norm\.weight has shape \(128,\), the config implies \(64,\)"
+    with pytest.raises(ConfigError, match=shape):
         build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""The deployment files: Dockerfile, docker-compose.yml, deploy/ (Traefik, Kubernetes, Prometheus, Grafana).
+"""Deployment files: Dockerfile, docker-compose.yml, deploy/ (Traefik, k8s, Prometheus, Grafana).
 
 Each file is parsed and checked against the server it runs (its CLI flags, port, routes and metric
 names), and the Dockerfile's own commands run here: its wheel build, its ENTRYPOINT + CMD on the
@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import yaml
-from conftest import REPO, checkpoint_path
 from server_proc import free_port
+from support import REPO, checkpoint_path
 
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"
@@ -49,7 +49,7 @@ BUILD_PACKAGES = {
 }
 
 
-# --- a small Dockerfile parser ---------------------------------------------------------------------------
+# --- a small Dockerfile parser --------------------------------------------------------------------
 
 
 @dataclass
@@ -90,7 +90,8 @@ class Dockerfile:
 
 
 def parse_dockerfile(text: str) -> Dockerfile:
-    """Instructions with continuation lines joined and comments dropped (also inside continuations, as Docker does)."""
+    """Instructions with continuation lines joined and comments dropped (also inside continuations,
+    as Docker does)."""
     logical, current = [], ""
     for line in text.splitlines():
         if line.strip().startswith("#") or not line.strip():
@@ -132,7 +133,7 @@ def compose_healthcheck(compose: dict, service: str) -> list[str]:
 
 
 def exec_form(args: str) -> list[str]:
-    """ENTRYPOINT/CMD in exec (JSON) form: no shell between Docker and plm-serve, so SIGTERM reaches it."""
+    """ENTRYPOINT/CMD in exec (JSON) form: no shell between Docker and plm-serve for SIGTERM."""
     assert args.startswith("["), f"not in exec form: {args}"
     return json.loads(args)
 
@@ -148,11 +149,11 @@ def entrypoint_and_cmd(df: Dockerfile) -> list[str]:
 
 
 def server_args(argv: list[str]):
-    """plm-serve's own parser on a command line: unknown flags fail here as they would in the container."""
-    from server.cli import build_parser
+    """plm-serve's own parser on a command line: unknown flags fail here as in the container."""
+    from server.config import parse_config
 
     assert argv[0] == "plm-serve"
-    return build_parser().parse_args(argv[1:])
+    return parse_config(argv[1:])
 
 
 def apt_packages(run: str) -> list[str]:
@@ -164,7 +165,7 @@ def apt_packages(run: str) -> list[str]:
     return packages
 
 
-# --- the Dockerfile ----------------------------------------------------------------------------------------
+# --- the Dockerfile -------------------------------------------------------------------------------
 
 
 def test_dockerfile_stages_and_bases(dockerfile):
@@ -206,9 +207,8 @@ def test_dockerfile_runtime_settings(dockerfile):
     env = " ".join(final.all("ENV"))
     assert "HF_HOME=/cache/" in env, "the hub cache lives on the volume"
     assert "PLM_SERVE_CACHE=/cache/" in env, "so do the --demo checkpoints"
-    assert (
-        "--from=builder /opt/venv /opt/venv" in final.all("COPY") and "PATH=/opt/venv/bin:" in env
-    )
+    assert "--from=builder /opt/venv /opt/venv" in final.all("COPY")
+    assert "PATH=/opt/venv/bin:" in env
     argv = entrypoint_and_cmd(dockerfile)
     assert argv[0] == "plm-serve"
     args = server_args(argv)
@@ -242,9 +242,11 @@ def test_cpu_image_drops_triton_which_structured_outputs_never_import(dockerfile
         "        if name == 'triton' or name.startswith('triton.'):\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, NoTriton())\n"
-        "from plm_core.llm import LLM\nfrom plm_core.sampling import SamplingParams, StructuredOutput\n"
+        "from plm_core.llm import LLM\n"
+        "from plm_core.sampling import SamplingParams, StructuredOutput\n"
         f"llm = LLM({str(checkpoint_path('tiny'))!r}, device='cpu')\n"
-        "out = llm.chat([{'role': 'user', 'content': 'x'}], SamplingParams(max_tokens=8, structured_output="
+        "out = llm.chat([{'role': 'user', 'content': 'x'}], "
+        "SamplingParams(max_tokens=8, structured_output="
         "StructuredOutput(choice=('yes', 'no'))))[0].outputs[0]\n"
         "assert out.text in ('yes', 'no'), out.text\nassert 'triton' not in sys.modules"
     )
@@ -319,7 +321,8 @@ def run_check(command: list[str]) -> int:
 
 
 def check_here(command: list[str], image_port: int, port: int) -> list[str]:
-    """A container health check (`python -c ...` on the image's port) for a server on this port, with this Python."""
+    """A container health check (`python -c ...` on the image's port) for a server on this port,
+    with this Python."""
     assert command[0] == "python"
     return [sys.executable] + [a.replace(f":{image_port}/", f":{port}/") for a in command[1:]]
 
@@ -333,9 +336,10 @@ def wait_until_passes(command: list[str], proc: subprocess.Popen, timeout_s: flo
 
 
 def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tmp_path):
-    """The image's ENTRYPOINT + CMD with the demo checkpoint (as the compose cpu profile adds), on loopback,
-    watched by the image's HEALTHCHECK (liveness) and by the readiness check docker-compose.yml puts instead.
-    The image's cache variables point into a temporary folder standing in for the /cache volume."""
+    """The image's ENTRYPOINT + CMD with the demo checkpoint (as the compose cpu profile adds), on
+    loopback, watched by the image's HEALTHCHECK (liveness) and by the readiness check
+    docker-compose.yml puts instead. The image's cache variables point into a temporary folder
+    standing in for the /cache volume."""
     port = free_port()
     env = dict(os.environ)
     for assignment in re.findall(r"(\w+)=(/cache\S*)", " ".join(dockerfile.stages[-1].all("ENV"))):
@@ -356,9 +360,9 @@ def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tm
         wait_until_passes(readiness, proc)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == "plm-demo-tiny"
-        assert (
-            tmp_path / "cache" / "plm-serve" / "checkpoints" / "demo-tiny" / "config.json"
-        ).exists()
+        # the demo checkpoint was built into the cache volume
+        checkpoints = tmp_path / "cache" / "plm-serve" / "checkpoints"
+        assert list(checkpoints.glob("tiny-*/config.json"))
         proc.send_signal(signal.SIGTERM)  # docker stop
         assert proc.wait(60) in (0, -signal.SIGTERM)
         assert run_check(liveness) != 0 and run_check(readiness) != 0, (
@@ -369,7 +373,7 @@ def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tm
             proc.kill()
 
 
-# --- docker-compose.yml and the Traefik files ---------------------------------------------------------------
+# --- docker-compose.yml and the Traefik files -----------------------------------------------------
 
 
 def load(path: Path):
@@ -414,20 +418,20 @@ def test_compose_replicas_match_the_server(compose, dockerfile):
         assert service["volumes"] == [
             "hf-cache:" + json.loads(dockerfile.stages[-1].one("VOLUME"))[0]
         ]
-        # Docker health gates Traefik's discovery: it must mean "ready", and wait out a first download
+        # Docker health gates Traefik's discovery: it must mean "ready", and wait out a first
+        # download
         health = service["healthcheck"]
         assert f"http://127.0.0.1:{args.port}/ready" in " ".join(compose_healthcheck(compose, name))
-        assert (
-            re.fullmatch(r"(\d+)m", health["start_period"])
-            and int(health["start_period"][:-1]) >= 10
-        )
+        start_period = re.fullmatch(r"(\d+)m", health["start_period"])
+        assert start_period and int(start_period.group(1)) >= 10
     assert "hf-cache" in compose["volumes"]
 
 
 def server_routes() -> set[str]:
-    from server.app import ServerState, build_app
+    from server.app import build_app
+    from server.state import ServerState
 
-    return {route.path for route in build_app(ServerState("x")).routes}
+    return {route.path for route in build_app(ServerState()).routes}
 
 
 def test_compose_traefik_settings(compose):
@@ -439,7 +443,8 @@ def test_compose_traefik_settings(compose):
     middleware = labels["traefik.http.routers.plm.middlewares"].removesuffix("@file")
     retry = dynamic["middlewares"][middleware]["retry"]
     assert retry["attempts"] >= 2
-    # only connection failures: no status codes, and POSTs are never re-sent after they reached a replica
+    # only connection failures: no status codes, and POSTs are never re-sent after they reached a
+    # replica
     assert not {"status", "retryNonIdempotentMethod", "disableRetryOnNetworkError"} & set(retry)
     transport = dynamic["serversTransports"][
         labels[LB_LABEL + "serversTransport"].removesuffix("@file")
@@ -489,11 +494,11 @@ def test_compose_config_parses_with_docker():
     assert done.returncode == 0, done.stderr
 
 
-# --- Prometheus and Grafana ---------------------------------------------------------------------------------
+# --- Prometheus and Grafana -----------------------------------------------------------------------
 
 
 class _Zeros:
-    """A server state (and engine stats) whose every field reads 0."""
+    """Engine stats whose every field reads 0."""
 
     def __getattr__(self, name):
         return 0
@@ -503,19 +508,17 @@ def exposed_metric_names() -> set[str]:
     """Every sample name server/metrics.py exposes, from a render of its registry."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from server.metrics import Metrics
+    from server.state import ServerState
 
-    state = _Zeros()
-    state.engine = SimpleNamespace(
-        core=SimpleNamespace(stats=_Zeros())
-    )  # loaded: engine figures too
+    state = ServerState()
+    state.engine = SimpleNamespace(stats=_Zeros, dead=None)  # loaded: engine figures too
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
         "gauge": ("",),
     }
     names = set()
-    for family in text_string_to_metric_families(Metrics(state).render().decode()):
+    for family in text_string_to_metric_families(state.metrics.render().decode()):
         names |= {family.name + s for s in suffixes[family.type]}
     return names
 
@@ -549,7 +552,7 @@ def test_grafana_dashboard_uses_real_metrics():
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
 
 
-# --- Kubernetes ---------------------------------------------------------------------------------------------
+# --- Kubernetes -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -590,15 +593,12 @@ def test_k8s_deployment_probes_and_shutdown(k8s, dockerfile):
     assert margin >= 10, f"grace period leaves {margin} s after preStop + --drain-timeout"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     uid = re.search(r"--uid (\d+)", " ".join(dockerfile.stages[-1].all("RUN"))).group(1)
-    assert (
-        pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["runAsNonRoot"]
-    )
+    security = pod["securityContext"]
+    assert security["runAsUser"] == int(uid) and security["runAsNonRoot"]
     cache = next(m for m in container["volumeMounts"] if m["mountPath"] == "/cache")
     volume = next(v for v in pod["volumes"] if v["name"] == cache["name"])
-    assert (
-        volume["persistentVolumeClaim"]["claimName"]
-        == k8s["PersistentVolumeClaim"]["metadata"]["name"]
-    )
+    claim = k8s["PersistentVolumeClaim"]["metadata"]["name"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim
 
 
 def test_k8s_service_and_hpa_target_the_deployment(k8s):

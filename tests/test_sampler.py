@@ -1,4 +1,4 @@
-"""SamplingParams validation and the engine's BatchSampler: every sampling field, logprobs, seeded reproducibility."""
+"""The engine's BatchSampler: every sampling field, logprobs, seeded reproducibility."""
 
 from __future__ import annotations
 
@@ -35,77 +35,7 @@ def probs_logits(probs) -> list[float]:
     return [math.log(p) for p in probs]
 
 
-# -- SamplingParams ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(temperature=-0.1),
-        dict(top_p=0),
-        dict(top_p=1.1),
-        dict(top_k=-2),
-        dict(max_tokens=0),
-        dict(n=0),
-        dict(min_p=-0.1),
-        dict(min_p=1.5),
-        dict(presence_penalty=2.5),
-        dict(presence_penalty=-2.1),
-        dict(frequency_penalty=2.1),
-        dict(frequency_penalty=-3),
-        dict(repetition_penalty=0),
-        dict(repetition_penalty=-1),
-        dict(logprobs=-1),
-        dict(logprobs=21),
-        dict(min_tokens=-1),
-        dict(min_tokens=20, max_tokens=10),
-        dict(stop=[""]),
-        dict(stop=["ok", ""]),
-        dict(logit_bias={"x": 1.0}),
-        dict(logit_bias={-1: 1.0}),
-        dict(seed=1.5),
-        dict(stop_token_ids=[-1]),
-        dict(logit_bias={5: 100.5}),
-        dict(logit_bias={5: -101}),
-        dict(seed=2**64),
-        dict(seed=-(2**63) - 1),
-    ],
-)
-def test_params_validation_errors(kw):
-    with pytest.raises(ValueError):
-        SamplingParams(**kw)
-
-
-def test_params_defaults_and_normalisation():
-    p = SamplingParams()
-    assert (p.n, p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (
-        1,
-        0.0,
-        0.0,
-        0.0,
-        1.0,
-    )
-    assert p.logit_bias is None and p.stop == [] and p.logprobs is None and p.min_tokens == 0
-    assert p.skip_special_tokens and not p.include_stop_str_in_output
-    assert (
-        p.temperature,
-        p.top_p,
-        p.top_k,
-        p.seed,
-        p.max_tokens,
-        p.stop_token_ids,
-        p.ignore_eos,
-    ) == (1.0, 1.0, 0, None, 16, [], False)
-    assert SamplingParams(stop="###").stop == ["###"]
-    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(logit_bias={"5": 100, 6: -100, 7: 3}).logit_bias == {
-        5: 100.0,
-        6: -100.0,
-        7: 3.0,
-    }
-    assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
-    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
-    assert not SamplingParams(temperature=0.5).greedy
-
-
+# -- SamplingState ---------------------------------------------------------------------------------
 def test_state_create():
     out = []
     s = SamplingState.create(SamplingParams(temperature=0), [1, 2], out, (EOS,), "cpu")
@@ -153,12 +83,11 @@ def test_greedy_is_argmax_of_processed_logits():
     assert tokens == processed.argmax(-1).tolist()
     assert tokens[1] == 3
     assert tokens[0] != int(logits[0].argmax())
-    assert torch.equal(
-        logits, torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
-    )  # input untouched
+    # the input is untouched
+    assert torch.equal(logits, torch.randn(4, 30, generator=torch.Generator().manual_seed(1)))
 
 
-# -- processors on a hand-made row ------------------------------------------------------------------
+# -- processors on a hand-made row -----------------------------------------------------------------
 ROW = [2.0, -1.0, 0.5, -3.0, 1.0, 0.0, 4.0, 1.5]
 
 
@@ -191,9 +120,7 @@ def test_presence_and_frequency_penalties_over_output_only():
 
 
 def test_logit_bias_adds_and_forces_a_token():
-    out = processed(
-        logit_bias={1: 10.0, 6: -2.0, 10_000: 5.0}
-    )  # ids past the vocabulary are ignored
+    out = processed(logit_bias={1: 10.0, 6: -2.0, 10_000: 5.0})  # ids past the vocabulary: ignored
     assert out[1] == pytest.approx(9.0) and out[6] == pytest.approx(2.0)
     assert set(draws(ROW, n=50, logit_bias={3: 100.0})) == {3}
     assert set(draws(ROW, n=50, temperature=0.7, top_p=0.5, logit_bias={3: 100.0})) == {3}
@@ -230,33 +157,29 @@ def test_temperature_sampling_follows_the_distribution():
     assert hot.count(0) < got.count(0) < cold.count(0)
 
 
-def test_draw_matches_the_distribution_and_its_edges():
-    """The inverse-transform draw: chi-square over 20k draws, one-hot rows at both ends of the vocabulary,
-    zero-probability tokens never drawn, and each row from its own generator only."""
-    from plm_core.engine.sampler import _draw
-
-    probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(
-        torch.cat([_draw(probs, [g]) for _ in range(20000)]), minlength=7
-    ).double()
-    expected = probs[0].double() * 20000
+def test_draws_match_the_distribution_and_its_edges():
+    """The inverse-transform draw: chi-square over 20k seeded rows, one-hot rows at both ends of the
+    vocabulary, zero-probability tokens never drawn, and each row from its own generator only."""
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    tokens, _ = run(probs.log().expand(20000, -1), *[state(seed=seed) for seed in range(20000)])
+    counts = torch.bincount(torch.tensor(tokens), minlength=7).double()
+    expected = probs.double() * 20000
     assert counts[expected == 0].sum() == 0
     chi2 = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum().item()
     assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
-    ends = torch.zeros(2, 128256)
-    ends[0, 0] = ends[1, -1] = 1.0
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    ends = torch.full((2, 128256), -math.inf)
+    ends[0, 0] = ends[1, -1] = 0.0
+    first, last = state(seed=0), state(seed=1)
     for _ in range(50):
-        assert _draw(ends, gens).tolist() == [0, 128255]
-    row = torch.softmax(torch.randn(1, 1000, generator=torch.Generator().manual_seed(1)), dim=-1)
+        assert run(ends, first, last)[0] == [0, 128255]
+    row = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1))
     for seed in range(20):
-        alone = _draw(row, [torch.Generator().manual_seed(seed)]).item()
-        batch = _draw(
+        alone = run(row, state(seed=seed))[0][0]
+        batch = run(
             torch.cat([torch.flip(row, [1]), row, row]),
-            [torch.Generator().manual_seed(s) for s in (seed + 100, seed, seed + 200)],
-        )
-        assert batch[1].item() == alone
+            *[state(seed=s) for s in (seed + 100, seed, seed + 200)],
+        )[0]
+        assert batch[1] == alone
 
 
 def test_top_k():
@@ -297,14 +220,14 @@ def test_min_p(min_p, allowed):
 
 
 def test_min_p_applies_before_top_p():
-    # vLLM's order: min_p 0.2 drops token 3 and renormalises to [0.53, 0.32, 0.16]; top_p 0.84 then
-    # keeps 0 and 1 (top_p alone would keep 0, 1 and 2)
+    # vLLM's order: min_p 0.2 drops token 3 and renormalises to [0.53, 0.32, 0.16]; top_p 0.84
+    # then keeps 0 and 1 (top_p alone would keep 0, 1 and 2)
     assert set(draws(probs_logits(PROBS), n=300, min_p=0.2, top_p=0.84)) == {0, 1}
     assert set(draws(probs_logits(PROBS), n=300, top_p=0.84)) == {0, 1, 2}
 
 
 def test_min_p_applies_after_temperature():
-    # at temperature 0.5 the probabilities become ~[0.69, 0.25, 0.06, 0.006]: min_p 0.3 keeps 0 and 1
+    # at temperature 0.5 the probabilities become ~[0.69, 0.25, 0.06, 0.006]: min_p 0.3 keeps 0, 1
     assert set(draws(probs_logits(PROBS), n=300, temperature=0.5, min_p=0.3)) == {0, 1}
 
 
@@ -313,9 +236,8 @@ def test_logprobs_come_from_raw_logits():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(4, 40, generator=g) * 3
     states = [
-        state(
-            temperature=0, logprobs=5, logit_bias={9: 100.0}
-        ),  # processing does not change logprobs
+        # processing does not change logprobs
+        state(temperature=0, logprobs=5, logit_bias={9: 100.0}),
         state(seed=1, logprobs=0, presence_penalty=1.0, output=[2, 3]),
         state(seed=2),
         state(seed=3, logprobs=20, top_k=3),
@@ -340,9 +262,8 @@ def test_logprobs_come_from_raw_logits():
 def test_greedy_logprob_rank_is_one():
     logits = torch.randn(1, 20, generator=torch.Generator().manual_seed(5))
     _, (lp,) = run(logits, state(temperature=0, logprobs=1))
-    assert (
-        lp.rank == 1 and lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob)
-    )
+    assert lp.rank == 1 and lp.top[0][0] == lp.token_id
+    assert lp.top[0][1] == pytest.approx(lp.logprob)
 
 
 # -- reproducibility -------------------------------------------------------------------------------
@@ -364,9 +285,8 @@ STEPS, VOCAB = 12, 500
 def generate(order: list[str], device: str) -> dict[str, list[int]]:
     """Runs a batch for STEPS steps; each name is a request type; returns each request's tokens."""
     g = torch.Generator().manual_seed(42)
-    per_step = [
-        torch.randn(8, VOCAB, generator=g) * 2 for _ in range(STEPS)
-    ]  # fixed logits per request slot
+    # fixed logits per request slot
+    per_step = [torch.randn(8, VOCAB, generator=g) * 2 for _ in range(STEPS)]
     slot = {
         "target": 0,
         "other_random": 1,
@@ -435,12 +355,11 @@ def test_cuda_greedy_and_logprobs_match_cpu():
     cpu = BatchSampler()(logits, [state("cpu", **k) for k in kinds])
     cuda = BatchSampler()(logits.cuda(), [state("cuda", **k) for k in kinds])
     assert cpu[0] == cuda[0]
-    assert cpu[1][0].rank == cuda[1][0].rank and cpu[1][0].logprob == pytest.approx(
-        cuda[1][0].logprob, abs=1e-5
-    )
+    assert cpu[1][0].rank == cuda[1][0].rank
+    assert cpu[1][0].logprob == pytest.approx(cuda[1][0].logprob, abs=1e-5)
 
 
-# -- values that pass validation never fail (or go NaN) in a step ------------------------------------
+# -- values that pass validation never fail (or go NaN) in a step ----------------------------------
 def test_seeds_at_the_ends_of_the_range_seed_like_torch():
     """torch reads seeds modulo 2**64: -1 and 2**64 - 1 are one generator, and neither raises."""
     assert torch.equal(
@@ -469,9 +388,8 @@ def test_extreme_legal_values_never_raise():
         dict(repetition_penalty=1e300),
         dict(stop_token_ids=[2**70, 0], min_tokens=3),
         dict(logit_bias={2**70: 100, 0: -100, 1: 100}, min_tokens=2, stop_token_ids=[1]),
-        dict(
-            stop_token_ids=list(range(vocab)), eos=tuple(range(vocab)), min_tokens=2
-        ),  # every token masked
+        # every token masked
+        dict(stop_token_ids=list(range(vocab)), eos=tuple(range(vocab)), min_tokens=2),
         dict(presence_penalty=2, frequency_penalty=-2, logprobs=20, top_k=-1),
         dict(temperature=0, logprobs=0),
     ]
@@ -485,11 +403,10 @@ def test_extreme_repetition_penalty_never_makes_nan():
     # a penalty beyond fp32's range must not become 0 or inf (logit 0 * inf = NaN wins the argmax)
     greedy = state(temperature=0, prompt=[0], repetition_penalty=1e300)
     assert run([[0.0, 1.0, 2.0]], greedy)[0] == [2]
-    # tiny: the seen tokens 2 and 3 both grow past fp32's range (inf - inf = NaN in softmax); both stay likely
-    assert set(draws([0.5, 1.0, 5.0, 6.0], n=100, prompt=[2, 3], repetition_penalty=1e-300)) == {
-        2,
-        3,
-    }
+    # tiny: the seen tokens 2 and 3 both grow past fp32's range (inf - inf = NaN in softmax); both
+    # stay likely
+    got = draws([0.5, 1.0, 5.0, 6.0], n=100, prompt=[2, 3], repetition_penalty=1e-300)
+    assert set(got) == {2, 3}
 
 
 def test_infinite_temperature_is_uniform_over_unmasked_tokens():

@@ -1,5 +1,6 @@
-"""SamplingParams validation (seed range, finite floats, logit_bias range, integer fields), choice seeds, and
-the engine honouring min_tokens for stop strings, include_stop_str_in_output and skip_special_tokens."""
+"""SamplingParams: validation (ranges, seeds, finite floats, logit_bias, integer fields), defaults,
+choice params, and the engine honouring min_tokens for stop strings, include_stop_str_in_output and
+skip_special_tokens."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import checkpoint_path
+from support import checkpoint_path
 
-from plm_core.llm import choice_params
-from plm_core.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from plm_core.sampling import SEED_MAX, SEED_MIN, SamplingParams, StructuredOutput
 
 REE = 500  # token "ree" in the test tokenizer
 EOT = 128009  # <|eot_id|>, the tiny checkpoint's eos
@@ -18,6 +18,60 @@ RESERVED = 128010  # <|reserved_special_token_5|>
 
 
 # -- validation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0),
+        dict(top_p=1.1),
+        dict(top_k=-2),
+        dict(max_tokens=0),
+        dict(n=0),
+        dict(min_p=-0.1),
+        dict(min_p=1.5),
+        dict(presence_penalty=2.5),
+        dict(presence_penalty=-2.1),
+        dict(frequency_penalty=2.1),
+        dict(frequency_penalty=-3),
+        dict(repetition_penalty=0),
+        dict(repetition_penalty=-1),
+        dict(logprobs=-1),
+        dict(logprobs=21),
+        dict(min_tokens=-1),
+        dict(min_tokens=20, max_tokens=10),
+        dict(stop=[""]),
+        dict(stop=["ok", ""]),
+        dict(logit_bias={"x": 1.0}),
+        dict(logit_bias={-1: 1.0}),
+        dict(seed=1.5),
+        dict(stop_token_ids=[-1]),
+        dict(logit_bias={5: 100.5}),
+        dict(logit_bias={5: -101}),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+    ],
+)
+def test_params_validation_errors(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)
+
+
+def test_params_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens) == (1.0, 1.0, 0, None, 16)
+    assert (p.n, p.min_p, p.presence_penalty, p.frequency_penalty) == (1, 0.0, 0.0, 0.0)
+    assert p.repetition_penalty == 1.0 and p.stop_token_ids == [] and not p.ignore_eos
+    assert p.logit_bias is None and p.stop == [] and p.logprobs is None and p.min_tokens == 0
+    assert p.skip_special_tokens and not p.include_stop_str_in_output
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    bias = SamplingParams(logit_bias={"5": 100, 6: -100, 7: 3}).logit_bias
+    assert bias == {5: 100.0, 6: -100.0, 7: 3.0}
+    assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
+    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
+    assert not SamplingParams(temperature=0.5).greedy
+
+
 @pytest.mark.parametrize("seed", [SEED_MAX + 1, SEED_MIN - 1, 2**100, -(2**100)])
 def test_seed_outside_what_torch_accepts_is_rejected(seed):
     with pytest.raises(ValueError, match="seed"):
@@ -94,19 +148,41 @@ def test_numpy_numbers_become_python_numbers():
 
 def test_choice_seeds_wrap_around_the_range():
     ordinary = SamplingParams(seed=5, n=3)
-    assert [choice_params(ordinary, i).seed for i in range(3)] == [
-        5,
-        6,
-        7,
-    ]  # unchanged for ordinary seeds
-    assert [choice_params(SamplingParams(seed=-2, n=3), i).seed for i in range(3)] == [-2, -1, 0]
+    # unchanged for ordinary seeds
+    assert [ordinary.for_choice(i).seed for i in range(3)] == [5, 6, 7]
+    assert [SamplingParams(seed=-2, n=3).for_choice(i).seed for i in range(3)] == [-2, -1, 0]
     top = SamplingParams(seed=SEED_MAX - 1, n=4)
-    assert [choice_params(top, i).seed for i in range(4)] == [SEED_MAX - 1, SEED_MAX, 0, 1]
-    assert all(choice_params(top, i).n == 1 for i in range(4))
-    assert choice_params(SamplingParams(n=2), 1).seed is None
+    # seed + index past SEED_MAX wraps by 2**64, as torch reads it
+    assert [top.for_choice(i).seed for i in range(4)] == [SEED_MAX - 1, SEED_MAX, 0, 1]
+    assert SamplingParams(seed=SEED_MAX, n=2).for_choice(1).seed == 0
+    assert all(top.for_choice(i).n == 1 for i in range(4))
+    assert SamplingParams(n=2).for_choice(1).seed is None
 
 
-# -- through the engine (tiny checkpoint, CPU) ------------------------------------------------------
+def test_choice_params_keep_every_other_field():
+    spec = StructuredOutput(regex="[ab]+")
+    params = SamplingParams(
+        n=3,
+        seed=9,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=5,
+        max_tokens=7,
+        stop=["x"],
+        logit_bias={3: 1.0},
+        logprobs=2,
+        min_tokens=1,
+        structured_output=spec,
+    )
+    choice = params.for_choice(2)
+    assert (choice.n, choice.seed) == (1, 11)
+    assert (choice.temperature, choice.top_p, choice.top_k, choice.max_tokens) == (0.7, 0.9, 5, 7)
+    assert (choice.stop, choice.logit_bias, choice.logprobs) == (["x"], {3: 1.0}, 2)
+    assert choice.min_tokens == 1 and choice.structured_output is spec
+    assert (params.n, params.seed) == (3, 9)  # the request's own params are unchanged
+
+
+# -- through the engine (tiny checkpoint, CPU) -----------------------------------------------------
 CONV = [{"role": "user", "content": "Go."}]
 
 
@@ -118,39 +194,27 @@ def llm():
 
 
 def forced(llm, token, **kw):
-    """One completion whose every token is `token` (a logit bias of 100 beats the tiny model's logits)."""
+    """One completion whose every token is `token` (a logit bias of 100 beats the tiny model's
+    logits)."""
     kw.setdefault("max_tokens", 5)
-    return llm.chat(CONV, SamplingParams(temperature=0, logit_bias={token: 100}, **kw))[0].outputs[
-        0
-    ]
+    params = SamplingParams(temperature=0, logit_bias={token: 100}, **kw)
+    return llm.chat(CONV, params)[0].outputs[0]
+
+
+def ending(out) -> tuple:
+    """(text, number of tokens, finish_reason, stop_reason) of a completion."""
+    return out.text, len(out.token_ids), out.finish_reason, out.stop_reason
 
 
 def test_min_tokens_holds_back_stop_strings(llm):
-    out = forced(llm, REE, stop="ree")
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
-        "",
-        1,
-        "stop",
-        "ree",
-    )
-    out = forced(
-        llm, REE, stop="ree", min_tokens=3
-    )  # tokens 1-3 are ordinary text; token 4 completes the stop
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
-        "reereeree",
-        4,
-        "stop",
-        "ree",
-    )
+    assert ending(forced(llm, REE, stop="ree")) == ("", 1, "stop", "ree")
+    # tokens 1-3 are ordinary text; token 4 completes the stop
+    out = forced(llm, REE, stop="ree", min_tokens=3)
+    assert ending(out) == ("reereeree", 4, "stop", "ree")
     out = forced(llm, REE, stop="eree", min_tokens=1)  # begun in token 1, completed by token 2
-    assert (out.text, len(out.token_ids), out.stop_reason) == ("re", 2, "eree")
+    assert ending(out) == ("re", 2, "stop", "eree")
     out = forced(llm, REE, stop="ree", min_tokens=5)  # never past min_tokens: runs to max_tokens
-    assert (out.text, len(out.token_ids), out.finish_reason, out.stop_reason) == (
-        "ree" * 5,
-        5,
-        "length",
-        None,
-    )
+    assert ending(out) == ("ree" * 5, 5, "length", None)
     stream = forced(llm, REE, stop="ree", min_tokens=2, include_stop_str_in_output=True)
     assert (stream.text, len(stream.token_ids)) == ("ree" * 3, 3)
 
@@ -191,19 +255,16 @@ def test_requests_the_engine_cannot_serve_are_rejected_before_they_run(llm):
     good, bad = SamplingParams(max_tokens=2), SamplingParams(max_tokens=2, logit_bias={2**70: 1.0})
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.chat([CONV, CONV, CONV], [good, bad, good])
-    assert (
-        not llm.engine.has_unfinished()
-    )  # the good request queued before the bad one was dropped too
+    # the good request queued before the bad one was dropped too
+    assert not llm.engine.has_unfinished()
     prompt = llm.process(CONV)
     prompt.prompt_token_ids = prompt.prompt_token_ids + [vocab]
     with pytest.raises(ValueError, match="prompt"):
         llm.generate_prompts([prompt], [good])
     assert not llm.engine.has_unfinished()
     # huge stop token ids are fine (they can never be sampled) and the engine still works
-    out = llm.chat(
-        CONV, SamplingParams(max_tokens=3, stop_token_ids=[2**70], min_tokens=2, ignore_eos=True)
-    )[0]
-    assert len(out.token_ids) == 3
+    params = SamplingParams(max_tokens=3, stop_token_ids=[2**70], min_tokens=2, ignore_eos=True)
+    assert len(llm.chat(CONV, params)[0].token_ids) == 3
 
 
 def test_a_failing_step_leaves_no_request_queued(llm, monkeypatch):

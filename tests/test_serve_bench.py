@@ -1,8 +1,9 @@
-"""The serving benchmark (benchmarks/serve_bench.py) and its HF baseline server (benchmarks/hf_baseline_server.py).
+"""The serving benchmark (benchmarks/serve_bench.py) and its HF baseline server
+(benchmarks/hf_baseline_server.py).
 
-Fast tests of the statistics, SSE timing, workload and report on synthetic data; then the real thing
-on the tiny checkpoint: plm-serve and the baseline on one workload, and the baseline's greedy stream
-against plm-serve's.
+Fast tests of the statistics, SSE timing, workload and report on synthetic data; then the real
+thing on the tiny checkpoint: plm-serve and the baseline on one workload, and the baseline's greedy
+stream against plm-serve's.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import asdict
 import av
 import httpx
 import pytest
-from conftest import REPO, checkpoint_path
 from PIL import Image
 from server_proc import start_server, stop_server
+from support import REPO, checkpoint_path
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import hf_baseline_server as hfb  # noqa: E402
@@ -53,7 +54,7 @@ def record(
     )
 
 
-# -- statistics -------------------------------------------------------------------------------------
+# -- statistics ------------------------------------------------------------------------------------
 def test_distribution_percentiles_and_empty():
     d = sb.distribution([float(x) for x in range(1, 101)])
     assert d["count"] == 100 and d["mean"] == pytest.approx(50.5) and d["max"] == 100
@@ -97,7 +98,7 @@ def test_summarize_counts_failures_and_divides_by_wall_time():
     assert set(s["per_kind"]) == {"text", "image"} and s["per_kind"]["text"]["completed"] == 2
 
 
-# -- SSE timing -------------------------------------------------------------------------------------
+# -- SSE timing ------------------------------------------------------------------------------------
 def chunk(content=None, finish=None, usage=None) -> str:
     choices = (
         []
@@ -161,7 +162,7 @@ def test_stream_parser_failures_are_recorded():
     assert not no_usage.ok and "usage" in no_usage.error
 
 
-# -- workload ---------------------------------------------------------------------------------------
+# -- workload --------------------------------------------------------------------------------------
 def test_mix_and_kind_counts():
     assert sb.parse_mix("text=1,image=2,video=1") == {"text": 1.0, "image": 2.0, "video": 1.0}
     assert sb.kind_counts({"text": 1, "image": 2, "video": 1}, 8) == {
@@ -232,12 +233,11 @@ def test_arrival_times():
     times = sb.arrival_times(4000, 5.0, random.Random(1))
     assert times == sb.arrival_times(4000, 5.0, random.Random(1))
     assert times[0] == 0 and all(b > a for a, b in zip(times, times[1:]))
-    assert times[-1] / (len(times) - 1) == pytest.approx(
-        1 / 5.0, rel=0.1
-    )  # seeded: not a timing check
+    # seeded: not a timing check
+    assert times[-1] / (len(times) - 1) == pytest.approx(1 / 5.0, rel=0.1)
 
 
-# -- report -----------------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------
 def fake_results() -> dict:
     runs = []
     for target, scale in (("plm-serve", 1.0), ("hf-baseline", 3.0)):
@@ -286,14 +286,13 @@ def test_report_files_from_fake_results(tmp_path):
     assert "Note: 2-core CPU, random weights" in report
     assert "| plm-serve | c=4 | 6 | 0 |" in report and "| hf-baseline | c=4 | 6 | 1 |" in report
     assert "| 0.5 / 1.5 |" in report  # the load average before / after
-    assert (
-        "| plm-serve | c=1 | 3.00x | 3.00x | 3.00x | 3.00x |" in report
-    )  # same tokens in a third of the time
+    # same tokens in a third of the time
+    assert "| plm-serve | c=1 | 3.00x | 3.00x | 3.00x | 3.00x |" in report
     assert "hf-baseline c=4: #6 (text): HTTP 503: busy" in report
     assert "![TTFT CDF](ttft_cdf.png)" in report
 
 
-# -- the baseline's request handling (no model) -----------------------------------------------------
+# -- the baseline's request handling (no model) ----------------------------------------------------
 def png_url(size=(32, 24)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG")
@@ -314,9 +313,8 @@ def test_baseline_conversation_conversion():
     ]
     conv, images, videos, vit = hfb.hf_conversation(msgs)
     assert conv[0] == {"role": "system", "content": "Be brief."}
-    assert conv[1]["content"] == [
-        {"type": "text", "text": "Hi"}
-    ]  # HF's template would drop a plain string
+    # HF's template would drop a plain string
+    assert conv[1]["content"] == [{"type": "text", "text": "Hi"}]
     assert conv[2]["content"] == [{"type": "image"}, {"type": "text", "text": "What?"}]
     assert len(images) == 1 and images[0].size == (32, 24) and videos == [] and vit == "vanilla"
     mixed = [
@@ -342,7 +340,7 @@ def test_baseline_conversation_conversion():
             hfb.hf_conversation(bad)
 
 
-# -- end to end on the tiny checkpoint --------------------------------------------------------------
+# -- end to end on the tiny checkpoint -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(plm-serve base URL, baseline base URL), both on the tiny checkpoint."""
@@ -402,21 +400,14 @@ def test_bench_runs_both_servers_on_one_workload(servers, tmp_path):
         s = run["summary"]
         assert (s["completed"], s["failed"]) == (6, 0), s["errors"]
         assert s["output_tokens"] == 6 * 4  # ignore_eos: every request runs to max_tokens
-        assert (
-            s["request_throughput"] > 0
-            and s["output_throughput"] > 0
-            and s["total_token_throughput"] > 0
-        )
+        throughputs = ("request_throughput", "output_throughput", "total_token_throughput")
+        assert all(s[name] > 0 for name in throughputs)
         assert {r["kind"] for r in run["records"]} == {"text", "image", "video"}
         texts[run["target"], run["workload"]] = [r["text"] for r in run["records"]]
-    for workload in (
-        "c1-rinf",
-        "c2-rinf",
-    ):  # greedy and token-identical to HF: the same text, media included
-        assert (
-            all(texts["plm-serve", workload])
-            and texts["plm-serve", workload] == texts["hf-baseline", workload]
-        )
+    # greedy and token-identical to HF: the same text, media included
+    for workload in ("c1-rinf", "c2-rinf"):
+        ours = texts["plm-serve", workload]
+        assert all(ours) and ours == texts["hf-baseline", workload]
     assert (tmp_path / "report.md").exists() and (tmp_path / "throughput.png").exists()
 
 

@@ -1,5 +1,6 @@
-"""Structured outputs in the engine: the constraint spec, the grammars over the real tokenizer's bytes,
-the token masks, and constrained generation (alone, batched, preempted) that always follows the spec."""
+"""Structured outputs in the engine: the constraint spec, the grammars over the real tokenizer's
+bytes, the token masks, and constrained generation (alone, batched, preempted) that always follows
+the spec."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from conftest import checkpoint_path
+from support import checkpoint_path
 
 from plm_core.sampling import SamplingParams, StructuredOutput
 
@@ -23,6 +24,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 CHOICES = ('say "hi"', "café au lait", "no", "n\\o\n")
+BOOLEANS = {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def compiler(llm):
     return llm.engine.grammars
 
 
-# -- the spec ---------------------------------------------------------------------------------------------
+# -- the spec --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -58,19 +60,15 @@ def test_bad_specs_are_refused(kwargs, match):
 
 def test_spec_kind_and_params():
     assert StructuredOutput(json_object=True).kind == "json_object"
-    assert StructuredOutput(choice=["a", "b"]).choice == (
-        "a",
-        "b",
-    )  # lists become tuples (hashable)
-    assert (
-        SamplingParams(structured_output=StructuredOutput(regex="a+")).structured_output.kind
-        == "regex"
-    )
+    # lists become tuples (hashable)
+    assert StructuredOutput(choice=["a", "b"]).choice == ("a", "b")
+    params = SamplingParams(structured_output=StructuredOutput(regex="a+"))
+    assert params.structured_output.kind == "regex"
     with pytest.raises(ValueError, match="StructuredOutput"):
         SamplingParams(structured_output={"regex": "a+"})
 
 
-# -- grammars and masks over the tokenizer ---------------------------------------------------------------
+# -- grammars and masks over the tokenizer ---------------------------------------------------------
 @pytest.mark.parametrize(
     "spec",
     [
@@ -118,14 +116,16 @@ def test_compile_errors_are_value_errors(compiler, spec):
     ],
 )
 def test_schemas_with_unenforced_keywords_are_refused(compiler, schema, found):
-    """xgrammar accepts these keywords but ignores them (uniqueItems gave [1, 1]): refused, not weakened."""
+    """xgrammar accepts these keywords but ignores them (uniqueItems gave [1, 1]): refused, not
+    weakened."""
     with pytest.raises(ValueError, match="cannot enforce") as err:
         compiler.compile(StructuredOutput(json=json.dumps(schema)))
     assert found in str(err.value)
 
 
 def test_costly_constraints_are_refused_before_compiling(compiler):
-    """Compile time grows fast with size and depth (5,000 properties took 93 s): caps, checked first."""
+    """Compile time grows fast with size and depth (5,000 properties took 93 s): caps, checked
+    first."""
     from plm_core.engine.structured_output import (
         MAX_CONSTRAINT_BYTES,
         MAX_SCHEMA_DEPTH,
@@ -189,11 +189,12 @@ def test_first_mask_is_exactly_the_tokens_that_start_a_choice(llm, compiler):
 
     tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
     special = tok.special_token_ids()
+    # a multi-byte token of this vocabulary
     word = next(
         t
         for t in range(tok.vocab_size)
         if t not in special and len(tok.token_bytes(t)) >= 3 and tok.token_bytes(t).isalnum()
-    )  # a multi-byte token of this vocabulary
+    )
     choices = CHOICES + (tok.token_bytes(word).decode() + " tail",)
     mask = allowed_tokens(
         [compiler.grammar(StructuredOutput(choice=choices))], vocab, torch.device("cpu")
@@ -232,28 +233,19 @@ def test_a_grammar_with_no_way_forward_allows_its_stop_tokens(llm):
         def fill_bitmask(self, bitmask, row):
             bitmask[row] = 0
 
-    assert allowed_tokens([Dead()], 100, torch.device("cpu"))[0].nonzero().flatten().tolist() == [
-        31,
-        64,
-        95,
-    ]
-    out = llm.chat(
-        _convs(1)[0],
-        SamplingParams(
-            temperature=0, max_tokens=5, structured_output=StructuredOutput(grammar="root ::= root")
-        ),
-    )[0].outputs[0]  # compiles, yet matches nothing
-    assert (
-        out.text == ""
-        and out.finish_reason == "stop"
-        and out.token_ids[-1] in llm.model_config.eos_token_ids
-    )
+    allowed = allowed_tokens([Dead()], 100, torch.device("cpu"))[0]
+    assert allowed.nonzero().flatten().tolist() == [31, 64, 95]
+    dead = StructuredOutput(grammar="root ::= root")  # compiles, yet matches nothing
+    params = SamplingParams(temperature=0, max_tokens=5, structured_output=dead)
+    out = llm.chat(_convs(1)[0], params)[0].outputs[0]
+    assert out.text == "" and out.finish_reason == "stop"
+    assert out.token_ids[-1] in llm.model_config.eos_token_ids
 
 
-# -- the sampler ----------------------------------------------------------------------------------------
+# -- the sampler -----------------------------------------------------------------------------------
 def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
-    """Once the output is complete only eos may follow; min_tokens forbids eos: the row falls back to
-    the grammar alone instead of becoming all -inf."""
+    """Once the output is complete only eos may follow; min_tokens forbids eos: the row falls back
+    to the grammar alone instead of becoming all -inf."""
     from plm_core.engine.sampler import BatchSampler, SamplingState
 
     tok, vocab = llm.tokenizer, llm.model_config.text.vocab_size
@@ -275,16 +267,16 @@ def test_grammar_wins_over_min_tokens_and_logit_bias(llm, compiler):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_masks_and_draws_on_cuda_match_cpu(llm, compiler):
-    """The bitmask unpacking and the masked draw on a GPU: the same allowed sets and seeded tokens as on CPU."""
+    """The bitmask unpacking and the masked draw on a GPU: the same allowed sets and seeded tokens
+    as on CPU."""
     from plm_core.engine.sampler import BatchSampler, SamplingState
     from plm_core.engine.structured_output import allowed_tokens
 
     vocab, eos = llm.model_config.text.vocab_size, llm.model_config.eos_token_ids
     spec = StructuredOutput(json=json.dumps(SCHEMA))
     cpu = allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cpu"))
-    assert torch.equal(
-        allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cuda")).cpu(), cpu
-    )
+    cuda = allowed_tokens([compiler.grammar(spec)], vocab, torch.device("cuda"))
+    assert torch.equal(cuda.cpu(), cpu)
     logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
     picked = {}
     for device in ("cpu", "cuda"):
@@ -303,7 +295,7 @@ def test_masks_and_draws_on_cuda_match_cpu(llm, compiler):
     assert picked["cpu"] == picked["cuda"]  # greedy under the mask
 
 
-# -- generation ------------------------------------------------------------------------------------------
+# -- generation ------------------------------------------------------------------------------------
 def _convs(n):
     return [
         [{"role": "user", "content": f"Question {i}: is it red? Answer in JSON."}] for i in range(n)
@@ -336,9 +328,7 @@ def test_each_kind_is_followed(llm):
             lambda t: re.fullmatch(r"A\d\dB", t),
         ),
         (
-            StructuredOutput(
-                json='{"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3}'
-            ),
+            StructuredOutput(json=json.dumps(BOOLEANS)),
             lambda t: isinstance(json.loads(t), list) and 1 <= len(json.loads(t)) <= 3,
         ),
     ]
@@ -365,8 +355,8 @@ def test_json_object_starts_an_object(llm):
 
 
 def test_constrained_tokens_same_alone_batched_and_preempted(llm, monkeypatch):
-    """A constrained request's tokens do not depend on the batch, and survive preemption (its grammar
-    keeps its place while the request is recomputed)."""
+    """A constrained request's tokens do not depend on the batch, and survive preemption (its
+    grammar keeps its place while the request is recomputed)."""
     from plm_core import LLM
 
     spec = StructuredOutput(json='{"type": "array", "items": {"type": "integer"}, "maxItems": 30}')
@@ -383,20 +373,21 @@ def test_constrained_tokens_same_alone_batched_and_preempted(llm, monkeypatch):
         kv_cache_memory_gb=11 * 16 * 512 / 2**30,
     )
     scheduler, preempted = small.engine.scheduler, []
-    preempt = scheduler._preempt
-    monkeypatch.setattr(
-        scheduler,
-        "_preempt",
-        lambda r, out: (preempted.append((r.grammar, len(r.output_token_ids))), preempt(r, out)),
-    )
+    schedule = scheduler.schedule
+
+    def schedule_and_record():
+        out = schedule()
+        preempted.extend((r.grammar, len(r.output_token_ids)) for r in out.preempted)
+        return out
+
+    monkeypatch.setattr(scheduler, "schedule", schedule_and_record)
     # the unconstrained requests come first, so the constrained ones (the latest) are preempted
     outs = small.chat(
         _convs(2) + _convs(4),
         [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 2 + params,
     )
-    assert any(
-        grammar is not None and n_out > 0 for grammar, n_out in preempted
-    )  # preempted mid-output
+    # a constrained request was preempted mid-output
+    assert any(grammar is not None and n_out > 0 for grammar, n_out in preempted)
     assert [o.token_ids for o in outs[2:]] == alone
     blocks = small.engine.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks

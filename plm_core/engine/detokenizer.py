@@ -1,15 +1,19 @@
-"""Incremental detokenization of one request's output: text deltas that never split a character, and stop strings."""
+"""Incremental detokenization of one request's output: whole-character text deltas, stop strings."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
-from tokenizers import Tokenizer
-
-_REPLACEMENT = (
-    "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole UTF-8 character
-)
+# what a decoder writes for bytes that are not (yet) a whole UTF-8 character
+_REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first output token, as vLLM does
+
+
+class Decoder(Protocol):
+    """What detokenizing needs of a tokenizer (PLMTokenizer, or a `tokenizers.Tokenizer`)."""
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
 
 
 class IncrementalDetokenizer:
@@ -32,7 +36,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Decoder,
         *,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
@@ -46,22 +50,18 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(stop)
         self._include_stop = include_stop_str_in_output
-        self._hold = (
-            max((len(s) for s in self._stop), default=1) - 1
-        )  # characters held back for stop strings
+        # characters held back for stop strings
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
         # The last few prompt tokens give the first output tokens their decoding context.
-        self._tokens: list[int] = (
-            list(prompt_token_ids[-_PROMPT_CONTEXT:]) if prompt_token_ids else []
-        )
+        self._tokens = list(prompt_token_ids[-_PROMPT_CONTEXT:]) if prompt_token_ids else []
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
         self._text = ""  # output text decoded so far (the stop-string cut applied)
         self._emitted = 0  # characters of _text already returned
         self._min_tokens = min_tokens
         self._num_output = 0  # output tokens added so far
-        self._stop_from = (
-            0  # a stop string must end after this many characters of _text (min_tokens)
-        )
+        # a stop string must end after this many characters of _text (min_tokens)
+        self._stop_from = 0
         self.stop_reason: str | None = None  # the stop string that ended the text
         self.finished = False
 
@@ -96,9 +96,8 @@ class IncrementalDetokenizer:
         if stop_token_id is not None:
             self._tokens.append(stop_token_id)
         rest = ""
-        if self._read_offset < len(
-            self._tokens
-        ):  # an unfinished character (or the kept stop token): decode it
+        # an unfinished character (or the kept stop token): decode it
+        if self._read_offset < len(self._tokens):
             prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
             rest = self._decode(self._tokens[self._prefix_offset :])[len(prefix_text) :]
             self._prefix_offset = self._read_offset = len(self._tokens)
@@ -109,9 +108,8 @@ class IncrementalDetokenizer:
     def _append(self, new: str, *, final: bool, check_stop: bool = True) -> str:
         start = len(self._text)
         self._text += new
-        if (
-            self._num_output <= self._min_tokens
-        ):  # text of the first min_tokens tokens cannot complete a stop
+        if self._num_output <= self._min_tokens:
+            # text of the first min_tokens tokens cannot complete a stop
             self._stop_from = len(self._text)
         elif self._stop and check_stop:
             match = self._find_stop(max(0, start - self._hold))
@@ -127,9 +125,9 @@ class IncrementalDetokenizer:
         return delta
 
     def _find_stop(self, start: int) -> tuple[int, str] | None:
-        """The stop string completed first in _text[start:] and after _stop_from (the longer one if two end
-        together)."""
-        best = None
+        """The stop string completed first in _text[start:] and after _stop_from (the longer one if
+        two end together)."""
+        best: tuple[tuple[int, int], tuple[int, str]] | None = None
         for stop in self._stop:
             index = self._text.find(stop, max(start, self._stop_from - len(stop) + 1))
             if index < 0:
@@ -140,8 +138,6 @@ class IncrementalDetokenizer:
         return best[1] if best else None
 
     def _decode(self, ids: list[int]) -> str:
-        return (
-            self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
-            if ids
-            else ""
-        )
+        if not ids:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)

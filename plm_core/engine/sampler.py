@@ -1,4 +1,4 @@
-"""Batched token sampling: logit processors, penalties, per-request seeded draws and raw logprobs."""
+"""Batched token sampling: logit processors, penalties, per-request seeded draws, raw logprobs."""
 
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...] = ()
-    grammar: Grammar | None = (
-        None  # the request's structured-output matcher (the engine advances it)
-    )
+    # the request's structured-output matcher (the engine advances it)
+    grammar: Grammar | None = None
     # prompt token ids as a device tensor, built on first use by repetition_penalty
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -49,8 +48,9 @@ class SamplingState:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=device)
-            # torch reads a seed modulo 2**64 (a negative one as two's complement) and raises outside
-            # [-2**63, 2**64 - 1]; reducing it here gives the same generator and can never raise.
+            # torch reads a seed modulo 2**64 (a negative one as two's complement) and raises
+            # outside [-2**63, 2**64 - 1]; reducing it here gives the same generator and can never
+            # raise.
             seed = params.seed % 2**64 if params.seed is not None else secrets.randbits(63)
             generator.manual_seed(seed)
         return cls(
@@ -65,7 +65,7 @@ class SamplingState:
         )
 
     def blocked_token_ids(self) -> list[int]:
-        """Tokens min_tokens forbids right now: stop tokens (and eos unless ignore_eos) until enough output."""
+        """Tokens min_tokens forbids now: the stop tokens (and eos unless ignore_eos), if any."""
         p = self.params
         if len(self.output_token_ids) >= p.min_tokens:
             return []
@@ -90,19 +90,18 @@ class Logprobs:
     token_id: int  # the chosen token
     logprob: float  # its log-probability
     rank: int  # 1 + the number of tokens with a strictly higher logprob (1 = the most likely)
-    top: list[
-        tuple[int, float]
-    ]  # the `params.logprobs` most likely (token id, logprob), highest first
+    # the `params.logprobs` most likely (token id, logprob), highest first
+    top: list[tuple[int, float]]
 
 
 class BatchSampler:
     """Picks one token per row of a [B, V] logits batch, each row by its own request's settings.
 
-    Order per row (vLLM v1's): the structured-output mask; logprobs from those (otherwise raw) logits;
-    logit_bias; min_tokens; repetition, frequency and presence penalties; then argmax for greedy rows,
-    and for the others temperature, min_p, top-k, top-p and a draw from the row's own generator. Every
-    operation is row-wise, and which operations touch a row depends only on that row's own settings,
-    so a seeded request samples the same tokens whatever else is in the batch.
+    Order per row (vLLM v1's): the structured-output mask; logprobs from those (otherwise raw)
+    logits; logit_bias; min_tokens; repetition, frequency and presence penalties; then argmax for
+    greedy rows, and for the others temperature, min_p, top-k, top-p and a draw from the row's own
+    generator. Every operation is row-wise, and which operations touch a row depends only on that
+    row's own settings, so a seeded request samples the same tokens whatever else is in the batch.
     """
 
     def __call__(
@@ -115,9 +114,8 @@ class BatchSampler:
             )
         logits = self._apply_grammars(logits, states)  # a masked copy when some row has a grammar
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        raw_logprobs = (
-            torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None
-        )  # [L, V]
+        # [L, V]
+        raw_logprobs = torch.log_softmax(logits[lp_rows].float(), dim=-1) if lp_rows else None
 
         x = self.process(logits, states)  # [B, V]
         tokens = x.argmax(dim=-1)  # [B]; kept for greedy rows
@@ -128,14 +126,17 @@ class BatchSampler:
         return tokens.tolist(), logprobs
 
     def process(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """A processed fp32 copy of (grammar-masked) logits [B, V]: logit_bias, min_tokens, penalties
-        (greedy takes its argmax)."""
+        """A processed fp32 copy of (grammar-masked) logits [B, V]; greedy takes its argmax.
+
+        Applies logit_bias, min_tokens and the repetition, frequency and presence penalties.
+        """
         x = logits.to(torch.float32, copy=True)
         self._apply_logit_bias(x, states)
         self._apply_min_tokens(x, states)
         self._apply_penalties(x, states)
-        # A grammar row left with nothing (min_tokens forbidding the only token the grammar allows, the stop
-        # token once the output is complete, or an extreme repetition_penalty): the grammar wins.
+        # A grammar row left with nothing (min_tokens forbidding the only token the grammar allows,
+        # the stop token once the output is complete, or an extreme repetition_penalty): the
+        # grammar wins.
         rows = [
             i
             for i, s in enumerate(states)
@@ -149,17 +150,18 @@ class BatchSampler:
 
     @staticmethod
     def _apply_grammars(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """logits with -inf where a row's structured-output grammar forbids the token (a copy; the same
-        tensor when no row has a grammar). Masked before logprobs, as vLLM v1 does: logprobs describe
-        the distribution the token is drawn from, and forbidden tokens get -inf."""
-        rows = [
-            i for i, s in enumerate(states) if s.grammar is not None and not s.grammar.is_terminated
-        ]
+        """logits with -inf where a row's structured-output grammar forbids the token (a copy; the
+        same tensor when no row has a grammar). Masked before logprobs, as vLLM v1 does: logprobs
+        describe the distribution the token is drawn from, and forbidden tokens get -inf."""
+        rows: list[int] = []
+        grammars: list[Grammar] = []
+        for i, s in enumerate(states):
+            if s.grammar is not None and not s.grammar.is_terminated:
+                rows.append(i)
+                grammars.append(s.grammar)
         if not rows:
             return logits
-        allowed = allowed_tokens(
-            [states[i].grammar for i in rows], logits.shape[1], logits.device
-        )  # [G, V]
+        allowed = allowed_tokens(grammars, logits.shape[1], logits.device)  # [G, V]
         masked = logits.clone()
         masked[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
         return masked
@@ -168,7 +170,9 @@ class BatchSampler:
     @staticmethod
     def _apply_logit_bias(x: torch.Tensor, states: list[SamplingState]) -> None:
         vocab = x.shape[1]
-        rows, cols, values = [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        values: list[float] = []
         for i, s in enumerate(states):
             for token, bias in (s.params.logit_bias or {}).items():
                 if token < vocab:  # EngineCore.add_request rejects ids past the vocabulary; a guard
@@ -184,7 +188,8 @@ class BatchSampler:
     @staticmethod
     def _apply_min_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
         vocab = x.shape[1]
-        rows, cols = [], []
+        rows: list[int] = []
+        cols: list[int] = []
         for i, s in enumerate(states):
             for token in s.blocked_token_ids():
                 if token < vocab:
@@ -201,9 +206,7 @@ class BatchSampler:
             return
         device, vocab = x.device, x.shape[1]
         sub = [states[i] for i in rows]
-        counts = _token_counts(
-            [s.output_token_ids for s in sub], vocab, device
-        )  # [P, V] occurrences in output
+        counts = _token_counts([s.output_token_ids for s in sub], vocab, device)  # [P, V] in output
         logits = x[rows]  # [P, V]
         if any(s.params.repetition_penalty != 1.0 for s in sub):
             rep = torch.tensor([s.params.repetition_penalty for s in sub], device=device)[:, None]
@@ -225,20 +228,21 @@ class BatchSampler:
     def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         # x: [R, V] processed logits of the random rows -> [R] token ids
         device, vocab = x.device, x.shape[1]
-        # Neither may become inf: a temperature of inf turns a masked -inf logit into NaN, which wins the
-        # draw, and +inf logits (an extreme repetition_penalty, or a small temperature after it) make softmax NaN.
+        # Neither may become inf: a temperature of inf turns a masked -inf logit into NaN, which
+        # wins the draw, and +inf logits (an extreme repetition_penalty, or a small temperature
+        # after it) make softmax NaN.
         temperature = torch.tensor([s.params.temperature for s in states], device=device)[:, None]
         x = (x / temperature.clamp(max=_FP32.max)).clamp(max=_FP32.max)
         if any(s.params.min_p > 0 for s in states):
             min_p = torch.tensor([s.params.min_p for s in states], device=device)[:, None]
             probs = torch.softmax(x, dim=-1)
-            x = x.masked_fill(
-                probs < min_p * probs.amax(dim=-1, keepdim=True), _NEG_INF
-            )  # min_p = 0: no-op
+            # min_p = 0: no-op
+            x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), _NEG_INF)
 
         tokens = torch.empty(len(states), dtype=torch.long, device=device)
         # Rows with top-k/top-p go through a sorted path, the rest through a plain one. Which path a
-        # row takes depends only on its own settings, never on the batch (float sums differ between them).
+        # row takes depends only on its own settings, never on the batch (float sums differ between
+        # them).
         truncated = [
             j for j, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1.0
         ]
@@ -248,17 +252,17 @@ class BatchSampler:
             tokens[plain] = _draw(probs, [states[j].generator for j in plain])
         if truncated:
             rows = [states[j].params for j in truncated]
-            sorted_x, order = torch.sort(
-                x[truncated], dim=-1, descending=True, stable=True
-            )  # [T, V]
+            # [T, V]
+            sorted_x, order = torch.sort(x[truncated], dim=-1, descending=True, stable=True)
             top_k = torch.tensor(
                 [p.top_k if 0 < p.top_k < vocab else vocab for p in rows], device=device
             )
             position = torch.arange(vocab, device=device)
             sorted_x = sorted_x.masked_fill(position[None] >= top_k[:, None], _NEG_INF)
             if any(p.top_p < 1.0 for p in rows):
-                # The cumulative sum runs on fixed-point integers: integer sums are exact in any order,
-                # and CUDA's float cumsum picks its kernel (and so its rounding) by the number of rows.
+                # The cumulative sum runs on fixed-point integers: integer sums are exact in any
+                # order, and CUDA's float cumsum picks its kernel (and so its rounding) by the
+                # number of rows.
                 top_p = torch.tensor(
                     [round(p.top_p * _FIXED_ONE) if p.top_p < 1.0 else 2**62 for p in rows],
                     device=device,
@@ -269,9 +273,8 @@ class BatchSampler:
                 drop[:, 0] = False
                 sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
             probs = torch.softmax(sorted_x, dim=-1)
-            picked = _draw(
-                probs, [states[j].generator for j in truncated]
-            )  # [T] positions in sorted order
+            # [T] positions in sorted order
+            picked = _draw(probs, [states[j].generator for j in truncated])
             tokens[truncated] = order.gather(1, picked[:, None])[:, 0]
         return tokens
 
@@ -286,19 +289,20 @@ class BatchSampler:
         chosen = tokens[rows][:, None]  # [L, 1]
         chosen_lp = raw.gather(1, chosen)  # [L, 1]
         ranks = (raw > chosen_lp).sum(dim=-1) + 1  # [L]
-        k = min(max(states[i].params.logprobs for i in rows), raw.shape[1])
+        # rows are the states with logprobs set
+        wanted = [states[i].params.logprobs or 0 for i in rows]
+        k = min(max(wanted), raw.shape[1])
         top_lp, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], chosen[:, :0])  # [L, k]
         chosen_l, lp_l, rank_l = chosen[:, 0].tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
         top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = states[i].params.logprobs
+        for j, (i, n) in enumerate(zip(rows, wanted)):
             top = list(zip(top_ids_l[j][:n], top_lp_l[j][:n]))
             out[i] = Logprobs(chosen_l[j], lp_l[j], rank_l[j], top)
         return out
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(token_lists), vocab] float counts of each token id in each list (one transfer, one scatter)."""
+    """[len(token_lists), vocab] float counts of each id in each list (one copy, one scatter)."""
     counts = torch.zeros(len(token_lists), vocab, device=device)
     flat = list(chain.from_iterable(token_lists))
     if flat:
@@ -310,21 +314,21 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     return counts
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One sample per row of probs [N, V], row i drawn with generators[i] only (inverse transform sampling).
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One sample per row of probs [N, V], row i drawn with generators[i] only.
 
-    A row's probabilities become fixed-point integers (2**48 for 1), whose running sum is exact in any
-    order and on any device, so a row's draw never depends on the batch around it; one uniform number
-    from the row's own generator then picks the token whose interval holds it: token i with probability
-    p_i (to 2**-48). One random number per row, not one per token: the exponential race this replaced
-    spent 2.5 ms per row of a 128k vocabulary on a CPU drawing noise.
+    Inverse transform sampling: a row's probabilities become fixed-point integers (2**48 for 1),
+    whose running sum is exact in any order and on any device, so a row's draw never depends on the
+    batch around it; one uniform number from the row's own generator then picks the token whose
+    interval holds it: token i with probability p_i (to 2**-48). One random number per row, not one
+    per token: the exponential race this replaced spent 2.5 ms per row of a 128k vocabulary on a
+    CPU drawing noise.
     """
     cumulative = torch.round(probs * _FIXED_ONE).long().cumsum(dim=-1)  # [N, V]
     uniform = torch.cat(
         [torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators]
     )
     target = (uniform * cumulative[:, -1].double()).long()  # [N], in [0, the row's total)
-    picked = torch.searchsorted(cumulative, target[:, None], right=True)[
-        :, 0
-    ]  # first running sum above it
+    # the first running sum above it
+    picked = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]
     return picked.clamp_(max=probs.shape[1] - 1)

@@ -1,5 +1,7 @@
-"""Structured outputs: grammars (JSON schema, JSON object, regex, choice, EBNF) compiled with xgrammar
-over the model's vocabulary, one matcher per request, and the token masks they put on the logits.
+"""Structured outputs: xgrammar grammars over the vocabulary, a matcher per request, token masks.
+
+The grammars (JSON schema, JSON object, regex, choice, EBNF) are compiled with xgrammar over the
+model's vocabulary; each request gets its own matcher, and the sampler masks the logits with it.
 
 `GrammarCompiler` is shared and thread-safe (the server compiles in a worker thread to validate a
 request; the engine compiles again and hits the cache). `Grammar` is one request's position in its
@@ -13,25 +15,27 @@ import functools
 import json
 import re
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from plm_core.sampling import StructuredOutput
 
 if TYPE_CHECKING:
+    import xgrammar as xgr
+
     from plm_core.tokenizer import PLMTokenizer
 
 _BITS = torch.arange(32, dtype=torch.int32)  # bit i of each int32 word is token 32 * word + i
 _BIT_VALUES = [(1 << i) - (1 << 32 if i == 31 else 0) for i in range(32)]  # bit i as an int32 value
-_LOG_PREFIX = re.compile(
-    r"^\[[\d:.]+\] \S+:\d+: "
-)  # xgrammar's "[12:00:00] /path/file.cc:123: " on errors
+# xgrammar's "[12:00:00] /path/file.cc:123: " on errors
+_LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")
 
 
-# JSON Schema keywords xgrammar 0.2.9 accepts but does not enforce (seen: `uniqueItems` gave [1, 1], `not`
-# and `contains` were ignored, `allOf` of two schemas let anything through): refused, as OpenAI refuses
-# keywords its strict mode cannot honour, rather than promising a shape the output may not have.
+# JSON Schema keywords xgrammar 0.2.9 accepts but does not enforce (seen: `uniqueItems` gave [1, 1],
+# `not` and `contains` were ignored, `allOf` of two schemas let anything through): refused, as
+# OpenAI refuses keywords its strict mode cannot honour, rather than promising a shape the output
+# may not have.
 _UNENFORCED = (
     "uniqueItems",
     "contains",
@@ -53,17 +57,18 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")  # xgrammar ignores lookahead/lookbehind assertions
 
 
-# Compile time grows fast with a schema's size and depth (measured on 2 CPU cores: 5,000 properties took
-# 93 s, arrays nested 900 deep 35 s), so a request may not make the server spend it: these caps keep a
-# compile under about a second.
+# Compile time grows fast with a schema's size and depth (measured on 2 CPU cores: 5,000 properties
+# took 93 s, arrays nested 900 deep 35 s), so a request may not make the server spend it: these caps
+# keep a compile under about a second.
 MAX_CONSTRAINT_BYTES = 64 * 1024  # the schema, regex, grammar or choices, as text
 MAX_SCHEMA_DEPTH = 64  # subschemas inside subschemas
 
 
-def unenforced_feature(schema) -> str | None:
-    """A description of the first part of a JSON schema the grammar would silently not enforce (or could
-    not compile in reasonable time: nesting deeper than MAX_SCHEMA_DEPTH), or None."""
-    stack = [("#", schema, 0)]  # iterative: a deep schema must not become a RecursionError
+def unenforced_feature(schema: object) -> str | None:
+    """A description of the first part of a JSON schema the grammar would silently not enforce (or
+    could not compile in reasonable time: nesting deeper than MAX_SCHEMA_DEPTH), or None."""
+    # (where, subschema, depth); iterative: a deep schema must not become a RecursionError
+    stack: list[tuple[str, Any, int]] = [("#", schema, 0)]
     while stack:
         where, node, depth = stack.pop()
         if not isinstance(node, dict):
@@ -99,7 +104,7 @@ def unenforced_feature(schema) -> str | None:
 
 
 class GrammarCompiler:
-    """Compiles StructuredOutput specs into grammars over one tokenizer; cached, thread-safe, lazy."""
+    """Compiles StructuredOutput specs into grammars over one tokenizer (cached, thread-safe)."""
 
     def __init__(
         self,
@@ -112,18 +117,18 @@ class GrammarCompiler:
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's vocabulary)
         self.stop_token_ids = tuple(stop_token_ids)
         self.cache_limit_bytes = cache_limit_bytes
-        self._compiler = None
+        self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
 
-    def _xgr_compiler(self):
+    def _xgr_compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
                 import xgrammar as xgr
 
                 tok = self.tokenizer
                 special = tok.special_token_ids()
-                # special tokens get no text, so no grammar can ever produce them (xgrammar's convention);
-                # the stop tokens are allowed where the grammar may end
+                # special tokens get no text, so no grammar can ever produce them (xgrammar's
+                # convention); the stop tokens are allowed where the grammar may end
                 vocab = [
                     b"" if i in special else tok.token_bytes(i)
                     for i in range(min(tok.vocab_size, self.vocab_size))
@@ -139,11 +144,10 @@ class GrammarCompiler:
                 )
             return self._compiler
 
-    def compile(self, spec: StructuredOutput):
-        """The compiled grammar of spec; ValueError when the schema, regex or grammar is not valid."""
-        refusal = _refusal(
-            spec
-        )  # cached: the engine's compile repeats the server's, on the engine thread
+    def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
+        """The compiled grammar of spec; ValueError for an invalid schema, regex or grammar."""
+        # cached: the engine's compile repeats the server's, on the engine thread
+        refusal = _refusal(spec)
         if refusal:
             raise ValueError(refusal)
         compiler = self._xgr_compiler()
@@ -156,12 +160,9 @@ class GrammarCompiler:
                 return compiler.compile_regex(spec.regex)
             if spec.choice is not None:
                 return compiler.compile_grammar(choice_grammar(spec.choice))
+            assert spec.grammar is not None  # StructuredOutput holds exactly one kind
             return compiler.compile_grammar(spec.grammar)
-        except (
-            RuntimeError,
-            ValueError,
-            TypeError,
-        ) as e:  # xgrammar's parse errors are RuntimeErrors
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse errors: RuntimeError
             lines = str(e).strip().splitlines()
             message = _LOG_PREFIX.sub("", lines[0]) if lines else type(e).__name__
             raise ValueError(f"cannot compile the {spec.kind} constraint: {message}") from None
@@ -175,17 +176,23 @@ class GrammarCompiler:
 
 @functools.lru_cache(maxsize=256)
 def _refusal(spec: StructuredOutput) -> str | None:
-    """Why spec is refused before compiling (too big, unenforced schema keywords, lookaround), or None."""
+    """Why spec is refused before compiling (too big, unenforced keywords, lookaround), or None."""
     texts = [
         t for t in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if t is not None
     ]
     size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     if size > MAX_CONSTRAINT_BYTES:
-        return f"the {spec.kind} constraint is {size} bytes; this server compiles at most {MAX_CONSTRAINT_BYTES}"
+        return (
+            f"the {spec.kind} constraint is {size} bytes; "
+            f"this server compiles at most {MAX_CONSTRAINT_BYTES}"
+        )
     if spec.json is not None:
         found = unenforced_feature(json.loads(spec.json))
         if found:
-            return f"cannot compile the json constraint: the schema uses {found}, which this server cannot enforce"
+            return (
+                f"cannot compile the json constraint: the schema uses {found}, "
+                "which this server cannot enforce"
+            )
     if spec.regex is not None and _LOOKAROUND.search(spec.regex):
         return "cannot compile the regex constraint: lookahead and lookbehind are not supported"
     return None
@@ -200,7 +207,7 @@ def choice_grammar(choices: tuple[str, ...]) -> str:
 class Grammar:
     """One request's matcher: which tokens may come next, and the tokens it has taken."""
 
-    def __init__(self, matcher):
+    def __init__(self, matcher: xgr.GrammarMatcher):
         self._matcher = matcher
 
     def accept(self, token_id: int) -> bool:
@@ -217,15 +224,15 @@ class Grammar:
         return list(self._matcher.stop_token_ids)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Writes the allowed next tokens into row `row` of an int32 [R, ceil(V / 32)] CPU bitmask."""
+        """Writes the allowed next tokens into row `row` of an int32 [R, ceil(V/32)] CPU bitmask."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
 def allowed_tokens(grammars: list[Grammar], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[len(grammars), vocab_size] bool on device: True where each grammar allows the token next.
 
-    A grammar with no way forward (`root ::= root`, say) allows its stop tokens instead, so the request
-    ends rather than taking a token outside its grammar."""
+    A grammar with no way forward (`root ::= root`, say) allows its stop tokens instead, so the
+    request ends rather than taking a token outside its grammar."""
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(grammars), words), -1, dtype=torch.int32)
     for row, grammar in enumerate(grammars):

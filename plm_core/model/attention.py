@@ -5,9 +5,10 @@ token's KV lives at slot `block_id * block_size + position % block_size`. Each s
 runner builds an `AttentionMetadata` (shared by all layers); every layer writes the step's new K/V
 into their slots and attends each sequence's queries to its gathered context. Decode-only
 sequences (one query each) are attended one by one like prefill chunks on CPU, where the padded
-batch loses (benchmarks/bench_attention.py: the loop is as fast or faster in 34 of 36 measured shapes, up to
-29x on mixed context lengths, because gathering padded K/V costs more than the attention), and in
-one padded batch on GPU, where per-call launch overhead dominates (not measured yet).
+batch loses (benchmarks/bench_attention.py: the loop is as fast or faster in 34 of 36 measured
+shapes, up to 29x on mixed context lengths, because gathering padded K/V costs more than the
+attention), and in one padded batch on GPU, where per-call launch overhead dominates (not measured
+yet).
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ class AttentionMetadata:
     prefill_seqs: list[int]  # indices of the others (attended one by one)
     decode_slots: torch.Tensor | None = None  # [D, max_ctx] long, padded with slot 0
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_ctx] bool, True where attended
-    decode_rows: torch.Tensor | None = (
-        None  # [D] long: row in the flattened batch of each decode query
-    )
+    decode_rows: torch.Tensor | None = None  # [D] long: row in the flattened batch of each query
 
 
 def build_metadata(
@@ -45,10 +44,11 @@ def build_metadata(
     *,
     batch_decodes: bool = True,
 ) -> AttentionMetadata:
-    """Metadata for sequences computing positions [start, start + query_len) with these block tables."""
+    """Metadata for sequences computing positions [start, start + query_len) of these tables."""
     slots_all: list[torch.Tensor] = []
     new_slots: list[torch.Tensor] = []
-    q_starts, ctx_lens = [], []
+    q_starts: list[int] = []
+    ctx_lens: list[int] = []
     offset = 0
     for table, start, n in zip(block_tables, starts, query_lens):
         ctx = start + n
@@ -86,7 +86,8 @@ def build_metadata(
 
 
 def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # x: [..., kv_heads, S, D] -> [..., n_heads, S, D] (each kv head shared by n_heads / kv_heads queries)
+    # x: [..., kv_heads, S, D] -> [..., n_heads, S, D]
+    # (each kv head shared by n_heads / kv_heads query heads)
     kv = x.shape[-3]
     if kv == n_heads:
         return x
@@ -102,22 +103,23 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Attention of a prompt chunk to `prefix` cached tokens plus itself (causal). q: [nh, n, D]; k, v: [nh, ctx, D].
+    """Attention of a prompt chunk to `prefix` cached tokens plus itself (causal).
 
-    On CPU the two parts run in the flash kernel (the cached part unmasked, the chunk causal) and
-    are merged with their log-sum-exps; an explicit bottom-right causal mask would force SDPA's much
-    slower math kernel (measured: 0.51 s vs 0.55 s for a 2048-token chunk at 9,500 tokens of context,
-    and the gap grows with the chunk). Elsewhere: SDPA with the boolean mask.
+    q: [nh, n, D]; k, v: [nh, ctx, D]. On CPU the two parts run in the flash kernel (the cached
+    part unmasked, the chunk causal) and are merged with their log-sum-exps; an explicit
+    bottom-right causal mask would force SDPA's much slower math kernel (measured: 0.51 s vs 0.55 s
+    for a 2048-token chunk at 9,500 tokens of context, and the gap grows with the chunk).
+    Elsewhere: SDPA with the boolean mask.
     """
     n, ctx = q.shape[1], k.shape[1]
     if q.device.type == "cpu" and _CPU_FLASH is not None and prefix > 0:
-        o1, lse1 = _CPU_FLASH(q[None], k[None, :, :prefix], v[None, :, :prefix])[
-            :2
-        ]  # [1, nh, n, D], [1, nh, n]
+        # [1, nh, n, D], [1, nh, n]
+        o1, lse1 = _CPU_FLASH(q[None], k[None, :, :prefix], v[None, :, :prefix])[:2]
         o2, lse2 = _CPU_FLASH(q[None], k[None, :, prefix:], v[None, :, prefix:], is_causal=True)[:2]
         m = torch.maximum(lse1, lse2)
         w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
-        return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2))[0].to(q.dtype)
+        merged: torch.Tensor = ((o1.float() * w1 + o2.float() * w2) / (w1 + w2))[0]
+        return merged.to(q.dtype)
     mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
@@ -130,7 +132,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Writes the step's K/V into the cache and attends. q: [T, nh, D]; k, v: [T, nkv, D] -> [T, nh, D]."""
+    """Writes the step's K/V into the cache and attends.
+
+    q: [T, nh, D]; k, v: [T, nkv, D] -> [T, nh, D].
+    """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     n_heads = q.shape[1]
@@ -155,15 +160,15 @@ def paged_attention(
             )
         out[s : s + n] = o.transpose(0, 1)
     if meta.decode_seqs:
-        rows = meta.decode_rows
-        d, max_ctx = meta.decode_slots.shape
-        flat = meta.decode_slots.flatten()
-        keys = (
-            k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)
-        )  # [B, nkv, C, D]
+        rows, padded = meta.decode_rows, meta.decode_slots
+        assert rows is not None and padded is not None, "build_metadata sets them with decode_seqs"
+        d, max_ctx = padded.shape
+        flat = padded.flatten()
+        # [B, nkv, C, D]
+        keys = k_cache.index_select(0, flat).view(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)
         values = v_cache.index_select(0, flat).view(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
-        # each kv head's query heads become its queries ([B, nkv, group, D]), the mask broadcasting over
-        # them: GQA with no K/V expansion and no enable_gqa, which not every GPU kernel takes
+        # each kv head's query heads become its queries ([B, nkv, group, D]), the mask broadcasting
+        # over them: GQA with no K/V expansion and no enable_gqa, which not every GPU kernel takes
         nkv = k_cache.shape[1]
         query = q.index_select(0, rows).view(d, nkv, n_heads // nkv, q.shape[-1])
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask)

@@ -1,8 +1,8 @@
-"""CUDA graphs for decode-only steps: one captured forward per (batch, context) bucket, replayed each step.
+"""CUDA graphs for decode-only steps: a captured forward per (batch, context) bucket, replayed.
 
 A decode step launches hundreds of small kernels (16-32 layers x norms, projections, RoPE, gather,
-attention); on a GPU their launch overhead, not the arithmetic, sets the step time. Graphs remove it.
-A graph replays fixed shapes, so each step is padded up to a bucket: the batch to the next of
+attention); on a GPU their launch overhead, not the arithmetic, sets the step time. Graphs remove
+it. A graph replays fixed shapes, so each step is padded up to a bucket: the batch to the next of
 1, 2, 4, 8, 16, 24, 32, ... and the longest context to the next power of two (from 256). Inputs go
 through static buffers; padded rows write their K/V into a scratch slot the block manager never
 hands out and attend only to it, so they cannot touch real sequences, and their logits are dropped.
@@ -15,10 +15,14 @@ check that bucketing, padding and the scratch slot leave every token unchanged.
 from __future__ import annotations
 
 import bisect
+from typing import TYPE_CHECKING
 
 import torch
 
 from plm_core.model.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from plm_core.model.perception_lm import PerceptionLM
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -39,8 +43,8 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model,
-        kv_caches,
+        model: PerceptionLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         *,
         scratch_slot: int,
         max_batch: int,
@@ -64,8 +68,8 @@ class DecodeGraphs:
         self.context_slots = torch.full((b, c), scratch_slot, dtype=torch.long, device=device)
         self.mask = torch.zeros(b, 1, 1, c, dtype=torch.bool, device=device)
         self.rows = torch.arange(b, dtype=torch.long, device=device)
-        # one output buffer shared by every bucket's graph (a graph per bucket holding its own [b, V]
-        # fp32 logits would cost ~1 GB for PLM's 128k vocabulary at the default 64 sequences)
+        # one output buffer shared by every bucket's graph (a graph per bucket holding its own
+        # [b, V] fp32 logits would cost ~1 GB for PLM's 128k vocabulary at the default 64 sequences)
         self.logits = torch.zeros(b, model.lm_head.out_features, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.num_runs = 0  # decode steps served by this path (captured or eager)
@@ -74,10 +78,8 @@ class DecodeGraphs:
 
     def bucket(self, batch: int, context: int) -> tuple[int, int] | None:
         """The (batch, context) bucket a step fits, or None when it must run eagerly."""
-        i, j = (
-            bisect.bisect_left(self.batch_sizes, batch),
-            bisect.bisect_left(self.context_sizes, context),
-        )
+        i = bisect.bisect_left(self.batch_sizes, batch)
+        j = bisect.bisect_left(self.context_sizes, context)
         if i == len(self.batch_sizes) or j == len(self.context_sizes):
             return None
         b, c = self.batch_sizes[i], self.context_sizes[j]
@@ -104,14 +106,14 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for b in reversed(
-            self.batch_sizes
-        ):  # largest first, so smaller graphs fit in its memory pool
+        # largest first, so smaller graphs fit in its memory pool
+        for b in reversed(self.batch_sizes):
             for c in reversed(self.context_sizes):
                 if b * c > self.max_graph_tokens:
                     continue
                 self.mask[:b, :, :, 0] = True  # every row attends to the scratch slot only
-                side = torch.cuda.Stream()
+                # torch.cuda.Stream.__new__ is unannotated
+                side = torch.cuda.Stream()  # type: ignore[no-untyped-call, unused-ignore]
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     self._forward(b, c)  # warm-up: lazy kernel and workspace initialisation
@@ -131,8 +133,10 @@ class DecodeGraphs:
         meta: AttentionMetadata,
         bucket: tuple[int, int],
     ) -> torch.Tensor:
-        """Logits [n, V] of n decode tokens (meta from build_metadata with every sequence decoding)."""
-        n, ctx = meta.decode_slots.shape
+        """Logits [n, V] of n decode tokens (meta from build_metadata, every sequence decoding)."""
+        slots, mask = meta.decode_slots, meta.decode_mask
+        assert slots is not None and mask is not None, "a decode step has padded decode slots"
+        n, ctx = slots.shape
         b, c = bucket
         self.embeds[:n].copy_(embeds)
         self.positions[:n].copy_(positions)
@@ -140,10 +144,9 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:b].fill_(self.scratch)
         self.mask[:b, :, :, :c].zero_()
-        self.context_slots[:n, :ctx].copy_(
-            meta.decode_slots
-        )  # columns past ctx keep stale, masked slots
-        self.mask[:n, :, :, :ctx].copy_(meta.decode_mask)
+        # columns past ctx keep stale, masked slots
+        self.context_slots[:n, :ctx].copy_(slots)
+        self.mask[:n, :, :, :ctx].copy_(mask)
         self.context_slots[n:b, 0] = self.scratch
         self.mask[n:b, :, :, 0] = True
         self.num_runs += 1

@@ -1,4 +1,4 @@
-"""The Llama decoder of PerceptionLM: RMSNorm, llama3-scaled RoPE, GQA attention over the paged KV cache, SwiGLU.
+"""The Llama decoder of PerceptionLM: RMSNorm, llama3 RoPE, GQA over the paged KV cache, SwiGLU.
 
 Operations follow HF's `LlamaModel` step by step (fp32 RMSNorm, cos/sin from fp32 frequencies,
 rotate-half RoPE, SDPA attention), so greedy tokens match HF generate.
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plm_core.config import TextConfig
 from plm_core.model.attention import AttentionMetadata, paged_attention
+from plm_core.model_config import TextConfig
 
 
 def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
@@ -82,7 +82,8 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)  # [T, nkv, D]
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
         out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, nh, D]
-        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        return projected
 
 
 class MLP(nn.Module):
@@ -94,7 +95,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -105,13 +107,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class LlamaModel(nn.Module):
     """Embeddings + decoder layers + final norm; parameter names match HF's `language_model.*`."""
+
+    inv_freq: torch.Tensor  # [head_dim / 2], a non-persistent buffer
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -136,9 +149,11 @@ class LlamaModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        # embeds: [T, H]; positions: [T]; kv_caches: per layer (k, v) [slots, kv_heads, D] -> hidden [T, H]
+        # embeds: [T, H]; positions: [T]; kv_caches: per layer (k, v) [slots, kv_heads, D]
+        # -> hidden [T, H]
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+        hidden: torch.Tensor = self.norm(x)
+        return hidden

@@ -1,4 +1,4 @@
-"""PerceptionLM: timm Perception Encoder tower, projector with 2D pooling, Llama decoder, and weight loading.
+"""PerceptionLM: timm Perception Encoder tower, 2D-pooling projector, Llama decoder, weight loading.
 
 Parameter names mirror the hub checkpoints (`model.vision_tower.timm_model.*`,
 `model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`) once the leading `model.`
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plm_core.config import ConfigError, ModelConfig, VisionConfig
+from plm_core.model.attention import AttentionMetadata
 from plm_core.model.llama import LlamaModel, rope_inv_freq
+from plm_core.model_config import ConfigError, ModelConfig, VisionConfig
 
 
 class VisionTower(nn.Module):
@@ -28,7 +31,8 @@ class VisionTower(nn.Module):
         import timm
 
         try:
-            self.timm_model = timm.create_model(
+            # Any: timm types create_model as a plain nn.Module, without forward_features
+            self.timm_model: Any = timm.create_model(
                 cfg.architecture, pretrained=False, num_classes=0, **cfg.model_args
             )
         except RuntimeError as e:
@@ -39,12 +43,12 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: [N, 3, T, T] -> [N, P, Dv] with P = (T / patch)^2 (the CLS token dropped)
-        feats = self.timm_model.forward_features(pixels)
+        feats: torch.Tensor = self.timm_model.forward_features(pixels)
         return feats[:, 1:, :] if self.use_cls_token else feats
 
 
 class Projector(nn.Module):
-    """Linear -> GELU -> Linear into the LM width, then adaptive 2D average pooling of the patch grid."""
+    """Linear -> GELU -> Linear into the LM width, then adaptive 2D average pooling of the grid."""
 
     def __init__(self, vision_width: int, hidden: int, pooling_ratio: int):
         super().__init__()
@@ -55,7 +59,8 @@ class Projector(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         # feats: [N, P, Dv] -> [N, P / ratio^2, H]
         x = feats.permute(1, 0, 2)  # the same layout HF's projector computes in
-        x = self.linear_2(F.gelu(self.linear_1(x))).permute(1, 0, 2)
+        projected: torch.Tensor = self.linear_2(F.gelu(self.linear_1(x)))
+        x = projected.permute(1, 0, 2)
         if self.pooling_ratio <= 1:
             return x
         n, p, c = x.shape
@@ -69,9 +74,9 @@ class Projector(nn.Module):
 
 
 class PerceptionLM(nn.Module):
-    """The whole model; `encode_media` turns tiles into LM-space tokens, `forward` runs the decoder."""
+    """The whole model: `encode_media` turns tiles into LM-space tokens, `forward` runs the LM."""
 
-    def __init__(self, cfg: ModelConfig, vision_tower: VisionTower | None = None):
+    def __init__(self, cfg: ModelConfig, vision_tower: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = vision_tower if vision_tower is not None else VisionTower(cfg.vision)
@@ -84,23 +89,27 @@ class PerceptionLM(nn.Module):
     @torch.inference_mode()
     def encode_media(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels: [N, 3, T, T] -> [N, tokens_per_tile, H]
-        return self.multi_modal_projector(self.vision_tower(pixels))
+        tokens: torch.Tensor = self.multi_modal_projector(self.vision_tower(pixels))
+        return tokens
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(token_ids)
+        embeds: torch.Tensor = self.language_model.embed_tokens(token_ids)
+        return embeds
 
     @torch.inference_mode()
     def forward(
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches,
-        meta,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
-        # embeds: [T, H] flattened batch; logit_rows: [B] rows whose next-token logits are needed -> [B, V] fp32
+        # embeds: [T, H] flattened batch; logit_rows: [B] rows whose next-token logits are needed
+        # -> [B, V] fp32
         hidden = self.language_model(embeds, positions, kv_caches, meta)
-        return self.lm_head(hidden.index_select(0, logit_rows)).float()
+        logits: torch.Tensor = self.lm_head(hidden.index_select(0, logit_rows))
+        return logits.float()
 
 
 def _map_key(key: str) -> str:
@@ -176,7 +185,7 @@ def load_weights(model: PerceptionLM, path: Path) -> None:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype):
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -201,6 +210,5 @@ def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -
         getattr(model, name).to_empty(device=device)
     model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     load_weights(model, cfg.path)
-    return model.eval().requires_grad_(
-        False
-    )  # inference only: no autograd state, even in CUDA graph capture
+    # inference only: no autograd state, even in CUDA graph capture
+    return model.eval().requires_grad_(False)

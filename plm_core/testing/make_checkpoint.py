@@ -21,6 +21,11 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PerceptionLMConfig
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -28,9 +33,9 @@ CHAT_TEMPLATE = (
     "    {%- set system_message = messages[0]['content']|trim %}\n"
     "    {%- set messages = messages[1:] %}\n"
     "{%- else %}"
-    "    {%- set system_message = 'You are a helpful language and vision assistant. You are able to "
-    "understand the visual content that the user provides, and assist the user with a variety of tasks "
-    "using natural language.' %}"
+    "    {%- set system_message = 'You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.' %}"
     "{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{{- system_message }}"
@@ -52,6 +57,8 @@ CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}"
 )
+PE_LARGE = "vit_pe_core_large_patch14_336"  # PLM-1B/3B's tower, with a CLS token
+PE_GIGANTIC = "vit_pe_core_gigantic_patch14_448"  # PLM-8B's tower, without one
 
 
 @dataclass(frozen=True)
@@ -73,61 +80,83 @@ class Preset:
     dtype: str = "float32"
     max_shard_size: str = "5GB"
     vision_mlp_ratio: float | None = None
-    extra_vision_args: dict = field(default_factory=dict)
+    extra_vision_args: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("vit_pe_core_large_patch14_336", 32, 2, 2, 56, True, 64, 2, 4, 2, 128),
+    "tiny": Preset(
+        vision_arch=PE_LARGE,
+        vision_width=32,
+        vision_depth=2,
+        vision_heads=2,
+        tile_size=56,
+        use_cls_token=True,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+    ),
     "tiny-nocls": Preset(
-        "vit_pe_core_gigantic_patch14_448",
-        48,
-        2,
-        2,
-        56,
-        False,
-        64,
-        2,
-        4,
-        2,
-        128,
+        vision_arch=PE_GIGANTIC,
+        vision_width=48,
+        vision_depth=2,
+        vision_heads=2,
+        tile_size=56,
+        use_cls_token=False,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
         vision_mlp_ratio=3.0,
     ),
     "bench": Preset(
-        "vit_pe_core_large_patch14_336",
-        64,
-        2,
-        4,
-        448,
-        True,
-        256,
-        4,
-        8,
-        2,
-        512,
+        vision_arch=PE_LARGE,
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=4,
+        tile_size=448,
+        use_cls_token=True,
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        intermediate=512,
         max_shard_size="200MB",
     ),
     "bench-nocls": Preset(
-        "vit_pe_core_gigantic_patch14_448", 64, 2, 4, 448, False, 256, 4, 8, 2, 512
+        vision_arch=PE_GIGANTIC,
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=4,
+        tile_size=448,
+        use_cls_token=False,
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        intermediate=512,
     ),
     "1b": Preset(
-        "vit_pe_core_large_patch14_336",
-        1024,
-        23,
-        16,
-        448,
-        True,
-        2048,
-        16,
-        32,
-        8,
-        8192,
+        vision_arch=PE_LARGE,
+        vision_width=1024,
+        vision_depth=23,
+        vision_heads=16,
+        tile_size=448,
+        use_cls_token=True,
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=8192,
         dtype="bfloat16",
         max_shard_size="2GB",
     ),
 }
 
 
-def build_config(preset: Preset):
+def build_config(preset: Preset) -> PerceptionLMConfig:
     """The `PerceptionLMConfig` of a preset (vision tower, projector, Llama decoder, token ids)."""
     from transformers import LlamaConfig, PerceptionLMConfig, TimmWrapperConfig
 
@@ -145,7 +174,8 @@ def build_config(preset: Preset):
     }
     if preset.vision_mlp_ratio is not None:
         model_args["mlp_ratio"] = preset.vision_mlp_ratio
-    vision = TimmWrapperConfig(
+    # num_labels is a PretrainedConfig keyword that TimmWrapperConfig's signature does not list
+    vision = TimmWrapperConfig(  # type: ignore[call-arg]
         architecture=preset.vision_arch, model_args=model_args, num_labels=0, do_pooling=False
     )
     text = LlamaConfig(
@@ -179,7 +209,7 @@ def build_config(preset: Preset):
     )
 
 
-def _randomize_text_weights(model, seed: int) -> None:
+def _randomize_text_weights(model: torch.nn.Module, seed: int) -> None:
     """Re-draws the decoder and projector weights at a scale that keeps activations O(1).
 
     HF's default init (std 0.02) gives near-uniform logits and a model that repeats one token; a
@@ -207,10 +237,52 @@ def write_checkpoint(
     preset_name: str, out: str | Path, *, seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Writes the preset's random checkpoint to `out` (a directory) and returns its path."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    out = Path(out)
+    if out.exists():
+        if not overwrite and (out / "config.json").exists():
+            raise FileExistsError(
+                f"{out} already holds a checkpoint (pass --overwrite to replace it)"
+            )
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_model(preset, seed, tmp)
+    _save_processor(preset, tmp)
+    (tmp / "plm_serve_preset.json").write_text(
+        json.dumps({"preset": preset_name, "seed": seed}) + "\n"
+    )
+    tmp.rename(out)
+    return out
+
+
+def _save_model(preset: Preset, seed: int, path: Path) -> None:
+    """Writes the config, the random weights and the generation config."""
     import torch
+    from transformers import GenerationConfig, PerceptionLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = build_config(preset)
+    dtype = getattr(torch, preset.dtype)
+    model = PerceptionLMForConditionalGeneration(config)
+    # transformers leaves eval() and GenerationConfig() unannotated
+    model.eval()  # type: ignore[no-untyped-call, unused-ignore]
+    _randomize_text_weights(model, seed)
+    model = model.to(dtype)
+    model.config.dtype = preset.dtype
+    model.save_pretrained(path, max_shard_size=preset.max_shard_size)
+    generation = GenerationConfig(  # type: ignore[no-untyped-call, unused-ignore]
+        do_sample=False, bos_token_id=128000, eos_token_id=[128001, 128009]
+    )
+    generation.save_pretrained(path)
+
+
+def _save_processor(preset: Preset, path: Path) -> None:
+    """Writes the tokenizer, the image and video processors' configs and the chat template."""
     from transformers import (
-        GenerationConfig,
-        PerceptionLMForConditionalGeneration,
         PerceptionLMImageProcessor,
         PerceptionLMProcessor,
         PerceptionLMVideoProcessor,
@@ -226,33 +298,8 @@ def write_checkpoint(
         build_llama3_style_tokenizer,
     )
 
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
-    out = Path(out)
-    if out.exists():
-        if not overwrite and (out / "config.json").exists():
-            raise FileExistsError(
-                f"{out} already holds a checkpoint (pass --overwrite to replace it)"
-            )
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    torch.manual_seed(seed)
-    config = build_config(preset)
-    dtype = getattr(torch, preset.dtype)
-    model = PerceptionLMForConditionalGeneration(config).eval()
-    _randomize_text_weights(model, seed)
-    model = model.to(dtype)
-    model.config.dtype = preset.dtype
-    model.save_pretrained(tmp, max_shard_size=preset.max_shard_size)
-    GenerationConfig(
-        do_sample=False, bos_token_id=128000, eos_token_id=[128001, 128009]
-    ).save_pretrained(tmp)
-
-    tokenizer = PreTrainedTokenizerFast(
+    # transformers leaves the tokenizer's and the processor's constructors unannotated
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call, unused-ignore]
         tokenizer_object=build_llama3_style_tokenizer(),
         bos_token=BOS,
         eos_token=EOT,
@@ -261,18 +308,17 @@ def write_checkpoint(
         clean_up_tokenization_spaces=True,
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO, "pad_token": END_OF_TEXT},
     )
+    size = {"height": preset.tile_size, "width": preset.tile_size}
     image_processor = PerceptionLMImageProcessor(
         vision_input_type="thumb+tile",
         tile_size=preset.tile_size,
         max_num_tiles=36,
-        size={"height": preset.tile_size, "width": preset.tile_size},
+        size=size,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    video_processor = PerceptionLMVideoProcessor(
-        size={"height": preset.tile_size, "width": preset.tile_size}
-    )
-    processor = PerceptionLMProcessor(
+    video_processor = PerceptionLMVideoProcessor(size=dict(size))
+    processor = PerceptionLMProcessor(  # type: ignore[no-untyped-call, unused-ignore]
         image_processor=image_processor,
         video_processor=video_processor,
         tokenizer=tokenizer,
@@ -280,13 +326,8 @@ def write_checkpoint(
         patch_size=14,
         pooling_ratio=2,
     )
-    processor.save_pretrained(tmp)
-    _split_processor_config(tmp)
-    (tmp / "plm_serve_preset.json").write_text(
-        json.dumps({"preset": preset_name, "seed": seed}) + "\n"
-    )
-    tmp.rename(out)
-    return out
+    processor.save_pretrained(path)
+    _split_processor_config(path)
 
 
 def _split_processor_config(path: Path) -> None:

@@ -64,7 +64,7 @@ How many objects are in the scene? Where is the dog? When did the event happen? 
 
 
 def build_llama3_style_tokenizer(num_merges: int = 2000) -> Tokenizer:
-    """Returns a `tokenizers.Tokenizer` with Llama-3's pipeline and PerceptionLM's special-token ids."""
+    """A `tokenizers.Tokenizer` with Llama-3's pipeline and PerceptionLM's special-token ids."""
     tok = Tokenizer(models.BPE(byte_fallback=False, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -116,8 +116,12 @@ def build_llama3_style_tokenizer(num_merges: int = 2000) -> Tokenizer:
 
 
 def _merges_of(tok: Tokenizer) -> list[tuple[str, str]]:
+    """The trained BPE merges (serialised as "a b" strings or as [a, b] pairs)."""
     import json
 
-    model = json.loads(tok.to_str())["model"]
-    merges = model["merges"]
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    pairs = []
+    for m in merges:
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        pairs.append((left, right))
+    return pairs
