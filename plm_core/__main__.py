@@ -7,45 +7,14 @@ python -m plm_core --demo --video clip.mp4 --prompt "What happens?"   # offline 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import os
-import shutil
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
-
-def demo_dir() -> Path:
-    """Where demo checkpoints go: $PLM_SERVE_CACHE, else $XDG_CACHE_HOME/plm-serve, else ~/.cache/plm-serve."""
-    root = os.environ.get("PLM_SERVE_CACHE")
-    if root:
-        return Path(root) / "checkpoints"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "plm-serve" / "checkpoints"
-
-
-def demo_checkpoint(preset: str = "tiny") -> Path:
-    """Builds (once) a random-weight demo checkpoint under demo_dir() and returns its path.
-
-    It is written to a private folder and renamed into place, so replicas sharing one cache volume
-    can start together: the first rename wins and the others use its files.
-    """
-    from plm_core.testing.make_checkpoint import write_checkpoint
-
-    path = demo_dir() / f"demo-{preset}"
-    if not (path / "config.json").exists():
-        print(
-            f"building the offline demo checkpoint ({preset}, random weights) in {path} ...",
-            file=sys.stderr,
-        )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        write_checkpoint(preset, tmp, overwrite=True)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (path / "config.json").exists():
-                raise
-    return path
+from plm_core.cli_args import HelpFormatter, add_config_options, parse_config
+from plm_core.config import EngineConfig, opt
+from plm_core.demo import demo_checkpoint
 
 
 def _demo_image():
@@ -59,94 +28,73 @@ def _demo_image():
     return img
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m plm_core",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--model", default="facebook/Perception-LM-1B", help="hub id or local checkpoint directory"
-    )
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument(
-        "--demo",
+@dataclass(frozen=True)
+class ChatOptions:
+    """Chat: what to ask, and how to sample the answer."""
+
+    demo: str | None = opt(
+        None,
+        "use an offline random-weight demo checkpoint (tiny or bench) instead of --model",
+        metavar="PRESET",
         nargs="?",
         const="tiny",
-        default=None,
-        metavar="PRESET",
-        help="use an offline random-weight demo checkpoint (tiny or bench) instead of --model",
     )
-    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    p.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
-    p.add_argument("--prompt", default="Describe the image in detail.", help="the user's question")
-    p.add_argument(
-        "--system", default=None, help="system prompt (default: the checkpoint's template default)"
+    image: tuple[str, ...] = opt((), "image path or URL (repeatable)", action="append")
+    video: tuple[str, ...] = opt((), "video path or URL (repeatable)", action="append")
+    prompt: str = opt("Describe the image in detail.", "the user's question")
+    system: str | None = opt(None, "system prompt (default: the checkpoint's template default)")
+    max_tokens: int = opt(64, "tokens to generate at most")
+    temperature: float = opt(0.0, "0 is greedy")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    seed: int | None = opt(None, "sampling seed")
+    num_frames: int | None = opt(None, "frames sampled per video (default: --default-num-frames)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m plm_core",
+        description=(__doc__ or "").split("\n")[0],
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--max-num-tiles",
-        type=int,
-        default=None,
-        help="tile budget per image (checkpoint default: 36)",
-    )
-    p.add_argument(
-        "--num-frames", type=int, default=None, help="frames sampled per video (default 32)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
-    )
-    args = p.parse_args(argv)
+    add_config_options(parser, ChatOptions)
+    add_config_options(parser, EngineConfig)
+    chat: ChatOptions = parse_config(parser, ChatOptions, argv)
+    config: EngineConfig = parse_config(parser, EngineConfig, argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-    from plm_core import LLM, MediaOptions, SamplingParams
-
     try:
-        return _chat(args, LLM, MediaOptions, SamplingParams)
-    except (
-        ValueError
-    ) as e:  # ConfigError, CheckpointError, PromptError, MediaError: the user's to fix
+        return _chat(chat, config)
+    except ValueError as e:  # ConfigError, CheckpointError, InputError: the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def _chat(args, LLM, MediaOptions, SamplingParams) -> int:
-    model = str(demo_checkpoint(args.demo)) if args.demo else args.model
-    llm = LLM(
-        model,
-        revision=None if args.demo else args.revision,
-        device=args.device,
-        dtype=args.dtype,
-        max_num_tiles=args.max_num_tiles,
-    )
-    parts: list[dict] = []
-    for url in args.image:
-        parts.append({"type": "image_url", "image_url": {"url": url}})
-    for url in args.video:
-        parts.append({"type": "video_url", "video_url": {"url": url}})
-    if not args.image and not args.video:
+def _chat(chat: ChatOptions, config: EngineConfig) -> int:
+    from plm_core import LLM, MediaOptions, SamplingParams
+
+    if chat.demo:
+        config = dataclasses.replace(config, model=str(demo_checkpoint(chat.demo)), revision=None)
+    if config.media.allowed_local_media_path is None:  # the user's own files
+        config = config.replace(allowed_local_media_path="/")
+    llm = LLM(config=config)
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": u}} for u in chat.image]
+    parts += [{"type": "video_url", "video_url": {"url": u}} for u in chat.video]
+    if not parts:
         parts.append({"type": "image", "image": _demo_image()})
-    parts.append({"type": "text", "text": args.prompt})
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": parts}
-    ]
+    parts.append({"type": "text", "text": chat.prompt})
+    system = [{"role": "system", "content": chat.system}] if chat.system else []
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens
+        temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed, max_tokens=chat.max_tokens
     )
-    out = llm.chat(messages, params, media_options=MediaOptions(num_frames=args.num_frames))[0]
+    media = MediaOptions(num_frames=chat.num_frames)
+    out = llm.chat(system + [{"role": "user", "content": parts}], params, media_options=media)[0]
     m = out.metrics
     print(out.text)
     print(
-        f"\n[{m['prompt_tokens']} prompt tokens, {m['completion_tokens']} generated, finish_reason={out.finish_reason}, "
-        f"first token {m['ttft_s']:.2f}s, total {m['e2e_s']:.2f}s]",
+        f"\n[{m['prompt_tokens']} prompt tokens, {m['completion_tokens']} generated, "
+        f"finish_reason={out.finish_reason}, first token {m['ttft_s']:.2f}s, "
+        f"total {m['e2e_s']:.2f}s]",
         file=sys.stderr,
     )
     return 0

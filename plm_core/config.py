@@ -1,280 +1,201 @@
-"""Engine configuration: the model's facts read from a checkpoint, and the one `EngineConfig`.
+"""The engine's one frozen configuration tree: `EngineConfig` with scheduler, cache and media.
 
-`ModelConfig` is parsed from the checkpoint's JSON files (config.json, processor and preprocessor
-configs), accepting both the transformers 4.x layout the hub repos were written with
-(`rope_scaling` + `rope_theta`, `torch_dtype`, separate preprocessor files) and the 5.x layout
-(`rope_parameters`, `dtype`, processors nested in processor_config.json).
+Every leaf field is also a command-line option (`plm_core.cli_args` builds the parser from these
+dataclasses): its help text is the field's `help` metadata, its flag the field name with dashes.
+Adding an option is adding one field here (or to `server.config.ServerConfig`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
-# Largest image (width x height) decoded by default; also the per-frame ceiling for videos.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+from plm_core.cli_args import fraction
+
+DEFAULT_MODEL = "facebook/Perception-LM-1B"
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # width x height of an image; also the per-frame ceiling
+DEFAULT_MAX_IMAGE_SIDE = 32768  # longest side of an image or video frame, from its header
+DEFAULT_MAX_DECODED_PIXELS = 2**28  # frames x width x height decoded per video (32 frames of 4K)
 
 
-class ConfigError(ValueError):
-    """A checkpoint's configuration is missing, malformed or not a PerceptionLM."""
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """The Llama decoder's dimensions."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None  # llama3 scaling parameters, or None for plain RoPE
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool = False
-    mlp_bias: bool = False
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A config field that is also a command-line option: `help` for --help; `extra` may set
+    `flag` (another option name), `negative_flag`, `choices`, `parse` (str -> value), `hidden`."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("config fields are immutable: use a tuple")
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
-class VisionConfig:
-    """The timm Perception Encoder tower and the projector's pooling."""
+class SchedulerConfig:
+    """Scheduling: what one engine step may hold, and in which order requests are admitted."""
 
-    architecture: str
-    model_args: dict
-    width: int
-    use_cls_token: bool
-    pooling_ratio: int
-    patch_size: int
+    max_num_seqs: int = opt(64, "sequences running at once")
+    max_num_batched_tokens: int = opt(2048, "tokens per engine step (prefill chunks + decodes)")
+    max_encoder_tiles_per_step: int = opt(
+        64,
+        "image tiles / video frames through the vision encoder per engine step (larger items "
+        "span several steps)",
+    )
+    enable_chunked_prefill: bool = opt(
+        True, "split long prompts over several steps, so running streams keep decoding"
+    )
+    scheduling_policy: str = opt(
+        "fcfs",
+        "admission order and preemption victim: fcfs (arrival order) or priority (the request's "
+        "`priority`, lower first, ties by arrival)",
+        choices=("fcfs", "priority"),
+    )
 
-
-@dataclass(frozen=True)
-class ProcessorConfig:
-    """How images and video frames become tiles, and how many tokens a tile costs."""
-
-    tile_size: int = 448
-    max_num_tiles: int = 36
-    vision_input_type: str = "thumb+tile"
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    video_size: int = 448
-    patch_size: int = 14
-    pooling_ratio: int = 2
-
-    @property
-    def tokens_per_tile(self) -> int:
-        side = self.tile_size // self.patch_size // self.pooling_ratio
-        return side * side
-
-    @property
-    def tokens_per_frame(self) -> int:
-        side = self.video_size // self.patch_size // self.pooling_ratio
-        return side * side
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_encoder_tiles_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything the engine needs to know about one checkpoint."""
+class CacheConfig:
+    """Caches: the paged KV cache, its prefix cache and the vision-encoder cache."""
 
-    path: Path
-    text: TextConfig
-    vision: VisionConfig
-    processor: ProcessorConfig
-    image_token_id: int
-    video_token_id: int
-    bos_token_id: int
-    eos_token_ids: tuple[int, ...]
-    checkpoint_dtype: str  # as saved: "bfloat16", "float32", ...
-    chat_template: str
+    block_size: int = opt(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float | None = opt(
+        None,
+        "KV cache size in GiB (default: 2 GiB on CPU; on a GPU what --gpu-memory-utilization "
+        "leaves)",
+    )
+    gpu_memory_utilization: float = opt(
+        0.9,
+        "share of the GPU's memory this engine may take: weights, a measured worst-case step's "
+        "activations, the encoder cache and the KV cache (the rest)",
+        parse=fraction,
+    )
+    enable_prefix_caching: bool = opt(
+        True,
+        "reuse the KV of prompt prefixes seen before (text, images and videos by content)",
+        negative_flag="--no-prefix-caching",
+    )
+    encoder_cache_tokens: int | None = opt(
+        None, "vision-encoder cache budget in LM tokens (default: max(65536, 2 x max-model-len))"
+    )
 
-    @property
-    def max_model_len(self) -> int:
-        return self.text.max_position_embeddings
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path.name} in {path.parent} is not valid JSON: {e}") from e
-
-
-def _text_config(d: dict) -> TextConfig:
-    hidden = int(d["hidden_size"])
-    heads = int(d["num_attention_heads"])
-    rope = d.get("rope_parameters") or {}
-    rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-    scaling = d.get("rope_scaling") or (rope if rope else None)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise ConfigError(
-                f"unsupported rope scaling type {kind!r} (PerceptionLM uses llama3 or none)"
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        else:
-            scaling = {
-                k: scaling[k]
-                for k in (
-                    "factor",
-                    "low_freq_factor",
-                    "high_freq_factor",
-                    "original_max_position_embeddings",
-                )
-            }
-    return TextConfig(
-        hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        vocab_size=int(d["vocab_size"]),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        rope_theta=rope_theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(d.get("max_position_embeddings", 11520)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Media: how images and videos are sampled and tiled by default, and the ceilings checked
+    before anything is decoded, so bad input costs little."""
+
+    max_num_tiles: int | None = opt(
+        None, "default tile budget per image (default: the checkpoint's, 36 for PLM)"
+    )
+    default_num_frames: int = opt(32, "frames sampled per video when the request names none")
+    max_num_frames: int = opt(
+        64,
+        "ceiling on frames per video; requests asking for more (num_frames or fps) get this many",
+    )
+    max_image_pixels: int = opt(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "largest image (width x height, read from the header before decoding); also per frame",
+    )
+    max_image_side: int = opt(
+        DEFAULT_MAX_IMAGE_SIDE,
+        "longest side in pixels of an image or video frame (read from the header before decoding)",
+    )
+    max_video_duration: float = opt(
+        3600.0, "longest video in seconds (read from the container before decoding); 0 = no limit"
+    )
+    max_video_pixels: int = opt(
+        DEFAULT_MAX_DECODED_PIXELS,
+        "frames x width x height decoded per video, checked from the container before decoding "
+        "(32 frames of 4K fit); larger requests are refused, asking for fewer frames",
+    )
+    max_media_bytes: int | None = opt(
+        None, "largest image or video read from a data: URL or a local file (default: no limit)"
+    )
+    allowed_local_media_path: str | None = opt(
+        None,
+        "directory whose files clients may send as file:// URLs or paths (default: none allowed; "
+        "'/' allows any)",
     )
 
-
-def _chat_template(path: Path, tokenizer_config: dict, processor_config: dict) -> str:
-    jinja = path / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    as_json = path / "chat_template.json"
-    if as_json.exists():
-        return _read_json(as_json)["chat_template"]
-    for source in (processor_config, tokenizer_config):
-        template = source.get("chat_template")
-        if isinstance(template, str):
-            return template
-    raise ConfigError(
-        f"no chat template in {path} (looked for chat_template.jinja, chat_template.json, "
-        "processor_config.json and tokenizer_config.json)"
-    )
+    def __post_init__(self) -> None:
+        if self.max_num_tiles is not None and self.max_num_tiles < 1:
+            raise ValueError(f"max_num_tiles must be at least 1, got {self.max_num_tiles}")
+        for name in ("default_num_frames", "max_num_frames", "max_image_pixels", "max_image_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_video_duration < 0:
+            raise ValueError("max_video_duration must be >= 0 (0 = no limit)")
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Parses a local PerceptionLM checkpoint directory; raises ConfigError naming what is wrong."""
-    path = Path(path)
-    try:
-        cfg = _read_json(path / "config.json")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path} has no config.json: not a Hugging Face checkpoint directory"
-        ) from None
-    model_type = cfg.get("model_type")
-    if model_type != "perception_lm":
-        raise ConfigError(
-            f"{path} holds a {model_type!r} model; plm-serve serves PerceptionLM "
-            "(model_type 'perception_lm') checkpoints only"
-        )
-    for key in ("text_config", "vision_config"):
-        if not isinstance(cfg.get(key), dict):
-            raise ConfigError(f"config.json in {path} lacks {key}")
-
-    text = _text_config(cfg["text_config"])
-    vcfg = cfg["vision_config"]
-    model_args = dict(vcfg.get("model_args") or {})
-    proc_cfg = _optional_json(path / "processor_config.json")
-    image_cfg = _optional_json(path / "preprocessor_config.json") or proc_cfg.get(
-        "image_processor", {}
-    )
-    video_cfg = _optional_json(path / "video_preprocessor_config.json") or proc_cfg.get(
-        "video_processor", {}
-    )
-    if not image_cfg:
-        raise ConfigError(f"{path} has no image processor configuration (preprocessor_config.json)")
-    patch_size = int(proc_cfg.get("patch_size") or 14)
-    pooling_ratio = int(cfg.get("projector_pooling_ratio", proc_cfg.get("pooling_ratio", 1)))
-    tile_size = int(image_cfg.get("tile_size", 448))
-    video_size = int((video_cfg.get("size") or {}).get("height", tile_size))
-    processor = ProcessorConfig(
-        tile_size=tile_size,
-        max_num_tiles=int(image_cfg.get("max_num_tiles", 36)),
-        vision_input_type=str(image_cfg.get("vision_input_type", "thumb+tile")),
-        image_mean=tuple(float(x) for x in image_cfg.get("image_mean", (0.5, 0.5, 0.5))),
-        image_std=tuple(float(x) for x in image_cfg.get("image_std", (0.5, 0.5, 0.5))),
-        video_size=video_size,
-        patch_size=patch_size,
-        pooling_ratio=pooling_ratio,
-    )
-    vision = VisionConfig(
-        architecture=str(vcfg.get("architecture")),
-        model_args=model_args,
-        width=int(model_args.get("embed_dim", 1024)),
-        use_cls_token=bool(cfg.get("vision_use_cls_token", True)),
-        pooling_ratio=pooling_ratio,
-        patch_size=patch_size,
-    )
-
-    tok_cfg = _optional_json(path / "tokenizer_config.json")
-    gen_cfg = _optional_json(path / "generation_config.json")
-    eos = gen_cfg.get("eos_token_id", cfg["text_config"].get("eos_token_id", [128001, 128009]))
-    eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    bos = gen_cfg.get("bos_token_id", cfg["text_config"].get("bos_token_id", 128000))
-    dtype = (
-        cfg.get("dtype") or cfg.get("torch_dtype") or cfg["text_config"].get("dtype") or "float32"
-    )
-    return ModelConfig(
-        path=path,
-        text=text,
-        vision=vision,
-        processor=processor,
-        image_token_id=int(cfg.get("image_token_id", 128002)),
-        video_token_id=int(cfg.get("video_token_id", 128003)),
-        bos_token_id=int(bos),
-        eos_token_ids=eos_ids,
-        checkpoint_dtype=str(dtype),
-        chat_template=_chat_template(path, tok_cfg, proc_cfg),
-    )
-
-
-def _optional_json(path: Path) -> dict:
-    return _read_json(path) if path.exists() else {}
-
-
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """The one configuration object of the engine, built from the CLI (or `LLM(...)`) and the model.
+    """Model and engine: the one configuration of the engine, from the CLI, `LLM(...)` or a test.
 
     `model` is a local directory or a hub id; everything else has a serving default.
     """
 
-    model: str = "facebook/Perception-LM-1B"
-    revision: str | None = None
-    device: str = "auto"  # "auto" picks cuda when available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU; or float32/bfloat16/float16
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_tiles: int | None = None  # default: the checkpoint's preprocessor value (36)
-    default_num_frames: int = 32  # frames sampled from a video when the request names none
-    max_num_frames: int = 64  # ceiling for a request's num_frames (and fps-derived counts)
-    download_dir: str | None = None  # hub cache directory (default: huggingface_hub's)
-    # scheduling and caches
-    block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory_gb: float | None = (
-        None  # default: 2 GiB on CPU; on GPU what gpu_memory_utilization leaves
+    model: str = opt(DEFAULT_MODEL, "hub id or local checkpoint directory")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit)")
+    download_dir: str | None = opt(None, "hub cache directory (default: huggingface_hub's)")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    dtype: str = opt(
+        "auto",
+        "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
+        choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
     )
-    gpu_memory_utilization: float = (
-        0.9  # share of the GPU's memory for weights + activations + KV cache
+    max_model_len: int | None = opt(None, "context length (default: the model's)")
+    cuda_graphs: bool = opt(
+        False, "replay decode steps as CUDA graphs, bucketed by batch and context (GPU; opt-in)"
     )
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 2048  # tokens per step: prefill chunks + decode tokens
-    enable_prefix_caching: bool = True
-    encoder_cache_tokens: int | None = (
-        None  # vision-encoder cache budget in LM tokens (default 65536)
-    )
-    max_encoder_tiles_per_step: int = (
-        64  # tiles/frames encoded per step; larger items span several steps
-    )
-    cuda_graphs: bool = False  # replay decode steps as CUDA graphs (opt-in until measured on a GPU)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> EngineConfig:
+        """An EngineConfig from flat field names (`max_num_seqs=4`, `block_size=8`), as `LLM(...)`
+        and the tests write them; a TypeError names any field no config has."""
+        return cls(**_route(cls, values, top=True))
+
+    def replace(self, **values: Any) -> EngineConfig:
+        """A copy with flat fields changed (`config.replace(max_num_seqs=8)`)."""
+        flat = {**flatten(self), **values}
+        return EngineConfig.from_flat(**flat)
+
+
+def _route(cls: type, values: dict[str, Any], *, top: bool = False) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory
+        if (
+            sub is not dataclasses.MISSING
+            and isinstance(sub, type)
+            and dataclasses.is_dataclass(sub)
+        ):
+            kwargs[f.name] = values.pop(f.name) if f.name in values else sub(**_route(sub, values))
+        elif f.name in values:
+            kwargs[f.name] = values.pop(f.name)
+    if top and values:
+        raise TypeError(f"unknown engine option(s): {', '.join(sorted(values))}")
+    return kwargs
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """Leaf fields of a config tree by name (nested configs' fields inlined)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value))
+        else:
+            out[f.name] = value
+    return out

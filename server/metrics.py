@@ -1,5 +1,5 @@
-"""Prometheus metrics with vLLM-style names (`plm:` prefix): engine gauges and counters read at scrape time,
-latency histograms recorded by the routes."""
+"""Prometheus metrics with vLLM-style names (`plm:` prefix): engine gauges and counters read at
+scrape time, latency histograms recorded by the routes."""
 
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "plm:pending_http_requests",
             "Chat requests admitted by the HTTP layer",
-            value=self.state.pending,
+            value=self.state.live.pending,
         )
         if self.state.engine is None:  # still loading: no engine figures yet
             return
-        s = self.state.engine.core.stats
+        s = self.state.engine.stats()
         yield GaugeMetricFamily(
             "plm:num_requests_running", "Sequences in the running batch", value=s.num_running
         )

@@ -1,4 +1,5 @@
-"""OpenAI chat-completions wire format: the pydantic request model, its conversion to engine types, responses.
+"""OpenAI chat-completions wire format: the pydantic request model, its conversion to engine
+types, and response helpers.
 
 This is the only place pydantic meets the engine: `to_engine_inputs` turns a validated request into
 plain `SamplingParams` and `MediaOptions`; everything inside plm_core stays dataclasses.
@@ -12,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from plm_core.errors import InputError
 from plm_core.processor import MediaOptions
 from plm_core.sampling import SamplingParams
 from server.structured import ConstraintError, structured_output
@@ -90,10 +92,12 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # vLLM's chat-template options: continue the final assistant message instead of starting a new turn
+    # vLLM's chat-template options: continue the final assistant message instead of a new turn
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     user: str | None = None
+    # vLLM's scheduling priority (lower runs first); needs --scheduling-policy priority
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, strict=True)
     # plm-serve extensions: tile budget per image, frames per video
     max_num_tiles: int | None = Field(None, ge=1, strict=True)
     num_frames: int | None = Field(None, ge=1, strict=True)
@@ -109,6 +113,7 @@ class ChatCompletionRequest(BaseModel):
         "skip_special_tokens",
         "add_generation_prompt",
         "continue_final_message",
+        "priority",
         mode="before",
     )
     @classmethod
@@ -129,43 +134,13 @@ UNSUPPORTED = {  # request field -> why this server cannot honour it
 def to_engine_inputs(
     req: ChatCompletionRequest, *, default_max_tokens: int, vocab_size: int
 ) -> tuple[SamplingParams, MediaOptions, str | None]:
-    """Validated request -> engine types, and the field its output constraint came from (for errors when
-    it is compiled); raises APIError(400) for what the engine cannot honour."""
-    extra = req.model_extra or {}
-    for name, why in UNSUPPORTED.items():
-        if extra.get(name) not in (None, [], {}) and not (
-            name == "tool_choice" and extra[name] == "none"
-        ):
-            raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name)
-    modalities = extra.get("modalities")
-    if modalities not in (None, ["text"]):
-        raise APIError(400, "only the 'text' output modality is supported", param="modalities")
+    """Validated request -> engine types, and the field its output constraint came from (for errors
+    when it is compiled); raises APIError(400) for what the engine cannot honour."""
+    _check_fields(req)
     try:
-        constraint, constraint_field = structured_output(extra)
+        constraint, constraint_field = structured_output(req.model_extra or {})
     except ConstraintError as e:
         raise APIError(400, str(e), param=e.param) from None
-    if req.stream_options is not None and not req.stream:
-        raise APIError(
-            400, "stream_options is only allowed when stream is true", param="stream_options"
-        )
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    bias = {}
-    for key, value in (req.logit_bias or {}).items():
-        if not key.strip().isdigit() or len(key.strip()) > 12 or int(key) >= vocab_size:
-            raise APIError(
-                400,
-                f"logit_bias key {key!r} is not a token id in [0, {vocab_size})",
-                param="logit_bias",
-            )
-        if not -100 <= value <= 100:
-            raise APIError(
-                400,
-                f"logit_bias values must be in [-100, 100], got {value} for {key}",
-                param="logit_bias",
-            )
-        bias[int(key)] = float(value)
     try:
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -173,14 +148,14 @@ def to_engine_inputs(
             top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
             seed=req.seed,
-            max_tokens=max_tokens,
+            max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
             min_tokens=req.min_tokens,
             stop=req.stop,
             stop_token_ids=list(req.stop_token_ids or []),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=req.repetition_penalty or 1.0,
-            logit_bias=bias or None,
+            logit_bias=_logit_bias(req, vocab_size),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output,
@@ -188,15 +163,40 @@ def to_engine_inputs(
             n=req.n,
             structured_output=constraint,
         )
-    except ValueError as e:
-        field = str(e).split(" ", 1)[
-            0
-        ]  # SamplingParams names the field first ("min_tokens (5) must be ...")
-        raise APIError(
-            400, str(e), param=field if field in ChatCompletionRequest.model_fields else None
-        ) from None
+    except InputError as e:  # SamplingParams names its field; the request's, where they agree
+        param = e.param if e.param in ChatCompletionRequest.model_fields else None
+        raise APIError(400, str(e), param=param) from None
     media = MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
     return params, media, constraint_field
+
+
+def _check_fields(req: ChatCompletionRequest) -> None:
+    """APIError(400) for fields this server cannot honour, or that contradict each other."""
+    extra = req.model_extra or {}
+    for name, why in UNSUPPORTED.items():
+        value = extra.get(name)
+        if value not in (None, [], {}) and not (name == "tool_choice" and value == "none"):
+            raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name)
+    if extra.get("modalities") not in (None, ["text"]):
+        raise APIError(400, "only the 'text' output modality is supported", param="modalities")
+    if req.stream_options is not None and not req.stream:
+        message = "stream_options is only allowed when stream is true"
+        raise APIError(400, message, param="stream_options")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+
+
+def _logit_bias(req: ChatCompletionRequest, vocab_size: int) -> dict[int, float] | None:
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.strip().isdigit() or len(key.strip()) > 12 or int(key) >= vocab_size:
+            message = f"logit_bias key {key!r} is not a token id in [0, {vocab_size})"
+            raise APIError(400, message, param="logit_bias")
+        if not -100 <= value <= 100:
+            message = f"logit_bias values must be in [-100, 100], got {value} for {key}"
+            raise APIError(400, message, param="logit_bias")
+        bias[int(key)] = float(value)
+    return bias or None
 
 
 def completion_id() -> str:

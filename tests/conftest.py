@@ -1,33 +1,11 @@
-"""Shared fixtures: random checkpoints built once per run (cached under .cache/), shared media paths."""
+"""Shared fixtures: random checkpoints (built once, cached under .cache/) and shared media."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_MEDIA = REPO.parent / "shared" / "media"
-CACHE = Path(os.environ.get("PLM_TEST_CACHE", REPO / ".cache" / "checkpoints"))
-
-
-def _generator_version() -> str:
-    h = hashlib.sha256()
-    for name in ("make_checkpoint.py", "tokenizer.py"):
-        h.update((REPO / "plm_core" / "testing" / name).read_bytes())
-    return h.hexdigest()[:12]
-
-
-def checkpoint_path(preset: str) -> Path:
-    """Builds (once, cached across runs by generator version) and returns a preset's checkpoint."""
-    from plm_core.testing.make_checkpoint import write_checkpoint
-
-    path = CACHE / f"{preset}-{_generator_version()}"
-    if not (path / "config.json").exists():
-        write_checkpoint(preset, path, overwrite=True)
-    return path
+from support import SHARED_MEDIA, checkpoint_path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Engine fidelity: greedy tokens under batching equal running alone and HF generate, whatever else runs.
+"""Engine fidelity: greedy tokens under batching equal running alone and HF generate, whatever else
+runs.
 
 Requests (text, images with different tile counts, video) arrive at different steps into an engine
 with a small token budget (chunked prefill), a small KV cache (preemption), prefix-cache and
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import checkpoint_path
 from hf_reference import hf_generate
 from media_sets import image_names, media_path, video_names
+from support import checkpoint_path
 
 MAX_TOKENS = 10
 
@@ -101,7 +102,8 @@ def _alone(solo, conversations):
 
 
 def _run_staggered(llm, prompts, arrivals, abort_at=None):
-    """Adds prompt i at step arrivals[i]; optionally aborts ('x', step) requests; returns tokens by index."""
+    """Adds prompt i at step arrivals[i]; optionally aborts ('x', step) requests; returns tokens by
+    index."""
     core = llm.engine
     tokens = {i: [] for i in range(len(prompts))}
     step = 0
@@ -147,7 +149,8 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
     assert blocks.num_free_blocks == blocks.num_blocks
     blocks.check_invariants()
     core.scheduler.encoder_cache.check_invariants()
-    # and the reference itself equals HF generate (text, one image, multi-turn; video is in test_parity)
+    # and the reference itself equals HF generate (text, one image, multi-turn; video is in
+    # test_parity)
     for i in (0, 1, 5):
         hf_msgs = [dict(m) for m in convs[i]]
         for m in hf_msgs:
@@ -187,7 +190,8 @@ def test_padded_decode_graph_path_keeps_tokens(path, solo, media_dir):
     assert graphs.num_runs > 10
     blocks = llm.engine.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks
-    # long decode-only stretches with 3 and then 5 streams (padded to 4 and 8) while block 0 is in use
+    # long decode-only stretches with 3 and then 5 streams (padded to 4 and 8) while block 0 is in
+    # use
     from plm_core import SamplingParams
 
     texts = [[{"role": "user", "content": f"Stream {i}: " + "tell me more " * i}] for i in range(5)]
@@ -219,7 +223,8 @@ def test_decode_graph_buckets():
 
 
 def test_preemption_keeps_outputs(path, solo):
-    """All prompts fit the KV cache, their growth does not: requests are preempted and recomputed."""
+    """All prompts fit the KV cache, their growth does not: requests are preempted and
+    recomputed."""
     from plm_core import LLM, SamplingParams
 
     convs = [
@@ -289,31 +294,38 @@ def test_prefix_cache_hit_skips_prompt_and_encoder(path, media_dir):
         _greedy(),
     )[0]
     image_end = max(i for i, t in enumerate(second.prompt_token_ids) if t == 128002) + 1
-    assert (
-        second.num_cached_tokens >= image_end - 16
-    )  # everything up to the image's last full block
+    # everything up to the image's last full block
+    assert second.num_cached_tokens >= image_end - 16
     assert llm.engine.stats.encoder_cache["misses"] == encoded_before  # not encoded again
     assert first.num_cached_tokens == 0
 
 
-def test_n_choices_share_prompt_blocks(path):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("max_tokens", [6, 1])
+def test_n_choices_fork_one_prefill(path, prefix_caching, max_tokens):
+    """Choices 1..n-1 fork choice 0's prompt KV (with or without prefix caching): each computes
+    only the last prompt token, and each equals a request of its own with seed + index."""
     from plm_core import LLM, SamplingParams
 
-    llm = LLM(path, device="cpu", dtype="float32")
-    out = llm.chat(
-        [{"role": "user", "content": "Name three colours."}],
-        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6),
-    )[0]
+    llm = LLM(path, device="cpu", dtype="float32", enable_prefix_caching=prefix_caching)
+    conv = [{"role": "user", "content": "Name three colours."}]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=max_tokens)
+    out = llm.chat(conv, params)[0]
     assert len(out.outputs) == 3 and [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    # choices 2 and 3 reused every full block of the prompt computed by choice 1
-    full_blocks = (len(out.prompt_token_ids) - 1) // 16 * 16
-    assert llm.engine.stats.prefix_cache["hits"] == 2 * full_blocks > 0
-    again = llm.chat(
-        [{"role": "user", "content": "Name three colours."}],
-        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6),
-    )[0]
-    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    n_prompt = len(out.prompt_token_ids)
+    assert llm.engine.stats.prefix_cache["hits"] == 2 * (n_prompt - 1)
+    assert llm.engine.stats.prompt_tokens == n_prompt  # a prompt counts once
+    assert out.num_cached_tokens == n_prompt - 1  # the forked choices' figure
+    blocks = llm.engine.scheduler.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+    alone = [
+        llm.chat(conv, SamplingParams(temperature=1.0, seed=7 + i, max_tokens=max_tokens))[
+            0
+        ].token_ids
+        for i in range(3)
+    ]
+    assert [c.token_ids for c in out.outputs] == alone
 
 
 def test_stop_conditions(path):
@@ -337,7 +349,7 @@ def test_async_engine_streams_and_abort(path):
     from plm_core.engine.async_engine import AsyncEngine
 
     llm = LLM(path, device="cpu", dtype="float32")
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(llm.runtime)
     prompt = llm.process([{"role": "user", "content": "Count slowly."}])
 
     async def main():
@@ -372,7 +384,7 @@ def test_async_engine_failure_reaches_streams(path, monkeypatch):
     from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
 
     llm = LLM(path, device="cpu", dtype="float32")
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(llm.runtime)
     prompt = llm.process([{"role": "user", "content": "Hi."}])
 
     def boom(*a, **k):
@@ -443,15 +455,17 @@ def test_seeded_sampling_same_alone_and_batched(path, solo, media_dir):
 
 
 def test_gpu_kv_budget_counts_weights_activations_and_other_users():
-    from plm_core.engine.core import GPU_MARGIN_BYTES, gpu_kv_budget
+    from plm_core.engine.memory import GPU_MARGIN_BYTES, gpu_kv_budget
 
     gib, m = 2**30, GPU_MARGIN_BYTES
-    # an 80 GiB card to itself: 16 GiB of weights (8B), 3 GiB reserved for a step and the encoder cache
+    # an 80 GiB card to itself: 16 GiB of weights (8B), 3 GiB reserved for a step and the encoder
+    # cache
     assert (
         gpu_kv_budget(80 * gib, 63 * gib, 16 * gib, 3 * gib, 0.9)
         == int(0.9 * 80 * gib) - 16 * gib - 3 * gib - m
     )
-    # a second replica at 0.45 beside one already holding 0.45 of the card: its own share, not the first's
+    # a second replica at 0.45 beside one already holding 0.45 of the card: its own share, not the
+    # first's
     assert (
         gpu_kv_budget(80 * gib, 41 * gib, 3 * gib, gib, 0.45)
         == int(0.45 * 80 * gib) - 3 * gib - gib - m
@@ -464,13 +478,13 @@ def test_gpu_kv_budget_counts_weights_activations_and_other_users():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_profile_step_runs_the_worst_case_step(path, device):
-    """The GPU KV budget's profiling step (a tile batch, then the last chunk of a full context) runs;
-    on CUDA it measures a positive peak, off CUDA nothing."""
+    """The GPU KV budget's profiling step (a tile batch, then the last chunk of a full context)
+    runs; on CUDA it measures a positive peak, off CUDA nothing."""
     import torch
 
-    from plm_core.config import load_model_config
     from plm_core.engine.model_runner import profile_step_peak_bytes
     from plm_core.model.perception_lm import build_model
+    from plm_core.model_config import load_model_config
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")

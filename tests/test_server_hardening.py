@@ -69,8 +69,10 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, match
 @pytest.mark.parametrize(
     "raw",
     [
-        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": NaN}}',
-        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], '
+        '"logit_bias": {"5": NaN}}',
+        '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], '
+        '"temperature": Infinity}',
         '{"model": "plm-test", "messages": [{"role": "user", "content": "x"}], "x": '
         + "[" * 5000
         + "]" * 5000
@@ -84,7 +86,10 @@ def test_not_json_is_400(base, raw):
 
 
 def test_lone_surrogate_is_400_naming_the_spot(base):
-    raw = '{"model": "plm-test", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    raw = (
+        '{"model": "plm-test", "max_tokens": 2, '
+        '"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    )
     assert_error(post(base, raw), 400, "messages[0].content", "lone surrogate")
 
 
@@ -192,7 +197,8 @@ def test_cors_preflight_for_an_allowed_origin_only(base):
 
 
 def _stalled_upload(base: str, answers: list, sent: int = 8) -> None:
-    """Sends headers and the first `sent` bytes of a 900 kB body, then nothing: a slow-loris client."""
+    """Sends headers and the first `sent` bytes of a 900 kB body, then nothing: a slow-loris
+    client."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(
@@ -204,7 +210,8 @@ def _stalled_upload(base: str, answers: list, sent: int = 8) -> None:
 
 
 def test_stalled_uploads_hold_no_slot_and_time_out(base):
-    """With 2 admission slots, two stalled uploads neither lock out a valid request nor stay forever."""
+    """With 2 admission slots, two stalled uploads neither lock out a valid request nor stay
+    forever."""
     answers: list[bytes] = []
     threads = [threading.Thread(target=_stalled_upload, args=(base, answers)) for _ in range(2)]
     for t in threads:
@@ -284,7 +291,7 @@ def test_elongated_image_is_refused_before_decoding(base):
             ]
         ),
     )
-    err = assert_error(r, 400, "messages", "longer than the limit of 32768")
+    err = assert_error(r, 400, "messages[0].content[0].image_url", "longer than the limit of 32768")
     assert "0x" not in err["message"]
 
 

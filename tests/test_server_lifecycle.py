@@ -1,4 +1,5 @@
-"""Server lifecycle over real processes: API-key auth, admission limit (429), readiness, engine failure exit."""
+"""Server lifecycle over real processes: API-key auth, admission limit (429), readiness, engine
+failure exit."""
 
 from __future__ import annotations
 
@@ -94,15 +95,14 @@ def test_engine_failure_mid_stream_sends_an_error_event_then_done():
 
 
 def test_listens_while_loading_then_ready():
-    import subprocess
     import sys
 
-    from conftest import REPO, checkpoint_path
-    from server_proc import free_port
+    from server_proc import free_port, spawn
+    from support import checkpoint_path
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             sys.executable,
             "-m",
@@ -119,10 +119,7 @@ def test_listens_while_loading_then_ready():
             "warning",
             "--debug-load-delay",
             "6",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        ]
     )
     try:
         deadline = time.time() + 60
@@ -156,7 +153,7 @@ def test_load_failure_exits_nonzero_with_the_reason(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from support import REPO
 
     out = subprocess.run(
         [
@@ -232,7 +229,8 @@ def test_ssrf_guard_refuses_internal_targets(keyed):
     srv.files["a.png"] = b"\x89PNG"
     auth = {"Authorization": "Bearer s3cret"}
     try:
-        # only loopback targets over the wire; other private ranges are checked without traffic below
+        # only loopback targets over the wire; other private ranges are checked without traffic
+        # below
         for url in (
             f"{srv.base}/file/a.png",
             f"http://localhost:{srv.port}/file/a.png",
@@ -335,7 +333,8 @@ def test_sigterm_drains_in_flight_streams():
             if x.startswith("data: {") and json.loads(x[5:])["choices"]
         ]
         assert finish[-1] == "length"
-        # uvicorn re-raises the captured SIGTERM after its graceful shutdown: a clean exit by that signal
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown: a clean exit by that
+        # signal
         assert proc.wait(30) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/health", timeout=2)

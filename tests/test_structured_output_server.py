@@ -1,9 +1,11 @@
-"""Structured outputs over HTTP: OpenAI's `response_format`, vLLM's `structured_outputs` and `guided_*`.
+"""Structured outputs over HTTP: OpenAI's `response_format`, vLLM's `structured_outputs` and
+`guided_*`.
 
-One real `python -m server` process on the tiny random-weight checkpoint. Its free text is gibberish, so
-every constraint here forces a complete, checkable answer within a few tokens (enums, small integer
-ranges, choices, bounded regexes); the engine must then end the request with finish_reason "stop".
-Responses are validated against OpenAI's published schemas (../shared/openai-openapi.json) when present.
+One real `python -m server` process on the tiny random-weight checkpoint. Its free text is
+gibberish, so every constraint here forces a complete, checkable answer within a few tokens (enums,
+small integer ranges, choices, bounded regexes); the engine must then end the request with
+finish_reason "stop". Responses are validated against OpenAI's published schemas
+(../shared/openai-openapi.json) when present.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 import httpx
 import jsonschema
 import pytest
-from openai_schema import OPENAPI, openai_validator
+from openai_schema import openai_validator
 from pydantic import BaseModel, Field
 from server_proc import start_server, stop_server
 
@@ -79,15 +81,7 @@ def assert_still_serving(base: str) -> None:
     ]
 
 
-def test_openai_schema_is_present(validate):
-    if validate is None:
-        pytest.skip(
-            f"OpenAI's schema not found at {OPENAPI} (only present in the project workspace): "
-            "responses are checked by this file's assertions only"
-        )
-
-
-# --- OpenAI response_format ----------------------------------------------------------------------------
+# --- OpenAI response_format -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -163,9 +157,8 @@ def test_sdk_parse_with_pydantic_model(base):
     assert r.choices[0].finish_reason == "stop", msg.content
     assert isinstance(msg.parsed, Verdict), msg.content
     assert msg.parsed.answer in ("yes", "no")
-    if (
-        schema["properties"]["score"].get("maximum") == 9
-    ):  # the SDK kept the range: the server must honour it
+    # the SDK kept the range: the server must honour it
+    if schema["properties"]["score"].get("maximum") == 9:
         assert 0 <= msg.parsed.score <= 9
     jsonschema.validate(json.loads(msg.content), schema)
 
@@ -233,7 +226,7 @@ def test_response_format_text_is_unconstrained(client):
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 6
 
 
-# --- vLLM structured_outputs and guided_* ---------------------------------------------------------------
+# --- vLLM structured_outputs and guided_* ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -255,9 +248,9 @@ def test_choice_with_quote_non_ascii_and_space(client, sampling):
 
 
 def test_choice_each_option_is_reachable(base):
-    """With logit_bias pushing towards each option's first token, that option comes out (the grammar lets
-    every option through, not just one)."""
-    from conftest import checkpoint_path
+    """With logit_bias pushing towards each option's first token, that option comes out (the grammar
+    lets every option through, not just one)."""
+    from support import checkpoint_path
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(checkpoint_path("tiny") / "tokenizer.json"))
@@ -344,7 +337,7 @@ def test_regex_hits_max_tokens_gives_a_prefix(base):
     assert len(c["message"]["content"]) < 30
 
 
-# --- interplay with other sampling options --------------------------------------------------------------
+# --- interplay with other sampling options --------------------------------------------------------
 
 
 def test_logit_bias_cannot_break_the_grammar(base):
@@ -390,9 +383,8 @@ def test_with_logprobs(client, validate):
     entries = c.logprobs.content
     assert len(entries) == r.usage.completion_tokens
     tokens = [e.token for e in entries]
-    if (
-        "".join(tokens) != c.message.content
-    ):  # the stop token that ended it may be listed last (as vLLM does)
+    # the stop token that ended it may be listed last (as vLLM does)
+    if "".join(tokens) != c.message.content:
         assert "".join(tokens[:-1]) == c.message.content and tokens[-1] in (
             "<|eot_id|>",
             "<|end_of_text|>",
@@ -403,8 +395,8 @@ def test_with_logprobs(client, validate):
 
 
 def test_logprobs_describe_the_constrained_distribution(base):
-    """Logprobs come after the grammar mask (as in vLLM v1): the greedy token ranks first, and tokens the
-    grammar forbids are sent as -9999.0 (-inf is not JSON)."""
+    """Logprobs come after the grammar mask (as in vLLM v1): the greedy token ranks first, and
+    tokens the grammar forbids are sent as -9999.0 (-inf is not JSON)."""
     r = post(
         base,
         body(
@@ -421,9 +413,8 @@ def test_logprobs_describe_the_constrained_distribution(base):
     for e in c["logprobs"]["content"]:
         tops = [t["logprob"] for t in e["top_logprobs"]]
         assert e["logprob"] == max(tops) > -9999.0, e
-        assert tops.count(-9999.0) >= 1, (
-            e
-        )  # one path through "no": most of the top 20 are forbidden
+        # one path through "no": most of the top 20 are forbidden
+        assert tops.count(-9999.0) >= 1, e
 
 
 def test_with_logprobs_streamed_choice(client):
@@ -442,7 +433,7 @@ def test_with_logprobs_streamed_choice(client):
     assert text in CHOICES and chunks[-1].choices[0].finish_reason == "stop"
 
 
-# --- errors ---------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

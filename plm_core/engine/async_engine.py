@@ -1,13 +1,14 @@
-"""An asyncio front for the engine: the engine loop runs in its own thread; callers await per-request streams.
+"""An asyncio front for the engine: the engine loop runs in its own thread; callers await streams.
 
-    engine = AsyncEngine(core)            # starts the engine thread
+    engine = AsyncEngine(load_runtime(config))   # starts the engine thread
     async for delta in engine.generate(request_id, prompt, params):
-        ...                               # RequestDelta objects, the last one has finished=True
-    engine.abort(request_id)              # from any thread; frees the request's KV within one step
+        ...                                      # RequestDeltas of all n choices, by `index`
+    engine.abort(request_id)                     # from any thread; frees the KV within one step
 
 The event loop never waits on the model: adds and aborts are queued to the engine thread, which
 hands each step's deltas back with `call_soon_threadsafe`. If a step raises, every in-flight
-stream gets an `EngineDeadError` and `dead` becomes True (a server then reports not-ready and exits).
+stream gets an `EngineDeadError` and `dead` becomes True (a server then reports not-ready and
+exits). Everything a server needs goes through this class's public methods.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from plm_core.engine.core import EngineCore, RequestDelta
+from plm_core.engine.core import EngineStats, RequestDelta
+from plm_core.errors import InputError
 from plm_core.inputs import ProcessedPrompt
-from plm_core.sampling import SamplingParams
+from plm_core.model_config import ModelConfig
+from plm_core.processor import MediaOptions
+from plm_core.runtime import Runtime
+from plm_core.sampling import SamplingParams, StructuredOutput
+from plm_core.tokenizer import PLMTokenizer
 
 log = logging.getLogger("plm_core.async")
 
@@ -35,6 +42,7 @@ class _Add:
     request_id: str
     prompt: ProcessedPrompt
     params: SamplingParams
+    priority: int
 
 
 @dataclass
@@ -46,48 +54,97 @@ class _Stop:
     pass
 
 
-class AsyncEngine:
-    """Runs an `EngineCore` in a background thread and streams its outputs to asyncio tasks."""
+_Command = _Add | _Abort | _Stop
+_Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[RequestDelta | BaseException]"]
 
-    def __init__(self, core: EngineCore, *, idle_wait_s: float = 0.05):
-        self.core = core
-        self.on_dead = None  # optional callable, run in the engine thread after a failure
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+
+class AsyncEngine:
+    """Runs a runtime's `EngineCore` in a background thread and streams outputs to asyncio tasks."""
+
+    def __init__(self, runtime: Runtime, *, idle_wait_s: float = 0.05):
+        self.runtime = runtime
+        self.on_dead: Callable[[], None] | None = None  # run in the engine thread after a failure
+        self.dead: BaseException | None = None
+        self._core = runtime.core
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._idle_wait_s = idle_wait_s
-        self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="plm-engine", daemon=True)
         self._thread.start()
 
-    # -- caller side (any thread / event loop) --------------------------------------------------------
+    # -- what the server reads ------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.runtime.max_model_len
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.runtime.model_config
+
+    @property
+    def tokenizer(self) -> PLMTokenizer:
+        return self.runtime.tokenizer
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self._core.kv_capacity_tokens
+
+    def stats(self) -> EngineStats:
+        """The engine's counters and gauges as of its last step (a copy)."""
+        return self._core.snapshot_stats()
+
+    def process(
+        self,
+        messages: list[dict[str, Any]],
+        options: MediaOptions | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> ProcessedPrompt:
+        """Preprocesses one conversation. Blocking (decodes media): call it from a worker thread."""
+        return self.runtime.process(
+            messages,
+            options,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def compile_constraint(self, spec: StructuredOutput) -> None:
+        """Compiles an output constraint ahead of its request (cached for the engine thread).
+        Blocking: call it from a worker thread. InputError when it does not compile."""
+        try:
+            self._core.grammars.compile(spec)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    # -- requests (any thread / event loop) -----------------------------------------------------
     async def generate(
-        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, *, priority: int = 0
     ) -> AsyncIterator[RequestDelta]:
-        """Queues one sequence and yields its deltas; cancelling the iterator aborts the request."""
+        """Queues a request and yields the deltas of all its choices until every choice has
+        finished; cancelling the iterator aborts the request. Raises InputError when the engine
+        refuses the request, EngineDeadError when the engine has failed."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
-        loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
-            self._streams[request_id] = (loop, stream)
-        self._commands.put(_Add(request_id, prompt, params))
-        finished = False
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(_Add(request_id, prompt, params, priority))
+        open_choices = params.n
         try:
-            while True:
+            while open_choices:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                open_choices -= item.finished
                 yield item
-                if item.finished:
-                    finished = True
-                    return
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:
+            if open_choices:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -97,12 +154,8 @@ class AsyncEngine:
         self._commands.put(_Stop())
         self._thread.join(timeout_s)
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
-    # -- engine thread --------------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
+    # -- engine thread --------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestDelta | BaseException) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is None:
@@ -113,39 +166,45 @@ class AsyncEngine:
         except RuntimeError:  # the caller's loop is closed
             pass
 
-    def _handle(self, command) -> bool:
+    def _handle(self, command: _Command) -> bool:
         if isinstance(command, _Stop):
             return False
         if isinstance(command, _Add):
             try:
-                self.core.add_request(command.request_id, command.prompt, command.params)
-            except ValueError as e:
+                self._core.add_request(
+                    command.request_id, command.prompt, command.params, priority=command.priority
+                )
+            except InputError as e:  # the client's fault: its stream reports it
                 self._deliver(command.request_id, e)
-        elif isinstance(command, _Abort):
-            self.core.abort(command.request_id)
+            except Exception as e:  # noqa: BLE001 - a bug refusing one request: log, report, go on
+                log.exception("adding request %s failed", command.request_id)
+                self._core.abort(command.request_id)
+                self._deliver(command.request_id, e)
+        else:
+            self._core.abort(command.request_id)
         return True
+
+    def _drain_commands(self) -> bool:
+        """Handles queued commands (waiting a little when idle); False once told to stop."""
+        try:
+            if self._core.has_unfinished():
+                command = self._commands.get_nowait()
+            else:
+                command = self._commands.get(timeout=self._idle_wait_s)
+            while True:
+                if not self._handle(command):
+                    return False
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return True
 
     def _loop(self) -> None:
         try:
-            while True:
-                block = not self.core.has_unfinished()
-                try:
-                    command = (
-                        self._commands.get(timeout=self._idle_wait_s)
-                        if block
-                        else self._commands.get_nowait()
-                    )
-                    if not self._handle(command):
-                        return
-                    while True:  # drain whatever else arrived
-                        if not self._handle(self._commands.get_nowait()):
-                            return
-                except queue.Empty:
-                    pass
-                if self.core.has_unfinished():
-                    for delta in self.core.step():
+            while self._drain_commands():
+                if self._core.has_unfinished():
+                    for delta in self._core.step():
                         self._deliver(delta.request_id, delta)
-        except BaseException as e:  # noqa: BLE001 — any failure kills the engine; streams must hear of it
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine; streams must hear
             log.exception("engine loop failed")
             self.dead = e
             error = EngineDeadError(f"engine failed: {e!r}")

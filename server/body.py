@@ -1,0 +1,115 @@
+"""Request bodies: read within the size, time and server-wide byte budgets, then parsed as strict
+JSON and validated into a `ChatCompletionRequest` (off the event loop when large)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, NoReturn
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from server.protocol import APIError, ChatCompletionRequest
+from server.state import ServerState
+
+# larger bodies (media as data: URLs) are parsed in a worker thread: megabytes of JSON would stall
+# every stream on the event loop
+INLINE_PARSE_BYTES = 256 << 10
+
+
+def too_busy(message: str) -> APIError:
+    return APIError(429, message, type="rate_limit_error", headers={"Retry-After": "1"})
+
+
+async def read_request(request: Request, state: ServerState) -> ChatCompletionRequest:
+    """The validated request; APIError 400/408/413/429 otherwise."""
+    timeout_s = state.config.request_body_timeout
+    try:
+        body = await asyncio.wait_for(_read_body(request, state), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    if len(body) > INLINE_PARSE_BYTES:
+        return await asyncio.to_thread(validate_body, body)
+    return validate_body(body)
+
+
+async def _read_body(request: Request, state: ServerState) -> bytes:
+    """The whole body, within the size limit and the server-wide budget of bytes being received."""
+    limit, live = state.config.max_body_bytes, state.live
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            live.receiving_bytes += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds the {limit}-byte limit")
+            # many large uploads at once, stalled or not
+            if live.receiving_bytes > state.config.receiving_budget:
+                state.metrics.rejected.labels("capacity").inc()
+                raise too_busy(
+                    "the server is receiving too many request bodies at once; retry later"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the request body") from None
+    finally:
+        live.receiving_bytes -= size
+    return b"".join(chunks)
+
+
+def validate_body(body: bytes) -> ChatCompletionRequest:
+    """Strict JSON (no NaN or Infinity, no lone surrogates, bounded nesting) as the request."""
+    try:
+        data = json.loads(body, parse_constant=_not_json_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    bad = _find_lone_surrogate(data)
+    if bad is not None:
+        raise APIError(
+            400, f"{bad} contains a lone surrogate escape, which is not Unicode text", param=bad
+        )
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = param_path(err.get("loc", ()))
+        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        raise APIError(400, message, param=param) from None
+
+
+def param_path(loc: tuple[Any, ...]) -> str | None:
+    """A pydantic error location as OpenAI writes `param`: the field, then list indices
+    (`messages[0]`). Later string parts are pydantic's union-member tags (`str`, `list[str]`) or
+    dict keys, not fields."""
+    if not loc:
+        return None
+    return str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+
+
+def _not_json_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _find_lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (valid JSON escapes, not
+    Unicode text)."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(v, dict):
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{p}[{i}]") for i, x in enumerate(v))
+    return None

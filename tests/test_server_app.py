@@ -1,0 +1,113 @@
+"""The app in process (httpx over ASGI, the tiny checkpoint's engine): which errors are the
+client's (400 naming the field) and which are ours (500, logged with a traceback), and the
+`priority` field against the scheduling policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+
+from plm_core.config import EngineConfig
+from plm_core.engine.async_engine import AsyncEngine
+from plm_core.errors import MediaError
+from plm_core.runtime import load_runtime
+from server.app import build_app
+from server.config import ServerConfig
+from server.state import ServerState
+
+MODEL = "plm-app-test"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    config = EngineConfig.from_flat(model=str(tiny_checkpoint), device="cpu", max_num_seqs=4)
+    engine = AsyncEngine(load_runtime(config))
+    yield engine
+    engine.shutdown()
+
+
+def _post(engine: AsyncEngine, body: dict, **server) -> httpx.Response:
+    config = ServerConfig(served_model_name=MODEL, engine=engine.runtime.config, **server)
+    state = ServerState(config)
+    state.engine = engine
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_app(state), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post("/v1/chat/completions", json=body, timeout=60)
+
+    return asyncio.run(go())
+
+
+def test_a_chat_completes(engine):
+    r = _post(engine, BODY)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_input_errors_carry_their_field(engine, monkeypatch):
+    def bad_media(*args, **kwargs):
+        raise MediaError("the image is broken", param="messages[0].content[1].image_url")
+
+    monkeypatch.setattr(engine.runtime.processor, "process", bad_media)
+    r = _post(engine, BODY)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url"
+    assert error["type"] == "invalid_request_error" and error["message"] == "the image is broken"
+
+
+def test_a_bug_is_a_logged_500_not_a_client_error(engine, monkeypatch, caplog):
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")  # a plain ValueError is not the client's
+
+    monkeypatch.setattr(engine.runtime.processor, "process", bug)
+    with caplog.at_level(logging.ERROR, logger="plm_serve"):
+        r = _post(engine, BODY)
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "internal server error",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert any(rec.exc_info and "invariant broke" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+def test_an_engine_bug_refusing_a_request_is_a_500_and_the_engine_lives(engine, monkeypatch):
+    core = engine.runtime.core
+
+    def bug(*args, **kwargs):
+        raise KeyError("bookkeeping")
+
+    monkeypatch.setattr(core, "add_request", bug)
+    assert _post(engine, BODY).status_code == 500
+    monkeypatch.undo()
+    assert engine.dead is None
+    assert _post(engine, BODY).status_code == 200
+
+
+def test_priority_needs_the_priority_policy(engine):
+    r = _post(engine, {**BODY, "priority": -5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert "--scheduling-policy priority" in r.json()["error"]["message"]
+    r = _post(engine, {**BODY, "priority": 0})
+    assert r.status_code == 200
+    r = _post(engine, {**BODY, "priority": "high"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+
+
+def test_priority_is_honoured_with_the_priority_policy(tiny_checkpoint):
+    config = EngineConfig.from_flat(
+        model=str(tiny_checkpoint), device="cpu", scheduling_policy="priority"
+    )
+    engine = AsyncEngine(load_runtime(config))
+    try:
+        r = _post(engine, {**BODY, "priority": -5})
+        assert r.status_code == 200, r.text
+    finally:
+        engine.shutdown()
