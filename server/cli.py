@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=config.log_level,
         access_log=False,
         timeout_graceful_shutdown=math.ceil(config.drain_timeout),
+        timeout_keep_alive=config.timeout_keep_alive,
     )
     server = DrainingServer(uv_config, state)
     load_failed: list[BaseException] = []

@@ -74,6 +74,11 @@ class ServerConfig:
     max_media_mb: float = opt(32.0, "largest fetched image or video, in MiB")
     media_fetch_timeout: float = opt(10.0, "seconds to connect and read media")
     drain_timeout: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    timeout_keep_alive: int = opt(
+        5,
+        "seconds an idle HTTP keep-alive connection stays open; behind a load balancer, set it "
+        "above the balancer's idle timeout so it never reuses a connection the server just closed",
+    )
     log_level: str = opt(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )

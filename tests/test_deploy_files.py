@@ -451,7 +451,10 @@ def test_compose_traefik_settings(compose):
     ]
     timeouts = transport["forwardingTimeouts"]
     assert timeouts["responseHeaderTimeout"] == "0s"
-    assert int(timeouts["idleConnTimeout"].removesuffix("s")) < 5, "below uvicorn's 5 s keep-alive"
+    replica = ["plm-serve"] + compose["services"]["plm-cpu"]["command"]
+    keep_alive = server_args(replica).timeout_keep_alive
+    idle = int(timeouts["idleConnTimeout"].removesuffix("s"))
+    assert idle < keep_alive, "Traefik must close idle connections before the replica does"
     static = load(DEPLOY / "traefik" / "traefik.yml")
     responding = static["entryPoints"]["web"]["transport"]["respondingTimeouts"]
     assert responding["writeTimeout"] == "0s"
