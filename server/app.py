@@ -37,7 +37,6 @@ def _error_response(e: APIError) -> JSONResponse:
 
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="plm-serve", docs_url=None, redoc_url=None)
-    app.state.plm = state
     _add_error_handlers(app)
     app.add_middleware(_APIKeyMiddleware, state=state)
     origins = state.config.allowed_origins

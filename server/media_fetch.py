@@ -24,7 +24,9 @@ import httpx
 from plm_core.media.errors import MediaError
 
 
-def _is_public(address: str) -> bool:
+def is_public_address(address: str) -> bool:
+    """True for a globally routable address; False for loopback, private, link-local, multicast,
+    reserved, unspecified and shared (CGNAT) ranges, also behind an IPv4-mapped IPv6 address."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -84,7 +86,7 @@ class MediaFetcher:
         except socket.gaierror:
             raise MediaError(f"cannot resolve media host {host}") from None
         addresses = [str(info[4][0]) for info in infos]
-        if not addresses or not all(_is_public(a) for a in addresses):
+        if not addresses or not all(is_public_address(a) for a in addresses):
             raise MediaError(
                 f"media host {host} resolves to a private or reserved address; refused"
             )

@@ -41,8 +41,8 @@ def hosts(monkeypatch):
         return await real(self, host, port, *args, **kwargs)
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
-    real_public = media_fetch._is_public
-    monkeypatch.setattr(media_fetch, "_is_public", lambda a: a == PUBLIC or real_public(a))
+    real_public = media_fetch.is_public_address
+    monkeypatch.setattr(media_fetch, "is_public_address", lambda a: a == PUBLIC or real_public(a))
     return dns, lookups
 
 

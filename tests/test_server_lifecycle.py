@@ -252,7 +252,7 @@ def test_ssrf_guard_refuses_internal_targets(keyed):
 
 
 def test_address_classification_without_traffic():
-    from server.media_fetch import _is_public
+    from server.media_fetch import is_public_address
 
     for addr in (
         "127.0.0.1",
@@ -269,9 +269,9 @@ def test_address_classification_without_traffic():
         "100.64.0.1",
         "240.0.0.1",
     ):
-        assert not _is_public(addr), addr
+        assert not is_public_address(addr), addr
     for addr in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
-        assert _is_public(addr), addr
+        assert is_public_address(addr), addr
 
 
 def test_health_answers_while_a_big_image_decodes(keyed):

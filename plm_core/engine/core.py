@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +51,6 @@ class RequestDelta:
     stop_reason: int | str | None = None  # the stop token id or stop string, when it stopped on one
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    num_output_tokens: int = 0
 
 
 @dataclass
@@ -114,7 +112,6 @@ class EngineCore:
             max_num_seqs=sched.max_num_seqs,
             max_model_len=max_model_len,
         )
-        self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * cache.block_size
         self.output = OutputProcessor(tokenizer, max_model_len)
         self.grammars = GrammarCompiler(
@@ -239,7 +236,6 @@ class EngineCore:
             [logprobs],
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
-            num_output_tokens=len(request.output_token_ids),
         )
         if status is not None:
             self.scheduler.finish(request, status)
@@ -266,10 +262,3 @@ class EngineCore:
     def snapshot_stats(self) -> EngineStats:
         """A copy of the stats, safe to read from another thread."""
         return dataclasses.replace(self.stats)
-
-    def run_until_done(self, *, timeout_s: float | None = None) -> None:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.has_unfinished():
-            self.step()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("engine did not finish in time")

@@ -32,7 +32,6 @@ class RunnerOutput:
 
     token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Logprobs | None] = field(default_factory=dict)
-    num_encoded_tiles: int = 0
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -198,7 +197,7 @@ class ModelRunner:
             copy_kv_blocks(self.kv_caches, sched.block_copies, self.block_size)
         out = RunnerOutput()
         if sched.encoder_inputs:
-            out.num_encoded_tiles = self._encode(sched.encoder_inputs, sched.encoder_tile_ranges)
+            self._encode(sched.encoder_inputs, sched.encoder_tile_ranges)
         if sched.is_empty:
             return out
 
@@ -257,7 +256,7 @@ class ModelRunner:
             self.samplers[request.request_id] = state
         return state
 
-    def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> int:
+    def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> None:
         """Encodes the scheduled tiles in batched forwards; an item is usable once whole."""
         tiles = []
         for m, (lo, hi) in zip(items, ranges):
@@ -281,7 +280,6 @@ class ModelRunner:
                     continue
                 whole = self._partial.pop(key)
             self.encoder_outputs[key] = whole.reshape(-1, whole.shape[-1])  # [num_tokens, H]
-        return pixels.shape[0]
 
     def _inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flattened token embeddings with media rows filled, positions, and rows to sample from."""
