@@ -11,14 +11,22 @@ URL may be `data:`, a local path or `file://`), plus in-memory `{"type": "image"
 within a message, and pixels equal to HF's. Unlike HF, string content is kept (HF's template drops
 a user message whose content is a plain string) and the tile budget can change per request or item.
 A system message after the first is rendered as its own system turn, as HF's template does.
+
+Repeats are cheap: media read from bytes (data: URLs, files, fetched URLs) is remembered in a
+RawMediaCache by content hash and settings, so the same bytes are not decoded again to count their
+tokens, and their pixels are not made at all when `is_resident` says the engine holds the item's
+encoder output (the item then carries a pixel source, which the engine calls if it ever must).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from plm_core.config import MediaConfig
 from plm_core.errors import ContextLengthError, MediaError, PromptError
 from plm_core.inputs import MediaItem, ProcessedPrompt
 from plm_core.media.loader import MediaLoader, located
+from plm_core.media.raw_cache import DEFAULT_RAW_CACHE_ENTRIES, RawMediaCache
 from plm_core.messages import (
     Conversation,
     MediaOptions,
@@ -56,9 +64,12 @@ class PLMProcessor:
         model_config: ModelConfig,
         tokenizer: PLMTokenizer,
         media: MediaConfig | None = None,
+        *,
+        raw_cache_entries: int = DEFAULT_RAW_CACHE_ENTRIES,
     ):
         """media.max_num_tiles: the default tile budget per image, at most the checkpoint's (36 for
-        PLM), which is also the most a request may ask for."""
+        PLM), which is also the most a request may ask for. raw_cache_entries: how many media
+        items' facts the raw-media cache keeps (0: no cache, every item is decoded)."""
         self.model_config = model_config
         self.pcfg = model_config.processor
         self.tokenizer = tokenizer
@@ -69,7 +80,8 @@ class PLMProcessor:
                 f"max_num_tiles must be an integer from 1 to the checkpoint's tile budget "
                 f"{self.pcfg.max_num_tiles}, got {self.max_num_tiles!r}"
             )
-        self.loader = MediaLoader(self.pcfg, media, self.max_num_tiles)
+        self.raw_cache = RawMediaCache(raw_cache_entries) if raw_cache_entries > 0 else None
+        self.loader = MediaLoader(self.pcfg, media, self.max_num_tiles, self.raw_cache)
 
     def process(
         self,
@@ -79,12 +91,17 @@ class PLMProcessor:
         max_prompt_len: int | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        is_resident: Callable[[str], bool] | None = None,
     ) -> ProcessedPrompt:
         """Messages -> token ids + media with pixels; raises PromptError/MediaError for bad input,
         with `param` naming the field at fault.
 
         `continue_final_message` (with add_generation_prompt=False) leaves the final assistant
-        message open, so generation continues its text (HF's and vLLM's option of that name)."""
+        message open, so generation continues its text (HF's and vLLM's option of that name).
+        `is_resident(item.cache_key)`: True when the engine holds the item's encoder output (or
+        its whole prefix is cached); a raw-cache hit it says True for gets no pixels, only a pixel
+        source (`MediaItem.pixels()` makes them). It is called from the calling thread; process()
+        may run in several threads at once (they share the raw-media cache)."""
         options = options or MediaOptions()
         check_options(options, self.pcfg.max_num_tiles)
         conv = parse_messages(messages, max_num_tiles=self.pcfg.max_num_tiles)
@@ -103,7 +120,7 @@ class PLMProcessor:
                 f"the prompt has {text_tokens} tokens but the context allows {limit}",
                 param="messages",
             )
-        items = self._load_media(conv.media, options, text_tokens, limit)
+        items = self._load_media(conv.media, options, text_tokens, limit, is_resident)
         prompt_ids = self._expand_placeholders(ids, items, conv)
         return ProcessedPrompt(prompt_token_ids=prompt_ids, media=items, prompt_text=text)
 
@@ -114,11 +131,17 @@ class PLMProcessor:
             raise PromptError(str(e), param=conv.param_of_text(_is_invalid_unicode)) from None
 
     def _load_media(
-        self, refs: list[MediaRef], options: MediaOptions, text_tokens: int, limit: int
+        self,
+        refs: list[MediaRef],
+        options: MediaOptions,
+        text_tokens: int,
+        limit: int,
+        is_resident: Callable[[str], bool] | None = None,
     ) -> list[MediaItem]:
-        """One item at a time: decode, count its tokens (refusing as soon as the prompt cannot fit),
-        preprocess, and drop the decoded frames, so a request's peak memory is one item's raw
-        pixels."""
+        """One item at a time: decode (unless the raw-media cache knows the bytes), count its
+        tokens (refusing as soon as the prompt cannot fit), preprocess, and drop the decoded
+        frames, so a request's peak memory is one item's raw pixels. A cache hit is decoded and
+        preprocessed here too, unless `is_resident` says the engine will not need its pixels."""
         items: list[MediaItem] = []
         for k, ref in enumerate(refs):
             item, raw = self.loader.load(ref, options)
@@ -132,7 +155,13 @@ class PLMProcessor:
                     param="messages",
                 )
             with located(ref.param):
-                item.pixel_values = self.loader.preprocess(item, raw)
+                if raw is not None:
+                    item.pixel_values = self.loader.preprocess(item, raw)
+                elif is_resident is not None and is_resident(item.cache_key):
+                    assert self.raw_cache is not None  # only a cache hit has no raw pixels
+                    self.raw_cache.note_skipped()
+                else:
+                    item.pixels()  # here, not on the engine thread
             del raw
         return items
 

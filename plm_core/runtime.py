@@ -69,13 +69,16 @@ class Runtime:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> ProcessedPrompt:
-        """One conversation's prompt token ids and preprocessed media (blocking: decodes media)."""
+        """One conversation's prompt token ids and preprocessed media (blocking: decodes media).
+        A repeated image or video the engine still holds the encoder output of is not decoded
+        again: it gets no pixels, only a way to make them (see PLMProcessor.process)."""
         return self.processor.process(
             messages,
             options,
             max_prompt_len=self.max_model_len - 1,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            is_resident=self.core.is_media_resident,
         )
 
 
@@ -94,7 +97,12 @@ def load_runtime(config: EngineConfig) -> Runtime:
         bos_token_id=model_config.bos_token_id,
         eos_token_ids=model_config.eos_token_ids,
     )
-    processor = PLMProcessor(model_config, tokenizer, config.media)
+    processor = PLMProcessor(
+        model_config,
+        tokenizer,
+        config.media,
+        raw_cache_entries=config.media.raw_media_cache_entries,
+    )
     core = EngineCore(
         model_config, tokenizer, config, device=device, dtype=dtype, max_model_len=max_model_len
     )

@@ -257,12 +257,17 @@ class ModelRunner:
         return state
 
     def _encode(self, items: list[MediaItem], ranges: list[tuple[int, int]]) -> None:
-        """Encodes the scheduled tiles in batched forwards; an item is usable once whole."""
+        """Encodes the scheduled tiles in batched forwards; an item is usable once whole.
+
+        An item the processor left without pixels (its encoder output was resident then, and has
+        been evicted since) has them made here, on the engine thread, from its pixel source:
+        correct, and rare, since the processor skips pixels only for resident items.
+        """
         tiles = []
         for m, (lo, hi) in zip(items, ranges):
-            if m.pixel_values is None:
-                raise RuntimeError(f"{m.kind} {m.cache_key[:32]} has no pixels to encode")
-            tiles.append(m.pixel_values[lo:hi])
+            if not m.has_pixels:
+                log.debug("making the skipped pixels of %s %s", m.kind, m.cache_key[:32])
+            tiles.append(m.pixels()[lo:hi])
         pixels = torch.cat(tiles).to(self.device, self.dtype)  # [N, 3, T, T]
         chunks = torch.split(pixels, self.max_tiles_per_forward)
         feats = torch.cat([self.model.encode_media(chunk) for chunk in chunks])
