@@ -521,3 +521,16 @@ def test_random_workload(seed, prefix_caching):
     assert bm.num_free_blocks == bm.num_blocks
     if prefix_caching:
         assert bm.stats()["hits"] > 0
+
+
+def test_cached_prefix_counts_no_query():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    prompt = list(range(10))
+    a = make_request("a", prompt)
+    assert bm.cached_prefix(a) == [] and bm.max_cached_blocks(a) == 2
+    admit(bm, a)
+    b = make_request("b", prompt + [99])
+    assert bm.cached_prefix(b) == a.block_ids[:2]  # the partial third block is not cached
+    assert bm.stats()["queries"] == 10  # a's admission only
+    assert len(b.block_hashes) == 2  # hashes the request's full blocks on the way
+    assert BlockManager(8, BS, enable_prefix_caching=False).cached_prefix(b) == []

@@ -9,6 +9,7 @@ import pytest
 from plm_core.engine.encoder_cache import EncoderCacheManager
 from plm_core.engine.encoder_plan import EncoderPlanner
 from plm_core.engine.request import Request
+from plm_core.engine.step_budget import Allowance
 from plm_core.inputs import ImageSettings, MediaItem
 from plm_core.sampling import SamplingParams
 
@@ -185,3 +186,34 @@ def test_planning_changes_nothing_until_the_plan_is_applied():
     assert not req.encoder_keys and cache.has(item.cache_key)
     assert not cache.is_referenced(item.cache_key)
     cache.check_invariants()
+
+
+def test_an_allowance_pays_for_the_tokens_before_an_item_then_its_tiles():
+    cache = EncoderCacheManager(budget_tokens=64)
+    planner = EncoderPlanner(cache)
+    x = MediaItem("image", "x", ImageSettings(), num_tiles=4, num_tokens=8, offset=6)
+    y = MediaItem("image", "y", ImageSettings(), num_tiles=1, num_tokens=4, offset=20)
+    req = Request("r", list(range(30)), SamplingParams(), media=[x, y])
+    step = planner.begin_step(tile_budget=8)
+    # 20 token equivalents, a tile costs 3: 6 tokens before x, then 4 tiles (12), 2 tokens left
+    allowance = Allowance(tokens=20.0, tile_tokens=3.0, floor=0.0)
+    plan = planner.plan(req, 0, 20, step, allowance)
+    assert plan.num_tokens == 8 and plan.items == [(x, (0, 4))] and plan.num_tiles == 4
+    # 14: the tokens before x, then 2 tiles; the chunk stops before x
+    plan = planner.plan(req, 0, 14, step, Allowance(tokens=14.0, tile_tokens=3.0, floor=0.0))
+    assert plan.num_tokens == 6 and plan.items == [(x, (0, 2))]
+    # y is complete (no tiles), but the cut chunk does not reach it: it is not referenced
+    planner.apply(req, planner.plan(req, 0, 30, planner.begin_step(8)), step)
+    req.num_computed_tokens = 18
+    plan = planner.plan(req, 18, 12, planner.begin_step(8), Allowance(2.0, 3.0, 0.0))
+    assert plan.num_tokens == 2 and plan.items == []
+    assert planner.plan(req, 18, 12, planner.begin_step(8), None).items == [(y, None)]
+
+
+def test_the_allowance_floor_serves_the_first_work_only():
+    allowance = Allowance(tokens=-5.0, tile_tokens=4.0, floor=16.0)
+    assert allowance.available == 16 and allowance.token_cap(10) == 10
+    allowance.charge(0, 0)  # no work: the floor stays
+    assert allowance.token_cap(100) == 16
+    allowance.charge(0, 2)
+    assert allowance.tokens == -13.0 and allowance.available == 0 and allowance.token_cap(9) == 0

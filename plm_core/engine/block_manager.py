@@ -123,18 +123,29 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return [], 0
-        hashes = self.compute_block_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        blocks: list[int] = []
-        for h in hashes[:max_blocks]:
-            block_id = self.hash_to_block.get(h)
-            if block_id is None:
-                break
-            blocks.append(block_id)
+        blocks = self.cached_prefix(request)
         num_tokens = len(blocks) * self.block_size
         self.prefix_cache_queries += request.num_tokens
         self.prefix_cache_hits += num_tokens
         return blocks, num_tokens
+
+    def cached_prefix(self, request: Request) -> list[int]:
+        """Block ids of the longest cached prefix of the request's full blocks, never covering its
+        last token; empty with prefix caching off. Counts no query (see `get_computed_blocks`)."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self.compute_block_hashes(request)
+        blocks: list[int] = []
+        for h in hashes[: self.max_cached_blocks(request)]:
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks
+
+    def max_cached_blocks(self, request: Request) -> int:
+        """Full blocks a prefix hit may cover: those before the block holding the last token."""
+        return (request.num_tokens - 1) // self.block_size
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Registers the request's full blocks in [0, num_computed_tokens) in the prefix cache."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from plm_core.engine.encoder_cache import EncoderCacheManager
 from plm_core.engine.request import Request
+from plm_core.engine.step_budget import Allowance
 from plm_core.inputs import MediaItem
 
 # One item of a plan: the item, and the tiles [lo, hi) to encode this step (None: reference only).
@@ -26,6 +28,11 @@ class EncoderPlan:
         """Whether the plan runs the encoder on any tile this step."""
         return any(tiles is not None for _, tiles in self.items)
 
+    @property
+    def num_tiles(self) -> int:
+        """Tiles the plan runs through the encoder this step."""
+        return sum(tiles[1] - tiles[0] for _, tiles in self.items if tiles is not None)
+
 
 @dataclass
 class EncoderStep:
@@ -42,6 +49,40 @@ class EncoderStep:
             (hi for m, (_, hi) in zip(self.inputs, self.tile_ranges) if m.cache_key == key),
             default=0,
         )
+
+
+class _Afford:
+    """What a step budget's allowance leaves one chunk: the tokens before an item come first,
+    then as many of its tiles as the rest pays for."""
+
+    def __init__(self, allowance: Allowance | None, start: int):
+        self.allowance = allowance
+        self.start = start
+        self.spent = 0.0  # token equivalents of the tiles taken so far
+
+    def take(self, item: MediaItem, wanted: int) -> int:
+        """How many of `wanted` tiles of `item` the allowance pays for; records them."""
+        a = self.allowance
+        if a is None or a.tile_tokens <= 0:
+            return wanted
+        left = a.available - max(0, item.offset - self.start) - self.spent
+        if left < math.inf:
+            wanted = min(wanted, max(0, math.floor(left / a.tile_tokens)))
+        self.spent += wanted * a.tile_tokens
+        return wanted
+
+    def cap(self, plan: EncoderPlan) -> EncoderPlan:
+        """Cuts the plan's tokens to what its tiles leave of the allowance, dropping the items the
+        cut chunk no longer reaches (none of them encodes: the tokens before an item come first)."""
+        a = self.allowance
+        if a is None:
+            return plan
+        cap = a.available - self.spent
+        if plan.num_tokens > cap:
+            plan.num_tokens = max(0, math.floor(cap))
+            end = self.start + plan.num_tokens
+            plan.items = [(m, t) for m, t in plan.items if t is not None or m.offset < end]
+        return plan
 
 
 class EncoderPlanner:
@@ -68,13 +109,23 @@ class EncoderPlanner:
             return 0
         return self.partial.get(key, item.num_tiles)
 
-    def plan(self, request: Request, start: int, num_tokens: int, step: EncoderStep) -> EncoderPlan:
+    def plan(
+        self,
+        request: Request,
+        start: int,
+        num_tokens: int,
+        step: EncoderStep,
+        allowance: Allowance | None = None,
+    ) -> EncoderPlan:
         """Plans the chunk [start, start + num_tokens) of a request; changes nothing.
 
         The chunk shrinks to stop before the first item that is not fully encoded by the end of
-        this step (the tile budget runs out) or does not fit the encoder cache.
+        this step (the tile budget runs out) or does not fit the encoder cache. With an
+        `allowance` (a step budget), the chunk's tokens plus its tiles' cost stay within it:
+        the tokens before an item come first, then as many of its tiles as the rest affords.
         """
         plan = EncoderPlan(num_tokens)
+        afford = _Afford(allowance, start)
         tile_budget = step.tile_budget
         needed_tokens = 0
         seen: set[str] = set()
@@ -92,18 +143,18 @@ class EncoderPlanner:
             ):
                 if not cache.can_allocate(needed_tokens + item.num_tokens):
                     plan.num_tokens = max(0, item.offset - start)
-                    return plan
+                    return afford.cap(plan)
                 needed_tokens += item.num_tokens
             if done >= item.num_tiles:
                 plan.items.append((item, None))
                 continue
-            take = min(item.num_tiles - done, tile_budget)
+            take = afford.take(item, min(item.num_tiles - done, tile_budget))
             plan.items.append((item, (done, done + take) if take > 0 else None))
             tile_budget -= take
             if done + take < item.num_tiles:  # tokens wait until the item is complete
                 plan.num_tokens = max(0, item.offset - start)
-                return plan
-        return plan
+                return afford.cap(plan)
+        return afford.cap(plan)
 
     def apply(self, request: Request, plan: EncoderPlan, step: EncoderStep) -> None:
         """Books a plan: references (or allocates) the request's entries, spends the tile budget."""

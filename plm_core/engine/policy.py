@@ -3,7 +3,8 @@
 A policy is two decisions behind one seam (as vLLM's `SchedulingPolicy` and request queues): its
 `RequestQueue` orders the waiting requests, and `victim` picks the running request to preempt when
 KV blocks run out. `fcfs` is arrival order; `priority` is `Request.priority` (lower first), ties by
-`Request.arrival_time`, then by the order requests reached the queue.
+`Request.arrival_time`, then by the order requests reached the queue. The scheduler may pass over
+a queued request that waits for a prefix another request is computing; it keeps its place.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The scheduler: continuous batching with one token budget per step, chunked prefill, preemption.
+"""The scheduler: continuous batching in token and time budgets, chunked prefill, preemption.
 
 There is no prefill phase and decode phase: every step each request moves `num_computed_tokens`
 towards `num_tokens` within a shared token budget. Running requests go first (decodes cost one
@@ -15,18 +15,39 @@ prompt token themselves. Forking happens after the step the leader completes its
 runs; a child whose leader is gone (finished, aborted) runs on its own, with prefix-cache hits or a
 full prefill. A leader preempted before its children fork is ahead of them in the queue: they
 wait for it again and fork from its recompute.
+
+Requests that arrive together with the same image or prompt prefix share it in flight
+(prefix_sharing.py): a waiting request whose next uncached full block a running request is
+computing right now waits, holding nothing, until those blocks are cached, then starts with them as
+prefix hits (its image, inside the prefix, is not encoded again). Such a waiter keeps its place in
+the queue and is re-checked every step, but it does not hold the queue up: admission continues past
+it (FCFS, or the priority order, among the others; the first request that cannot start for lack of
+room still stops the rest). It goes ahead on its own once nobody computes its next block (that
+request finished, was aborted or preempted). With prefix caching off nothing waits.
+
+A step budget (`schedule(StepBudget)`, step_budget.py) keeps steps that carry decodes short, as
+Sarathi-Serve's stall-free batching does: such a step adds only the prefill tokens and encoder
+tiles whose predicted time, with the decodes and the fixed cost, fits `target_s` (a tile costs
+`per_tile_s / per_token_s` tokens). Decodes are never cut for it; the token and tile limits of the
+config still apply; and so that prompts always progress, the step's first prefill work may use at
+least the floor (16 tokens, or one tile if that costs more; its whole prompt with chunked prefill
+off). A step without decodes ignores the budget. Chunk boundaries change no result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from plm_core.config import SchedulerConfig
 from plm_core.engine.block_manager import BlockCopy, BlockManager
 from plm_core.engine.encoder_cache import EncoderCacheManager
-from plm_core.engine.encoder_plan import EncoderPlanner, EncoderStep
+from plm_core.engine.encoder_plan import EncoderPlan, EncoderPlanner, EncoderStep
 from plm_core.engine.policy import RequestQueue, make_policy
+from plm_core.engine.prefix_sharing import PrefixSharing
 from plm_core.engine.request import Request, RequestStatus
+from plm_core.engine.step_budget import Allowance
+from plm_core.engine.step_budget import StepBudget as StepBudget
 from plm_core.inputs import MediaItem
 
 
@@ -62,6 +83,11 @@ class SchedulerOutput:
         return sum(self.num_scheduled_tokens)
 
     @property
+    def total_num_encoder_tiles(self) -> int:
+        """Tiles/frames the vision encoder runs this step."""
+        return sum(hi - lo for lo, hi in self.encoder_tile_ranges)
+
+    @property
     def is_empty(self) -> bool:
         """True when no request computes a token this step."""
         return not self.requests
@@ -74,6 +100,8 @@ class _Step:
     out: SchedulerOutput
     token_budget: int
     encoder: EncoderStep
+    # prefill tokens and tiles a step with decodes may still add under a StepBudget (None: no limit)
+    allowance: Allowance | None = None
 
 
 class Scheduler:
@@ -90,6 +118,7 @@ class Scheduler:
         self.encoder_cache = encoder_cache
         self.encoder_planner = EncoderPlanner(encoder_cache)
         self.policy = make_policy(config.scheduling_policy)
+        self.sharing = PrefixSharing(block_manager)
         self.waiting: RequestQueue = self.policy.new_queue()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -121,6 +150,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.blocks.free(request)
         self.encoder_planner.release_all(request)
+        self.sharing.forget(request)
         self.requests.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
 
@@ -130,12 +160,17 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # -- scheduling --------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Builds the next step: running requests first, then admissions, within the budgets."""
+    def schedule(self, budget: StepBudget | None = None) -> SchedulerOutput:
+        """Builds the next step: running requests first, then admissions, within the budgets.
+
+        With a `budget`, a step that carries decodes adds only the prefill tokens and encoder
+        tiles the budget's time allows (at least its floor); without decodes it is ignored.
+        """
         step = _Step(
             SchedulerOutput(),
             self.config.max_num_batched_tokens,
             self.encoder_planner.begin_step(self.config.max_encoder_tiles_per_step),
+            self._allowance(budget),
         )
         self._schedule_running(step)
         if not step.out.preempted:
@@ -153,20 +188,41 @@ class Scheduler:
             if n > 0 and self._reserve(request, n, step):
                 self._add(step, request, n)
 
+    def _allowance(self, budget: StepBudget | None) -> Allowance | None:
+        """What a step budget leaves for prefill work: None without one or without decodes."""
+        num_decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        if budget is None or num_decodes == 0:
+            return None
+        return budget.allowance(num_decodes, chunked_prefill=self.config.enable_chunked_prefill)
+
     def _running_chunk(self, request: Request, step: _Step) -> int:
         """Sizes and books a running request's chunk. A prefill chunk leaves one token of budget
-        for every decode behind it, so streams never skip a step."""
+        for every decode behind it, so streams never skip a step; a decode is never cut by the
+        step budget (the allowance paid for it up front)."""
         behind = self.running[self.running.index(request) + 1 :]
         decodes_behind = sum(1 for r in behind if r.num_tokens - r.num_computed_tokens == 1)
-        budget = step.token_budget
-        if request.is_prefill:
-            budget = max(1, budget - decodes_behind)
-        start = request.num_computed_tokens
-        plan = self.encoder_planner.plan(
-            request, start, self._chunk_size(request, start, budget), step.encoder
-        )
-        self.encoder_planner.apply(request, plan, step.encoder)
+        decode = not request.is_prefill
+        budget = step.token_budget if decode else max(1, step.token_budget - decodes_behind)
+        allowance = None if decode else step.allowance
+        plan = self._plan(request, request.num_computed_tokens, budget, step, allowance)
+        self._book(request, plan, step, decode=decode)
         return plan.num_tokens
+
+    def _plan(
+        self, request: Request, start: int, budget: int, step: _Step, allowance: Allowance | None
+    ) -> EncoderPlan:
+        """Plans the chunk from `start` within `budget` tokens and the step budget's allowance."""
+        if allowance is not None:
+            budget = allowance.token_cap(budget)
+        num_tokens = self._chunk_size(request, start, budget)
+        return self.encoder_planner.plan(request, start, num_tokens, step.encoder, allowance)
+
+    def _book(self, request: Request, plan: EncoderPlan, step: _Step, decode: bool = False) -> None:
+        """Books a chunk's encoder work and charges it to the step budget's allowance (a running
+        decode's token was paid for up front)."""
+        self.encoder_planner.apply(request, plan, step.encoder)
+        if step.allowance is not None:
+            step.allowance.charge(0 if decode else plan.num_tokens, plan.num_tiles)
 
     def _reserve(self, request: Request, n: int, step: _Step) -> bool:
         """KV slots for n more tokens of a running request, preempting the policy's victims until
@@ -180,13 +236,27 @@ class Scheduler:
 
     def _schedule_waiting(self, step: _Step) -> None:
         """Admits waiting requests in the policy's order while there is room; the first that
-        cannot start stops the rest, so none overtakes it."""
-        while (
-            self.waiting and step.token_budget > 0 and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting.peek()
-            if self._waits_for_leader(request) or not self._admit(request, step):
-                break
+        cannot start stops the rest, so none overtakes it. A request waiting for a prefix that a
+        running request computes keeps its place and is passed over (re-checked next step)."""
+        for request in self._candidates():
+            if step.token_budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if self._waits_for_leader(request):
+                return
+            if self._fork_source(request) is None and self.sharing.waits(request, self.running):
+                continue
+            if not self._admit(request, step):
+                return
+
+    def _candidates(self) -> Iterator[Request]:
+        """The waiting requests in the policy's order; the caller admits or passes over each."""
+        passed: set[str] = set()
+        while True:
+            request = next((r for r in self.waiting if r.request_id not in passed), None)
+            if request is None:
+                return
+            yield request
+            passed.add(request.request_id)
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Starts the head of the queue if its first chunk fits: forked from its leader, or from
@@ -198,8 +268,7 @@ class Scheduler:
             start = leader.num_prompt_tokens - 1
         else:
             computed_blocks, start = self.blocks.get_computed_blocks(request)
-        budget = self._chunk_size(request, start, step.token_budget)
-        plan = self.encoder_planner.plan(request, start, budget, step.encoder)
+        plan = self._plan(request, start, step.token_budget, step, step.allowance)
         n = plan.num_tokens
         if n == 0 and not plan.encodes:
             return False
@@ -212,15 +281,19 @@ class Scheduler:
         elif self.blocks.allocate_slots(request, n, computed_blocks):
             request.num_computed_tokens = start
             self._count_cached(request, start)
+            self.sharing.started(request, start)
         else:
             return False
-        self.encoder_planner.apply(request, plan, step.encoder)
-        self._start(self.waiting.pop())
+        self._book(request, plan, step)
+        self._start(request)
         if n:
             self._add(step, request, n)
         return True
 
     def _start(self, request: Request) -> None:
+        """Moves a waiting request to the running ones."""
+        self.waiting.remove(request)
+        self.sharing.forget(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
@@ -333,7 +406,7 @@ class Scheduler:
             if leader is None or not self.blocks.can_fork(leader.num_prompt_tokens - 1, 1):
                 return
             self._fork(child, leader)
-            self._start(self.waiting.pop())
+            self._start(child)
 
     # -- after the step ----------------------------------------------------------------------------
     def update_after_step(self, out: SchedulerOutput) -> None:
