@@ -19,6 +19,21 @@ DEFAULT_MAX_IMAGE_SIDE = 32768  # longest side of an image or video frame, from 
 DEFAULT_MAX_DECODED_PIXELS = 2**28  # frames x width x height decoded per video (32 frames of 4K)
 
 
+def latency_target(text: str) -> str:
+    """'auto', 'off' or a positive number of milliseconds (kept as text)."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(
+            f"step_latency_target must be 'auto', 'off' or milliseconds > 0, got {text!r}"
+        )
+    return text
+
+
 def opt(default: Any, help: str, **extra: Any) -> Any:
     """A config field that is also a command-line option: `help` for --help; `extra` may set
     `flag` (another option name), `negative_flag`, `choices`, `parse` (str -> value), `hidden`."""
@@ -41,6 +56,15 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = opt(
         True, "split long prompts over several steps, so running streams keep decoding"
     )
+    step_latency_target: str = opt(
+        "auto",
+        "how long a step that carries decodes may take while prompts prefill and images encode: "
+        "'auto' (2.5x the measured time of a plain decode step), milliseconds, or 'off' (only "
+        "the token and tile limits). Lower keeps running streams smoother while a new prompt "
+        "prefills, at the cost of that prompt's time to first token",
+        parse=latency_target,
+        metavar="auto|MS|off",
+    )
     scheduling_policy: str = opt(
         "fcfs",
         "admission order and preemption victim: fcfs (arrival order) or priority (the request's "
@@ -49,6 +73,7 @@ class SchedulerConfig:
     )
 
     def __post_init__(self) -> None:
+        latency_target(self.step_latency_target)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_encoder_tiles_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -119,6 +144,11 @@ class MediaConfig:
     )
     max_media_bytes: int | None = opt(
         None, "largest image or video read from a data: URL or a local file (default: no limit)"
+    )
+    raw_media_cache_entries: int = opt(
+        4096,
+        "images/videos whose sizes and hashes are remembered by their bytes, so that a repeat the "
+        "engine still holds is neither decoded nor preprocessed again (0: off)",
     )
     allowed_local_media_path: str | None = opt(
         None,

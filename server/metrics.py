@@ -86,6 +86,12 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "plm:encoder_cache_misses", "Media items encoded", value=enc.get("misses", 0)
         )
+        shared = s.prefix_sharing or {}
+        yield CounterMetricFamily(
+            "plm:prefix_sharing_tokens",
+            "Prompt tokens taken from another request in flight (waited for, not recomputed)",
+            value=shared.get("shared_tokens", 0),
+        )
 
 
 class Metrics:

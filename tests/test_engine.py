@@ -503,3 +503,79 @@ def test_profile_step_runs_the_worst_case_step(path, device):
         dtype=torch.float32,
     )
     assert got is None if device == "cpu" else got > 0
+
+
+class _FixedCosts:
+    """A cost model that has 'measured' fixed figures (no clock in tests)."""
+
+    def __init__(self, base_s, per_token_s, per_tile_s):
+        from plm_core.engine.cost_model import StepCosts
+
+        self.figures = StepCosts(base_s, per_token_s, per_tile_s)
+
+    def observe(self, tokens, tiles, seconds):
+        pass
+
+    def costs(self):
+        return self.figures
+
+
+@pytest.mark.parametrize("target", ["auto", "30"])
+def test_steps_with_decodes_keep_to_the_latency_target(path, media_dir, solo, target):
+    """While streams decode, an image prompt's prefill and encoding are cut to the step budget the
+    cost model gives; tokens are the same as alone (chunk boundaries never change results)."""
+    from plm_core import LLM
+
+    llm = LLM(path, device="cpu", dtype="float32", step_latency_target=target)
+    llm.engine.costs = _FixedCosts(0.002, 0.0005, 0.004)
+    scheduler = llm.engine.scheduler
+    schedule, steps = scheduler.schedule, []
+
+    def record(budget=None):
+        running = scheduler.running
+        decodes = sum(1 for r in running if r.num_tokens - r.num_computed_tokens == 1)
+        out = schedule(budget)
+        steps.append((budget, out, decodes))
+        return out
+
+    scheduler.schedule = record
+    img = str(media_path(image_names()[0], media_dir))
+    convs = [[{"role": "user", "content": f"Count to {n}."}] for n in (20, 30)]
+    convs.append(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": img}},
+                    {"type": "text", "text": "Describe it."},
+                ],
+            }
+        ]
+    )
+    outs = llm.chat(convs, _greedy(12))
+    budgeted = [step for step in steps if step[0] is not None]
+    assert budgeted, "no step got a budget"
+    limited = 0
+    for budget, out, decodes in budgeted:
+        if target == "auto":
+            assert budget.target_s == pytest.approx(2.5 * (0.002 + 0.0005 * decodes))
+        else:
+            assert budget.target_s == pytest.approx(max(0.030, 0.002 + 0.0005 * decodes))
+        cost = budget.cost_s(out.total_num_scheduled_tokens, out.total_num_encoder_tiles)
+        floor = budget.base_s + budget.per_token_s * (decodes + 16) + budget.per_tile_s
+        assert cost <= max(budget.target_s, floor) + 1e-9
+        limited += (
+            out.total_num_scheduled_tokens < llm.engine_config.scheduler.max_num_batched_tokens
+        )
+    assert limited
+    assert [o.token_ids for o in outs] == [solo.chat(c, _greedy(12))[0].token_ids for c in convs]
+
+
+def test_no_budget_when_off_or_unmeasured(path):
+    from plm_core import LLM
+
+    off = LLM(path, device="cpu", dtype="float32", step_latency_target="off")
+    off.engine.costs = _FixedCosts(0.002, 0.0005, 0.004)
+    assert off.engine._step_budget() is None
+    fresh = LLM(path, device="cpu", dtype="float32")
+    assert fresh.engine.costs.costs() is None and fresh.engine._step_budget() is None

@@ -375,8 +375,8 @@ def test_constrained_tokens_same_alone_batched_and_preempted(llm, monkeypatch):
     scheduler, preempted = small.engine.scheduler, []
     schedule = scheduler.schedule
 
-    def schedule_and_record():
-        out = schedule()
+    def schedule_and_record(budget=None):
+        out = schedule(budget)
         preempted.extend((r.grammar, len(r.output_token_ids)) for r in out.preempted)
         return out
 
