@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
+BENCH = REPO / "benchmarks"
 SCRIPTS = [REPO / "benchmarks" / "gpu_bench.sh", REPO / "benchmarks" / "gpu_wheels.sh"]
 # import name -> distribution name, where they differ
 DIST = {
@@ -29,7 +30,8 @@ DIST = {
     "pydantic_core": "pydantic-core",
 }
 # this repository's packages, and every module in tests/ (conftest, support, the helpers, the tests)
-LOCAL = {"plm_core", "server"} | {p.stem for p in TESTS.glob("*.py")}
+# the project's own packages, test helpers and benchmark modules (benchmarks import each other)
+LOCAL = {"plm_core", "server"} | {p.stem for p in (*TESTS.glob("*.py"), *BENCH.glob("*.py"))}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
