@@ -1,15 +1,22 @@
 """Serving benchmark: streams text, image and video chats at OpenAI-compatible servers.
 
-It reports latency and throughput per server and load level.
+It reports latency and throughput per server, for a sweep of load levels or a named scenario.
 
     # one command, both servers on the same workload (each started, measured and stopped in turn)
     .venv/bin/python benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline \\
         --model CHECKPOINT_DIR --concurrency 1,4,8 --out serve-bench
+    # a named scenario (burst, repeat, interference) against the real `transformers serve`
+    .venv/bin/python benchmarks/serve_bench.py --scenario burst --launch plm-serve \\
+        --launch transformers-serve --model CHECKPOINT_DIR --out serve-burst
     # servers already running
     .venv/bin/python benchmarks/serve_bench.py --target plm-serve=http://127.0.0.1:8000 \\
         --request-rate 2,inf
     # the report again from a results.json
     .venv/bin/python benchmarks/serve_bench.py --replot serve-bench
+
+The scenarios (serve_scenarios.py) send synthetic photos (serve_photos.py) and write results.json
+and a report.md with one column per target and their ratio; the servers and the request dialect
+each speaks are in serve_launchers.py. The rest of this docstring is about the sweep.
 
 Each load level (a concurrency limit and a request rate) gets its own deterministic workload, the
 same for every target, and different from every other level's, so caches warmed by one level do not
@@ -30,25 +37,54 @@ import base64
 import io
 import json
 import math
-import os
-import platform
 import random
-import shlex
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import av
-import httpx
 import numpy as np
 from PIL import Image, ImageDraw
+from serve_client import (  # noqa: F401  (re-exported: the tests and older callers use them here)
+    BenchRequest,
+    RequestRecord,
+    StreamParser,
+    distribution,
+    http_client,
+    rounded,
+    send,
+)
+from serve_launchers import (  # noqa: F401
+    OPENAI,
+    SERVER_KINDS,
+    Dialect,
+    Target,
+    chat_body,
+    close_target,
+    dialect_for,
+    free_port,
+    launch,
+    open_target,
+    served_model,
+    server_command,
+    shown_command,
+    start_server,
+    stop,
+    stop_server,
+)
+from serve_results import (  # noqa: F401
+    command_line,
+    environment,
+    environment_lines,
+    fmt_ms,
+    load_average,
+    write_json,
+)
+from serve_scenario_bench import add_scenario_args, bench_scenario
+from serve_scenario_bench import report_markdown as scenario_report
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
 KINDS = ("text", "image", "video")
 IMAGE_SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1280, 720), (448, 448)]
 VIDEO_SIZE = (320, 240)
@@ -84,17 +120,6 @@ class WorkloadConfig:
     repeat_media_ratio: float = 0.25
     ignore_eos: bool = True
     seed: int = 0
-
-
-@dataclass
-class BenchRequest:
-    """One chat of the workload: its OpenAI messages, and which media item it carries."""
-
-    index: int
-    kind: str  # text, image or video
-    messages: list[dict]
-    media_id: str | None = None  # "image-3": the same id means the same bytes
-    reused: bool = False  # True when the media item appeared earlier in the workload
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -230,125 +255,11 @@ def make_workload(cfg: WorkloadConfig, salt: str) -> list[BenchRequest]:
     return out
 
 
-def request_body(req: BenchRequest, model: str, cfg: WorkloadConfig) -> bytes:
-    return json.dumps(
-        {
-            "model": model,
-            "messages": req.messages,
-            "max_tokens": cfg.max_tokens,
-            "temperature": 0,
-            "ignore_eos": cfg.ignore_eos,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-
-
-# -- one request -----------------------------------------------------------------------------------
-@dataclass
-class RequestRecord:
-    """What one request did, as the client saw it (seconds; start_s from the start of its run)."""
-
-    index: int
-    kind: str
-    media_id: str | None = None
-    reused: bool = False
-    ok: bool = False
-    status: int | None = None
-    error: str | None = None
-    start_s: float = 0.0
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    output_tokens: int | None = None
-    content_chunks: int = 0
-    finish_reason: str | None = None
-    text: str = ""
-
-
-class StreamParser:
-    """Turns the SSE lines of one streamed chat completion, with their arrival times, into a
-    record."""
-
-    def __init__(self, record: RequestRecord, sent_at: float):
-        self.record, self.sent_at = record, sent_at
-        self.last_content_at: float | None = None
-        self.done = False
-        self.text: list[str] = []
-
-    def feed(self, line: str, now: float) -> None:
-        if not line.startswith("data:"):
-            return  # blank separators, comments, event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return
-        rec = self.record
-        try:
-            event = json.loads(data)
-        except ValueError:
-            rec.error = rec.error or f"unparseable event: {data[:200]}"
-            return
-        if "error" in event:
-            err = event["error"]
-            rec.error = (
-                rec.error or f"error event: {err.get('message') if isinstance(err, dict) else err}"
-            )
-            return
-        if event.get("usage"):
-            rec.prompt_tokens = event["usage"].get("prompt_tokens")
-            rec.output_tokens = event["usage"].get("completion_tokens")
-        for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                if self.last_content_at is None:
-                    rec.ttft_s = now - self.sent_at
-                else:
-                    rec.itl_s.append(now - self.last_content_at)
-                self.last_content_at = now
-                rec.content_chunks += 1
-                self.text.append(content)
-            if choice.get("finish_reason"):
-                rec.finish_reason = choice["finish_reason"]
-
-    def finish(self, now: float) -> RequestRecord:
-        rec = self.record
-        rec.e2e_s = now - self.sent_at
-        rec.text = "".join(self.text)
-        if rec.error is None and not self.done:
-            rec.error = "the stream ended without [DONE]"
-        if rec.error is None and rec.output_tokens is None:
-            rec.error = "no usage chunk"
-        rec.ok = rec.error is None
-        return rec
-
-
-async def send(
-    client: httpx.AsyncClient, url: str, req: BenchRequest, body: bytes, run_start: float
-) -> RequestRecord:
-    """Sends one streamed chat and times it; never raises (failures land in the record)."""
-    rec = RequestRecord(req.index, req.kind, req.media_id, req.reused)
-    sent_at = time.perf_counter()
-    rec.start_s = sent_at - run_start
-    try:
-        async with client.stream(
-            "POST", url, content=body, headers={"content-type": "application/json"}
-        ) as resp:
-            rec.status = resp.status_code
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                rec.error = f"HTTP {resp.status_code}: {text[:300]}"
-                rec.e2e_s = time.perf_counter() - sent_at
-                return rec
-            parser = StreamParser(rec, sent_at)
-            async for line in resp.aiter_lines():
-                parser.feed(line, time.perf_counter())
-            return parser.finish(time.perf_counter())
-    except httpx.HTTPError as e:
-        rec.error = f"{type(e).__name__}: {e}"
-        rec.e2e_s = time.perf_counter() - sent_at
-        return rec
+def request_body(
+    req: BenchRequest, model: str, cfg: WorkloadConfig, dialect: Dialect = OPENAI
+) -> bytes:
+    body = chat_body(req.messages, model, cfg.max_tokens, dialect, fixed_length=cfg.ignore_eos)
+    return json.dumps(body).encode()
 
 
 # -- one run: a workload at one load level ---------------------------------------------------------
@@ -373,6 +284,7 @@ async def run_level(
     seed: str,
     timeout_s: float,
     progress: tqdm,
+    expect_done: bool = True,
 ) -> tuple[list[RequestRecord], float]:
     """Sends the requests as they fall due, at most `concurrency` in flight (0: no limit).
 
@@ -380,38 +292,21 @@ async def run_level(
     """
     slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
     due = arrival_times(len(requests), rate, random.Random(seed))
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    async with http_client(timeout_s) as client:
         start = time.perf_counter()
 
         async def one(req: BenchRequest, body: bytes, at: float) -> RequestRecord:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
             if slots is None:
-                rec = await send(client, url, req, body, start)
+                rec = await send(client, url, req, body, start, expect_done)
             else:
                 async with slots:
-                    rec = await send(client, url, req, body, start)
+                    rec = await send(client, url, req, body, start, expect_done)
             progress.update(1)
             return rec
 
         records = await asyncio.gather(*(one(r, b, at) for r, b, at in zip(requests, bodies, due)))
         return list(records), time.perf_counter() - start
-
-
-def distribution(values: list[float]) -> dict:
-    """count, mean, p50, p90, p99, max (linear-interpolated percentiles); None figures if empty."""
-    if not values:
-        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
-    arr = np.asarray(values, dtype=float)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99]).tolist()
-    return {
-        "count": len(values),
-        "mean": float(arr.mean()),
-        "p50": p50,
-        "p90": p90,
-        "p99": p99,
-        "max": float(arr.max()),
-    }
 
 
 def summarize(records: list[RequestRecord], duration_s: float) -> dict:
@@ -454,102 +349,6 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
     }
 
 
-# -- servers ---------------------------------------------------------------------------------------
-@dataclass
-class Target:
-    """A server under test: a base URL, or a kind this script starts (plm-serve, hf-baseline)."""
-
-    name: str
-    url: str | None = None
-    launch: str | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(
-    kind: str, model: str, port: int, name: str, extra: list[str], device: str = "cpu"
-) -> list[str]:
-    if kind == "plm-serve":
-        return [
-            sys.executable,
-            "-m",
-            "server",
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--device",
-            device,
-            "--served-model-name",
-            name,
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-    if kind == "hf-baseline":
-        return [
-            sys.executable,
-            str(REPO / "benchmarks" / "hf_baseline_server.py"),
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--device",
-            device,
-            "--served-model-name",
-            name,
-            "--log-level",
-            "warning",
-        ]
-    raise ValueError(f"unknown server kind {kind!r}: plm-serve or hf-baseline")
-
-
-def start_server(
-    cmd: list[str], base: str, ready_paths: list[str], log_path: Path, timeout_s: float
-) -> subprocess.Popen:
-    """Starts a server (output to log_path); waits until every path in ready_paths answers 200."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout_s
-    pending = list(ready_paths)
-    while pending:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited ({proc.returncode}); last log lines:\n"
-                + log_path.read_text(errors="replace")[-2000:]
-            )
-        if time.time() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"server not ready within {timeout_s:.0f} s: {shlex.join(cmd)}")
-        try:
-            if httpx.get(base + pending[0], timeout=2).status_code == 200:
-                pending.pop(0)
-                continue
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    return proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def served_model(base: str) -> str:
-    models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
-    return models[0]["id"]
-
-
 # -- the whole benchmark ---------------------------------------------------------------------------
 def level_label(concurrency: int, rate: float | None) -> str:
     """'c=4', 'c=all rate=2/s': rate None or inf means all requests at once."""
@@ -557,57 +356,15 @@ def level_label(concurrency: int, rate: float | None) -> str:
     return f"c={c}" + ("" if rate is None or math.isinf(rate) else f" rate={rate:g}/s")
 
 
-def environment() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-
-    head = git("rev-parse", "HEAD")
-    dirty = git("diff", "--quiet", "HEAD", "--")
-    versions = {}
-    for pkg in ("torch", "transformers", "httpx"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **versions,
-        "git_commit": head.stdout.strip() if head and head.returncode == 0 else None,
-        "git_dirty": None if dirty is None else dirty.returncode != 0,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-    }
-
-
 def bench_target(
     target: Target, args, cfg: WorkloadConfig, workloads: dict, results: dict, out: Path
 ) -> None:
     """Starts the target if asked, warms it up, runs each of its load levels, stops it."""
-    proc, base = None, target.url
-    if target.launch:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        extra = shlex.split(args.plm_serve_args) if target.launch == "plm-serve" else []
-        cmd = server_command(
-            target.launch, args.model, port, args.served_model_name, extra, args.device
-        )
-        ready = ["/health", "/ready"] if target.launch == "plm-serve" else ["/health"]
-        print(f"[{target.name}] starting: {shlex.join(cmd)}", file=sys.stderr)
-        proc = start_server(
-            cmd, base, ready, out / "logs" / f"{target.name}.log", args.startup_timeout
-        )
-        results["servers"][target.name] = {"command": cmd, "kind": target.launch}
+    opened = open_target(target, args, out / "logs")
+    if opened.launched is not None:
+        results["servers"][target.name] = opened.launched.describe()
     try:
-        model = args.model_name or served_model(base)
+        base, model, dialect = opened.base, opened.model, opened.dialect
         url = f"{base}/v1/chat/completions"
 
         def measure(reqs: list[BenchRequest], concurrency: int, rate: float, salt: str, desc: str):
@@ -619,12 +376,13 @@ def bench_target(
                     run_level(
                         url,
                         reqs,
-                        [request_body(r, model, cfg) for r in reqs],
+                        [request_body(r, model, cfg, dialect) for r in reqs],
                         concurrency,
                         rate,
                         salt,
                         args.request_timeout,
                         bar,
+                        dialect.sends_done,
                     )
                 )
             finally:
@@ -677,34 +435,7 @@ def bench_target(
                 # after every run: a crash keeps what was measured
                 write_json(results, out / "results.json")
     finally:
-        if proc is not None:
-            stop_server(proc)
-
-
-def load_average() -> float | None:
-    """The machine's 1-minute load average (other work on a shared machine shows here), None if
-    unknown."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def rounded(record: dict) -> dict:
-    """A record's times to the microsecond (keeps results.json small)."""
-
-    def r(x):
-        return round(x, 6) if isinstance(x, float) else x
-
-    return {k: [r(x) for x in v] if isinstance(v, list) else r(v) for k, v in record.items()}
-
-
-def write_json(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-
-
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+        close_target(opened)
 
 
 def parse_levels(spec: str) -> list[int]:
@@ -847,8 +578,7 @@ def report_markdown(results: dict) -> str:
     lines += [f"- Note: {n}" for n in results.get("notes") or []]
     for name, server in (results.get("servers") or {}).items():
         # paths as seen from the repository root
-        cmd = shlex.join(server["command"]).replace(f"{REPO}/", "")
-        lines.append(f"- `{name}` was started as `{cmd}`")
+        lines.append(f"- `{name}` was started as `{shown_command(server)}`")
     counts = kind_counts(wl["mix"], wl["num_prompts"])
     mix = ", ".join(f"{n} {k}" for k, n in counts.items())
     lines += [
@@ -998,16 +728,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=URL",
-        help="a running server by base URL, e.g. plm-serve=http://127.0.0.1:8000 (repeatable; "
-        "default: none)",
+        help="a running server by base URL, e.g. plm-serve=http://127.0.0.1:8000; a NAME that is "
+        "a server kind (plm-serve, hf-baseline, transformers-serve) picks that server's request "
+        "dialect (repeatable; default: none)",
     )
     srv.add_argument(
         "--launch",
         action="append",
         default=[],
-        choices=["plm-serve", "hf-baseline"],
+        choices=SERVER_KINDS,
         help="start this server on --model, benchmark it, stop it; repeatable, run in the order "
-        "given, after the --target servers (default: none)",
+        "given, after the --target servers; transformers-serve is the installed transformers' "
+        "`transformers serve` CLI (default: none)",
     )
     srv.add_argument(
         "--model", default=None, help="checkpoint directory for --launch (default: none)"
@@ -1015,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--device",
         default="cpu",
-        help="device of the launched servers: cpu, or cuda (bf16 on both) (default: %(default)s)",
+        help="device of the launched servers: cpu (fp32), or cuda (bf16 on all) "
+        "(default: %(default)s)",
     )
     srv.add_argument(
         "--served-model-name",
@@ -1031,6 +764,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--plm-serve-args",
         default="",
         help="extra command-line arguments for a launched plm-serve, as one string (default: none)",
+    )
+    srv.add_argument(
+        "--transformers-serve-pythonpath",
+        default="",
+        metavar="DIRS",
+        help="directories (os.pathsep-separated) put on a launched transformers serve's "
+        "PYTHONPATH, e.g. where `pip install --target DIR accelerate psutil` put the "
+        "accelerate package it needs when the environment lacks it (default: none)",
     )
     srv.add_argument(
         "--baseline",
@@ -1076,8 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument(
         "--max-tokens",
         type=int,
-        default=64,
-        help="output tokens per request (default: %(default)s)",
+        default=None,
+        help="output tokens per request (default: 64; 32 per photo chat in the scenarios)",
     )
     wl.add_argument(
         "--no-ignore-eos",
@@ -1120,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmeasured requests (own media) sent one by one before a target's runs "
         "(default: %(default)s)",
     )
+    add_scenario_args(ap)
     load.add_argument(
         "--request-timeout",
         type=float,
@@ -1155,7 +897,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.replot:
         out = Path(args.replot)
-        write_report(json.loads((out / "results.json").read_text()), out)
+        results = json.loads((out / "results.json").read_text())
+        if "scenario" in results:
+            (out / "report.md").write_text(scenario_report(results))
+        else:
+            write_report(results, out)
         print(f"wrote {out / 'report.md'}", file=sys.stderr)
         return 0
     targets = []
@@ -1171,6 +917,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--launch needs --model CHECKPOINT_DIR")
     if len({t.name for t in targets}) != len(targets):
         ap.error("target names must be distinct")
+    argv_used = sys.argv[1:] if argv is None else argv
+    if args.scenario != "sweep":
+        return bench_scenario(args, targets, argv_used)
     try:
         mix = parse_mix(args.mix)
     except ValueError as e:
@@ -1181,18 +930,15 @@ def main(argv: list[str] | None = None) -> int:
         args.image_detail,
         args.num_frames,
         args.video_frames,
-        args.max_tokens,
+        args.max_tokens or 64,
         args.repeat_media_ratio,
         args.ignore_eos,
         args.seed,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    argv_used = sys.argv[1:] if argv is None else argv
-    python = Path(sys.executable)
-    python = python.relative_to(REPO) if python.is_relative_to(REPO) else python.name
     results = {
-        "command": shlex.join([str(python), "benchmarks/serve_bench.py", *argv_used]),
+        "command": command_line(argv_used),
         "environment": environment(),
         "workload": asdict(cfg),
         "baseline": args.baseline,

@@ -157,6 +157,8 @@ class PLMProcessor:
             with located(ref.param):
                 if raw is not None:
                     item.pixel_values = self.loader.preprocess(item, raw)
+                elif item.has_pixels:  # decoded with its settings just now
+                    pass
                 elif is_resident is not None and is_resident(item.cache_key):
                     assert self.raw_cache is not None  # only a cache hit has no raw pixels
                     self.raw_cache.note_skipped()

@@ -139,6 +139,7 @@ def test_a_miss_decodes_and_remembers(fresh):
         "misses": 1,
         "evictions": 0,
         "pixels_skipped": 0,
+        "pixels_shared": 0,
     }
 
 
@@ -311,3 +312,54 @@ def test_cache_bound_holds_under_concurrent_puts():
         t.join()
     stats = cache.stats()
     assert len(cache) == 16 and stats["hits"] + stats["misses"] == 2000
+
+
+def _count_decodes(p, monkeypatch, delay_s: float = 0.0) -> list[int]:
+    calls = [0]
+    decode = p.loader._decode
+
+    def counted(src):
+        calls[0] += 1
+        if delay_s:
+            threading.Event().wait(delay_s)  # keep the decode in flight while others arrive
+        return decode(src)
+
+    monkeypatch.setattr(p.loader, "_decode", counted)
+    return calls
+
+
+def test_requests_arriving_together_decode_new_bytes_once(fresh, monkeypatch):
+    p = fresh()
+    calls = _count_decodes(p, monkeypatch, delay_s=0.2)
+    conv = _user(_image(_png((300, 200), seed=41)))
+    outs: list = [None] * 4
+
+    def worker(i: int) -> None:
+        outs[i] = p.process(conv)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls[0] == 1
+    first = outs[0].media[0].pixels()
+    assert all(o.media[0].pixels() is first for o in outs)  # one tensor, shared read-only
+    stats = p.raw_cache.stats()
+    assert (stats["misses"], stats["hits"], stats["pixels_shared"]) == (1, 3, 3)
+
+
+def test_pixels_are_shared_while_a_request_holds_them(fresh, monkeypatch):
+    import gc
+
+    p = fresh()
+    calls = _count_decodes(p, monkeypatch)
+    conv = _user(_image(_png((300, 200), seed=42)))
+    first = p.process(conv)
+    again = p.process(conv)  # the engine does not hold it (no is_resident), the first request does
+    assert calls[0] == 1 and again.media[0].pixels() is first.media[0].pixels()
+    del first, again
+    gc.collect()
+    later = p.process(conv)  # nobody holds the pixels any more: made again, equal
+    assert calls[0] == 2 and later.media[0].has_pixels
+    assert p.raw_cache.stats()["pixels_shared"] == 1

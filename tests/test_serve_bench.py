@@ -1,9 +1,10 @@
-"""The serving benchmark (benchmarks/serve_bench.py) and its HF baseline server
-(benchmarks/hf_baseline_server.py).
+"""The serving benchmark (benchmarks/serve_bench.py and its serve_* modules) and its HF baseline
+server (benchmarks/hf_baseline_server.py).
 
-Fast tests of the statistics, SSE timing, workload and report on synthetic data; then the real
-thing on the tiny checkpoint: plm-serve and the baseline on one workload, and the baseline's greedy
-stream against plm-serve's.
+Fast tests of the statistics, SSE timing, workload, request dialects, photos, scenario figures and
+report on synthetic data; then the real thing on the tiny checkpoint: plm-serve and the baseline on
+one workload, the baseline's greedy stream against plm-serve's, the three named scenarios, and the
+real `transformers serve` launched beside plm-serve (skipped where it cannot start).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import base64
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import av
 import httpx
@@ -25,6 +28,9 @@ from support import REPO, checkpoint_path
 sys.path.insert(0, str(REPO / "benchmarks"))
 import hf_baseline_server as hfb  # noqa: E402
 import serve_bench as sb  # noqa: E402
+import serve_launchers as sl  # noqa: E402
+import serve_photos as sp  # noqa: E402
+import serve_scenarios as ss  # noqa: E402
 
 
 def record(
@@ -481,3 +487,243 @@ def test_baseline_greedy_stream_matches_plm_serve(servers):
     ).json()
     assert non_stream["choices"][0]["message"]["content"] == hf
     assert non_stream["choices"][0]["finish_reason"] == "length"
+
+
+# -- request dialects, photos and scenario figures (no server) -------------------------------------
+def test_chat_body_in_each_dialect():
+    messages = [{"role": "user", "content": "hi"}]
+    ours = sl.chat_body(messages, "m", 7, sl.dialect_for("plm-serve"))
+    assert ours["ignore_eos"] is True and ours["stream_options"] == {"include_usage": True}
+    assert (ours["max_tokens"], ours["temperature"], ours["stream"]) == (7, 0, True)
+    hf = sl.chat_body(messages, "m", 7, sl.dialect_for("transformers-serve"))
+    # transformers serve answers 422 to fields it does not know (ignore_eos, min_tokens)
+    assert "ignore_eos" not in hf and "stream_options" not in hf and "min_tokens" not in hf
+    assert json.loads(hf["generation_config"]) == {"min_new_tokens": 7, "max_new_tokens": 7}
+    assert "generation_config" not in sl.chat_body(
+        messages, "m", 7, sl.DIALECTS["transformers-serve"], fixed_length=False
+    )
+    assert sl.dialect_for("my-server") == sl.OPENAI
+
+
+def test_stream_parser_without_done():
+    usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    lines = [(1.2, chunk("a")), (1.3, chunk("b")), (1.3, chunk(finish="length", usage=usage))]
+    parser = sb.StreamParser(sb.RequestRecord(0, "text", start_s=2.0), 1.0, expect_done=False)
+    for t, line in lines:
+        parser.feed(line, t)
+    rec = parser.finish(1.4)
+    assert rec.ok and rec.output_tokens == 2 and rec.chunk_at_s == pytest.approx([2.2, 2.3])
+    cut = sb.StreamParser(sb.RequestRecord(0, "text"), 1.0, expect_done=False)
+    cut.feed(chunk("a"), 1.1)
+    cut.feed(chunk(usage=usage), 1.2)
+    assert "finish_reason" in cut.finish(1.3).error
+
+
+def test_transformers_serve_command_and_environment(tmp_path):
+    cmd = sl.server_command("transformers-serve", "/ckpt", 1234, "ignored", [], "cpu")
+    assert cmd[1:] == [
+        "serve",
+        "/ckpt",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1234",
+    ]
+    assert Path(cmd[0]).name == "transformers"
+    assert sl.server_command("transformers-serve", "/c", 1, "x", [], "cuda")[6] == "bfloat16"
+    env = sl.transformers_serve_env(tmp_path / "home", ["/extra"])
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PYTHONPATH"] == "/extra"
+    assert Path(env["HF_HUB_CACHE"]).is_dir()  # it lists this folder and fails if it is missing
+
+
+def test_photos_are_deterministic_jpegs_with_plm_tile_counts():
+    from plm_core.media.tiling import num_image_tiles
+
+    budget = sp.TileBudget(tile_size=56, max_num_tiles=36, tokens_per_tile=4)
+    book, again = sp.PhotoBook(budget, seed=3), sp.PhotoBook(budget, seed=3)
+    photos = [book.get("burst", i) for i in range(4)]
+    assert [p.url for p in photos] == [again.get("burst", i).url for i in range(4)]
+    assert len({p.url for p in photos} | {book.get("repeat", 0).url}) == 5
+    for p in photos:
+        header, data = decode_data_url(p.url)
+        assert header == "data:image/jpeg;base64" and len(data) == p.jpeg_bytes
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "JPEG" and img.size == (p.width, p.height)
+        tiles = num_image_tiles(p.width, p.height, tile_size=56, max_num_tiles=36)
+        assert p.tiles == tiles == 1 + p.grid[0] * p.grid[1] and p.image_tokens == 4 * tiles
+    # the fewest tiles PLM's tiling gives at photo aspect ratios under a budget of 36
+    assert [p.tiles for p in photos] == [13, 16, 11, 13]
+    assert [d["id"] for d in book.made()] == [
+        "burst-0",
+        "burst-1",
+        "burst-2",
+        "burst-3",
+        "repeat-0",
+    ]
+
+
+def test_window_figures_take_the_gaps_overlapping_the_prefill_window():
+    text = sb.RequestRecord(0, "text", ok=True, chunk_at_s=[1.0, 1.1, 1.2, 1.9, 2.0, 2.1])
+    late = sb.RequestRecord(1, "text", ok=True, chunk_at_s=[2.5, 2.6])  # queued behind the rest
+    photo = sb.RequestRecord(2, "image", "interfere-0", ok=True, start_s=1.15, ttft_s=0.8)
+    alone = sb.RequestRecord(3, "image", "alone-0", ok=True, ttft_s=0.4)
+    rep = ss.window_figures([text, late], photo, alone)
+    # the window is 1.15 .. 1.95: the gaps 1.1-1.2, 1.2-1.9 and 1.9-2.0 overlap it
+    assert rep["itl_window_s"] == pytest.approx([0.1, 0.7, 0.1])
+    assert rep["itl_before_s"] == pytest.approx([0.1])
+    assert rep["streams_decoding_in_window"] == 1 and rep["window_s"] == pytest.approx(0.8)
+    summary = ss.interference_summary([rep])
+    assert summary["ttft_over_alone"] == pytest.approx(2.0)
+    assert summary["itl_window_s"]["count"] == 3 and summary["failed"] == 0
+
+
+# -- the scenarios end to end on the tiny checkpoint -----------------------------------------------
+SCENARIO_SIZES = [
+    "--max-tokens",
+    "3",
+    "--burst-photos",
+    "2",
+    "--burst-questions",
+    "2",
+    "--repeat-photos",
+    "2",
+    "--repeat-warm",
+    "1",
+    "--text-streams",
+    "2",
+    "--text-tokens",
+    "24",
+    "--steady-tokens",
+    "3",
+    "--warmup",
+    "1",
+    "--no-progress",
+]
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def check_scenario(out: Path, scenario: str, targets: list[str]) -> dict:
+    """results.json and report.md are well formed; every figure is there and positive."""
+    results = json.loads((out / "results.json").read_text())
+    assert results["scenario"] == scenario and list(results["results"]) == targets
+    assert results["checkpoint"]["tile_size"] == 56 and results["photos"]
+    report = (out / "report.md").read_text()
+    assert f"# Serving scenario `{scenario}`" in report and "## Failed requests\n\nNone." in report
+    assert "| " + " | ".join(targets) in report
+    if len(targets) > 1:
+        assert f"| {targets[0]} / {targets[-1]} |" in report
+    for name in targets:
+        s = results["results"][name]["summary"]
+        assert s["failed"] == 0 and s["completed"] == s["requests"] > 0, s["errors"]
+        assert results["results"][name]["records"]
+        if scenario == "burst":
+            figures = [s["output_throughput"], s["ttft_s"]["p50"], s["ttft_s"]["p99"]]
+            figures += [s["itl_s"]["p50"], s["itl_s"]["p99"]]
+        elif scenario == "repeat":
+            figures = [s["cold_ttft_s"]["p50"], s["warm_ttft_s"]["p50"], s["cold_over_warm"]]
+        else:
+            figures = [s["itl_window_s"]["p50"], s["itl_window_s"]["p99"]]
+            figures += [s["photo_ttft_s"]["p50"], s["alone_ttft_s"]["p50"], s["ttft_over_alone"]]
+        assert all(positive(x) for x in figures), figures
+    return results
+
+
+@pytest.mark.parametrize("scenario", ss.SCENARIOS)
+def test_scenarios_run_end_to_end(servers, tmp_path, scenario):
+    plm, _ = servers
+    tiny = str(checkpoint_path("tiny"))
+    argv = ["--scenario", scenario, "--target", f"plm-serve={plm}", "--target", f"again={plm}"]
+    assert sb.main([*argv, "--model", tiny, *SCENARIO_SIZES, "--out", str(tmp_path)]) == 0
+    results = check_scenario(tmp_path, scenario, ["plm-serve", "again"])
+    s = results["results"]["plm-serve"]["summary"]
+    if scenario == "burst":
+        assert s["requests"] == 4 and s["output_tokens_min"] == s["output_tokens_max"] == 3
+    elif scenario == "repeat":
+        assert [p["photo"] for p in s["per_photo"]] == ["repeat-0", "repeat-1"]
+        assert all(len(p["warm_ttft_s"]) == 1 for p in s["per_photo"])
+    else:
+        assert s["text_output_tokens_min"] == 24 and s["itl_window_s"]["count"] > 0
+    # the report again from results.json
+    (tmp_path / "report.md").unlink()
+    assert sb.main(["--replot", str(tmp_path)]) == 0 and (tmp_path / "report.md").exists()
+
+
+def transformers_serve_pythonpath() -> list[str]:
+    """Extra import directories for transformers serve (where accelerate was installed with pip
+    --target when the environment lacks it), from TRANSFORMERS_SERVE_PYTHONPATH."""
+    return [p for p in os.environ.get("TRANSFORMERS_SERVE_PYTHONPATH", "").split(os.pathsep) if p]
+
+
+def check_fixed_length(tiny: str, log: Path) -> None:
+    """transformers serve takes min_new_tokens in its generation_config field: a greedy chat
+    pushed towards end-of-sequence stops at once without it, and runs to max_tokens with it."""
+    launched = sl.launch(
+        "transformers-serve",
+        tiny,
+        device="cpu",
+        served_name="unused",
+        extra=[],
+        log_path=log,
+        timeout_s=120,
+        pythonpath=transformers_serve_pythonpath(),
+    )
+    try:
+        dialect, messages = sl.DIALECTS["transformers-serve"], [{"role": "user", "content": "Hi"}]
+        eos = json.loads(Path(tiny, "generation_config.json").read_text())["eos_token_id"]
+        usage = []
+        for fixed in (False, True):
+            body = sl.chat_body(messages, launched.model, 6, dialect, fixed_length=fixed)
+            body.update(stream=False, logit_bias={str(eos[-1]): 100.0})
+            resp = httpx.post(f"{launched.base}/v1/chat/completions", json=body, timeout=60)
+            usage.append(resp.json()["usage"]["completion_tokens"])
+        assert usage == [1, 6]
+        refused = sl.chat_body(messages, launched.model, 6, sl.OPENAI)  # ignore_eos
+        resp = httpx.post(f"{launched.base}/v1/chat/completions", json=refused, timeout=60)
+        assert resp.status_code == 422 and "ignore_eos" in resp.text
+    finally:
+        sl.stop(launched)
+
+
+def test_transformers_serve_launches_and_serves_photos(tmp_path):
+    problem = sl.transformers_serve_problem(transformers_serve_pythonpath())
+    if problem:
+        pytest.skip(f"{problem}; TRANSFORMERS_SERVE_PYTHONPATH=DIR points the test at one")
+    tiny = str(checkpoint_path("tiny"))
+    check_fixed_length(tiny, tmp_path / "probe.log")
+    rc = sb.main(
+        [
+            "--scenario",
+            "burst",
+            "--launch",
+            "plm-serve",
+            "--launch",
+            "transformers-serve",
+            "--model",
+            tiny,
+            "--transformers-serve-pythonpath",
+            os.pathsep.join(transformers_serve_pythonpath()),
+            "--startup-timeout",
+            "120",
+            *SCENARIO_SIZES,
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    results = check_scenario(tmp_path, "burst", ["plm-serve", "transformers-serve"])
+    ours, hf = (results["results"][n] for n in ("plm-serve", "transformers-serve"))
+    # it read the photos (data: URLs) and tiled them as PLM does: the same prompt lengths
+    assert [r["prompt_tokens"] for r in hf["records"]] == [
+        r["prompt_tokens"] for r in ours["records"]
+    ]
+    assert hf["summary"]["output_tokens_min"] == 3  # min_new_tokens via generation_config
+    server = results["targets"]["transformers-serve"]
+    assert server["model"] == tiny and server["server"]["env"]["HF_HUB_OFFLINE"] == "1"
+    assert "transformers serve" in (tmp_path / "report.md").read_text()

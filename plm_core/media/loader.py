@@ -75,7 +75,12 @@ class BytesPixels:
     source: MediaBytes
 
     def __call__(self) -> torch.Tensor:
-        return self.loader.pixels_of(self.source)
+        cache = self.loader.cache
+        if cache is None:
+            return self.loader.pixels_of(self.source)
+        return cache.shared_pixels(
+            self.source.cache_key, lambda: self.loader.pixels_of(self.source)
+        )
 
 
 class MediaLoader:
@@ -144,12 +149,35 @@ class MediaLoader:
 
     # -- bytes: cached facts, or a decode ---------------------------------------------------------
     def _load_bytes(self, src: MediaBytes) -> tuple[MediaItem, torch.Tensor | None]:
-        facts = self.cache.get(src.cache_key) if self.cache is not None else None
-        if facts is not None:
-            item = self._item(src.kind, src.content_hash, src.settings, facts.num_tiles)
-            item.meta = facts.fresh_meta()
-            item.pixel_source = BytesPixels(self, src)
-            return item, None
+        if self.cache is None:
+            return self._decode_item(src)
+        facts = self.cache.get(src.cache_key, count=False)
+        if facts is None:
+            # requests arriving together with new bytes: one decodes, the others then hit
+            with self.cache.loading(src.cache_key) as first:
+                if first:
+                    self.cache.count(hit=False)
+                    return self._decode_shared(src)
+            facts = self.cache.get(src.cache_key, count=False)
+            if facts is None:  # the first one failed (and reported why), or it was evicted
+                self.cache.count(hit=False)
+                return self._decode_item(src)
+        self.cache.count(hit=True)
+        item = self._item(src.kind, src.content_hash, src.settings, facts.num_tiles)
+        item.meta = facts.fresh_meta()
+        item.pixel_source = BytesPixels(self, src)
+        return item, None
+
+    def _decode_shared(self, src: MediaBytes) -> tuple[MediaItem, None]:
+        """A miss with a cache: decoded and preprocessed at once, and the pixels offered to the
+        requests waiting for the same bytes (they get them without decoding)."""
+        assert self.cache is not None
+        item, raw = self._decode_item(src)
+        item.pixel_values = self.cache.share(src.cache_key, self.preprocess(item, raw))
+        return item, None
+
+    def _decode_item(self, src: MediaBytes) -> tuple[MediaItem, torch.Tensor]:
+        """A miss: the item from decoded bytes (its facts then cached) and its raw pixels."""
         raw, meta = self._decode(src)
         num_tiles = len(raw) if src.kind == "video" else self._image_tiles(raw, src.settings)
         item = self._item(src.kind, src.content_hash, src.settings, num_tiles)

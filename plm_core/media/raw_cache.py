@@ -1,12 +1,18 @@
-"""What the processor learned from media bytes it decoded before, so repeats skip decoding."""
+"""What the processor learned from media bytes it decoded before, so repeats skip decoding; and
+the pixels requests in flight hold, so that requests arriving together decode an item once."""
 
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 DEFAULT_RAW_CACHE_ENTRIES = 4096
 
@@ -43,6 +49,10 @@ class RawMediaCache:
         self.misses = 0
         self.evictions = 0
         self.pixels_skipped = 0  # hits whose pixels the processor did not make (engine had them)
+        self.pixels_shared = 0  # pixels taken from another request in flight, not made again
+        # pixels of items some request holds now: alive as long as one does
+        self._live: dict[str, weakref.ref[torch.Tensor]] = {}
+        self._loading: dict[str, threading.Event] = {}  # keys a thread is decoding right now
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -50,16 +60,23 @@ class RawMediaCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def get(self, key: str) -> MediaFacts | None:
-        """The facts for `key` (now most recently used), or None; counts a hit or a miss."""
+    def get(self, key: str, *, count: bool = True) -> MediaFacts | None:
+        """The facts for `key` (now most recently used), or None; counts a hit or a miss unless
+        `count` is False."""
         with self._lock:
             facts = self._entries.get(key)
-            if facts is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            if facts is not None:
+                self._entries.move_to_end(key)
+            if count:
+                self.hits += facts is not None
+                self.misses += facts is None
             return facts
+
+    def count(self, *, hit: bool) -> None:
+        """Counts a lookup made with count=False (decided after waiting for a concurrent decode)."""
+        with self._lock:
+            self.hits += hit
+            self.misses += not hit
 
     def put(self, key: str, facts: MediaFacts) -> None:
         """Remembers `facts` for `key`, evicting the least recently used entries over the bound."""
@@ -70,6 +87,53 @@ class RawMediaCache:
                 self._entries.popitem(last=False)
                 self.evictions += 1
 
+    @contextmanager
+    def loading(self, key: str) -> Iterator[bool]:
+        """Single flight for decoding `key`: yields True to the one thread that should decode it
+        (others calling meanwhile wait until it is done, then get False and look again)."""
+        with self._lock:
+            event = self._loading.get(key)
+            first = event is None
+            if first:
+                event = self._loading[key] = threading.Event()
+        assert event is not None
+        if not first:
+            event.wait()
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._lock:
+                del self._loading[key]
+            event.set()
+
+    def share(self, key: str, pixels: torch.Tensor) -> torch.Tensor:
+        """Offers `pixels` of `key` to later requests while some request holds them."""
+        with self._lock:
+            self._live[key] = weakref.ref(pixels, functools.partial(self._forget, key))
+        return pixels
+
+    def shared_pixels(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The pixels of `key` another request holds, else `make()`'s (made once at a time: a
+        concurrent caller for the same key waits and takes them)."""
+        for _ in range(2):  # the second look follows another thread's decode
+            with self._lock:
+                ref = self._live.get(key)
+                pixels = ref() if ref is not None else None
+                if pixels is not None:
+                    self.pixels_shared += 1
+                    return pixels
+            with self.loading(key) as first:
+                if first:
+                    return self.share(key, make())
+        return self.share(key, make())
+
+    def _forget(self, key: str, ref: weakref.ref[torch.Tensor]) -> None:
+        with self._lock:
+            if self._live.get(key) is ref:
+                del self._live[key]
+
     def note_skipped(self) -> None:
         """Counts a hit whose pixels were skipped."""
         with self._lock:
@@ -78,6 +142,7 @@ class RawMediaCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._live.clear()
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and logs."""
@@ -89,4 +154,5 @@ class RawMediaCache:
                 "misses": self.misses,
                 "evictions": self.evictions,
                 "pixels_skipped": self.pixels_skipped,
+                "pixels_shared": self.pixels_shared,
             }
