@@ -129,8 +129,7 @@ async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRe
         raise APIError(400, str(e), param=constraint_field) from None
     try:
         messages = await state.fetcher.fetch_request_media(req.messages)
-        prompt = await asyncio.to_thread(
-            engine.process,
+        prompt = await engine.preprocess(
             messages,
             media,
             add_generation_prompt=req.add_generation_prompt,

@@ -111,3 +111,20 @@ def test_priority_is_honoured_with_the_priority_policy(tiny_checkpoint):
         assert r.status_code == 200, r.text
     finally:
         engine.shutdown()
+
+
+def test_preprocessing_threads_run_torch_on_one_core(engine, monkeypatch):
+    """Requests preprocess on their own threads, each single-threaded in torch, so that they do
+    not oversubscribe the cores the engine thread computes on."""
+    import torch
+
+    seen = []
+    process = engine.runtime.processor.process
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return process(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runtime.processor, "process", recording)
+    assert _post(engine, BODY).status_code == 200
+    assert seen == [1]
