@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from plm_core.engine.core import EngineStats, RequestDelta
 from plm_core.errors import InputError
 from plm_core.inputs import ProcessedPrompt
@@ -63,13 +61,6 @@ _Command = _Add | _Abort | _Stop
 _Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[RequestDelta | BaseException]"]
 
 
-def _media_worker() -> None:
-    """Preprocessing threads run torch on one core each: several requests preprocess at once, one
-    per thread, and an OpenMP team in each would oversubscribe the cores the engine thread uses
-    (measured: a 10x swing in TTFT on 2 cores under load)."""
-    torch.set_num_threads(1)
-
-
 class AsyncEngine:
     """Runs a runtime's `EngineCore` in a background thread and streams outputs to asyncio tasks."""
 
@@ -85,7 +76,6 @@ class AsyncEngine:
         self._media_pool = ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4),
             thread_name_prefix="plm-media",
-            initializer=_media_worker,
         )
         self._thread = threading.Thread(target=self._loop, name="plm-engine", daemon=True)
         self._thread.start()
