@@ -569,11 +569,7 @@ def report_markdown(results: dict) -> str:
         results["command"],
         "```",
         "",
-        f"- Date: {env.get('date')}; git commit `{env.get('git_commit')}`"
-        + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-        f"- Machine: {env.get('cpus_usable')} usable CPUs ({env.get('cpu_count')} in all), "
-        f"{env.get('platform')}; Python {env.get('python')}, torch {env.get('torch')}, "
-        f"transformers {env.get('transformers')}",
+        *environment_lines(env),
     ]
     lines += [f"- Note: {n}" for n in results.get("notes") or []]
     for name, server in (results.get("servers") or {}).items():

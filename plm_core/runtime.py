@@ -91,12 +91,7 @@ def load_runtime(config: EngineConfig) -> Runtime:
     max_model_len = min(
         config.max_model_len or model_config.max_model_len, model_config.max_model_len
     )
-    tokenizer = PLMTokenizer(
-        path,
-        model_config.chat_template,
-        bos_token_id=model_config.bos_token_id,
-        eos_token_ids=model_config.eos_token_ids,
-    )
+    tokenizer = PLMTokenizer.for_model(model_config)
     processor = PLMProcessor(
         model_config,
         tokenizer,

@@ -20,7 +20,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from plm_core.model_config import ConfigError
+from plm_core.model_config import ConfigError, ModelConfig
 
 
 class InvalidTextError(ValueError):
@@ -67,6 +67,16 @@ def _tojson(
 
 class PLMTokenizer:
     """Wraps the checkpoint's `tokenizer.json` and chat template."""
+
+    @classmethod
+    def for_model(cls, model_config: ModelConfig) -> PLMTokenizer:
+        """The tokenizer of a checkpoint, with its chat template and special token ids."""
+        return cls(
+            model_config.path,
+            model_config.chat_template,
+            bos_token_id=model_config.bos_token_id,
+            eos_token_ids=model_config.eos_token_ids,
+        )
 
     def __init__(
         self,

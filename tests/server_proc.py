@@ -40,27 +40,19 @@ def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
     return proc
 
 
+def server_command(port: int, *extra: str, model_name: str = "plm-test") -> list[str]:
+    """`python -m server` on the tiny checkpoint, CPU, quiet, on `port`, plus `extra` options."""
+    model = str(checkpoint_path("tiny"))
+    quiet = ["--device", "cpu", "--served-model-name", model_name, "--log-level", "warning"]
+    return [sys.executable, "-m", "server", "--model", model, "--port", str(port), *quiet, *extra]
+
+
 def start_server(
     *extra: str, model_name: str = "plm-test", timeout_s: float = 120
 ) -> tuple[subprocess.Popen, str]:
     """(process, base URL) of a server on the tiny checkpoint, once /ready answers 200."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--model",
-        str(checkpoint_path("tiny")),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--served-model-name",
-        model_name,
-        "--log-level",
-        "warning",
-        *extra,
-    ]
+    cmd = server_command(port, *extra, model_name=model_name)
     proc = spawn(cmd)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s

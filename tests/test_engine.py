@@ -91,6 +91,25 @@ def _conversations(media_dir):
     ]
 
 
+def _tight_llm(path, **options):
+    """An engine whose limits make batching hard: a 64-token step budget chunks every image
+    prompt, 5 encoder tiles per step spread each image over several steps, and a small KV cache
+    forces preemptions."""
+    from plm_core import LLM
+
+    return LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_num_batched_tokens=64,
+        max_model_len=560,
+        kv_cache_memory_gb=36 * 16 * 512 / 2**30,
+        max_num_seqs=8,
+        max_encoder_tiles_per_step=5,
+        **options,
+    )
+
+
 def _greedy(max_tokens=MAX_TOKENS):
     from plm_core import SamplingParams
 
@@ -122,22 +141,9 @@ def _run_staggered(llm, prompts, arrivals, abort_at=None):
 
 
 def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
-    from plm_core import LLM
-
     convs = _conversations(media_dir)
     expected = _alone(solo, convs)
-    # a 64-token budget chunks every image prompt; 5 encoder tiles per step spreads each image over
-    # several steps; a small KV cache forces preemptions
-    llm = LLM(
-        path,
-        device="cpu",
-        dtype="float32",
-        max_num_batched_tokens=64,
-        max_model_len=560,
-        kv_cache_memory_gb=36 * 16 * 512 / 2**30,
-        max_num_seqs=8,
-        max_encoder_tiles_per_step=5,
-    )
+    llm = _tight_llm(path)
     prompts = [llm.process(c) for c in convs]
     got = _run_staggered(llm, prompts, arrivals=[0, 0, 3, 5, 9, 12])
     for i, exp in enumerate(expected):
@@ -163,21 +169,9 @@ def test_staggered_batch_equals_alone_and_hf(path, solo, media_dir):
 def test_padded_decode_graph_path_keeps_tokens(path, solo, media_dir):
     """The CUDA-graph decode path (run eagerly on CPU: same buckets, static buffers, padded rows and
     scratch slot, only no capture) gives the same tokens under batching, preemption and caching."""
-    from plm_core import LLM
-
     convs = _conversations(media_dir)
     expected = _alone(solo, convs)
-    llm = LLM(
-        path,
-        device="cpu",
-        dtype="float32",
-        max_num_batched_tokens=64,
-        max_model_len=560,
-        kv_cache_memory_gb=36 * 16 * 512 / 2**30,
-        max_num_seqs=8,
-        max_encoder_tiles_per_step=5,
-        cuda_graphs=True,
-    )
+    llm = _tight_llm(path, cuda_graphs=True)
     graphs = llm.engine.runner.graphs
     assert (
         graphs is not None

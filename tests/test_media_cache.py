@@ -26,12 +26,7 @@ LOCAL = MediaConfig(allowed_local_media_path="/")
 
 def _processor(checkpoint, media: MediaConfig = LOCAL, **kw) -> PLMProcessor:
     cfg = load_model_config(checkpoint)
-    tok = PLMTokenizer(
-        checkpoint,
-        cfg.chat_template,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_ids=cfg.eos_token_ids,
-    )
+    tok = PLMTokenizer.for_model(cfg)
     return PLMProcessor(cfg, tok, media, **kw)
 
 

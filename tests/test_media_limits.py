@@ -23,12 +23,7 @@ NAN, INF = float("nan"), float("inf")
 
 def _make(checkpoint, **media) -> PLMProcessor:
     cfg = load_model_config(checkpoint)
-    tok = PLMTokenizer(
-        checkpoint,
-        cfg.chat_template,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_ids=cfg.eos_token_ids,
-    )
+    tok = PLMTokenizer.for_model(cfg)
     return PLMProcessor(cfg, tok, MediaConfig(**media))
 
 

@@ -19,12 +19,7 @@ from plm_core.tokenizer import PLMTokenizer
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     cfg = load_model_config(tiny_checkpoint)
-    tok = PLMTokenizer(
-        tiny_checkpoint,
-        cfg.chat_template,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_ids=cfg.eos_token_ids,
-    )
+    tok = PLMTokenizer.for_model(cfg)
     return PLMProcessor(cfg, tok)
 
 
@@ -126,9 +121,7 @@ def test_images_before_videos_within_a_message(processor, tmp_path):
 
 def test_file_url_and_allowed_root(tiny_checkpoint, tmp_path):
     cfg = load_model_config(tiny_checkpoint)
-    tok = PLMTokenizer(
-        tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009)
-    )
+    tok = PLMTokenizer.for_model(cfg)
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "a.png").write_bytes(_png_bytes())
@@ -208,9 +201,7 @@ def test_frame_requests_are_clamped_to_the_ceiling(tiny_checkpoint, tmp_path):
     from media_sets import write_synthetic_video
 
     cfg = load_model_config(tiny_checkpoint)
-    tok = PLMTokenizer(
-        tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009)
-    )
+    tok = PLMTokenizer.for_model(cfg)
     proc = PLMProcessor(cfg, tok, MediaConfig(max_num_frames=6))
     # 3 s
     video = write_synthetic_video(tmp_path / "v.mp4", frames=30, size=(32, 32), fps=10).read_bytes()
@@ -232,9 +223,7 @@ def test_frame_requests_are_clamped_to_the_ceiling(tiny_checkpoint, tmp_path):
 
 def test_detail_high_uses_the_models_budget_and_auto_the_servers(tiny_checkpoint):
     cfg = load_model_config(tiny_checkpoint)
-    tok = PLMTokenizer(
-        tiny_checkpoint, cfg.chat_template, bos_token_id=128000, eos_token_ids=(128001, 128009)
-    )
+    tok = PLMTokenizer.for_model(cfg)
     # an operator's small default (--max-num-tiles 2)
     proc = PLMProcessor(cfg, tok, MediaConfig(max_num_tiles=2))
     url = _data_url(_png_bytes((400, 300)))

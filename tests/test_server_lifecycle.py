@@ -95,32 +95,11 @@ def test_engine_failure_mid_stream_sends_an_error_event_then_done():
 
 
 def test_listens_while_loading_then_ready():
-    import sys
-
-    from server_proc import free_port, spawn
-    from support import checkpoint_path
+    from server_proc import free_port, server_command, spawn
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = spawn(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--model",
-            str(checkpoint_path("tiny")),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--served-model-name",
-            "plm-test",
-            "--log-level",
-            "warning",
-            "--debug-load-delay",
-            "6",
-        ]
-    )
+    proc = spawn(server_command(port, "--debug-load-delay", "6"))
     try:
         deadline = time.time() + 60
         while time.time() < deadline:

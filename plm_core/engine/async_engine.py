@@ -101,22 +101,6 @@ class AsyncEngine:
         """The engine's counters and gauges as of its last step (a copy)."""
         return self._core.snapshot_stats()
 
-    def process(
-        self,
-        messages: list[dict[str, Any]],
-        options: MediaOptions | None = None,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-    ) -> ProcessedPrompt:
-        """Preprocesses one conversation. Blocking (decodes media): call it from a worker thread."""
-        return self.runtime.process(
-            messages,
-            options,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-        )
-
     async def preprocess(
         self,
         messages: list[dict[str, Any]],
@@ -125,9 +109,10 @@ class AsyncEngine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> ProcessedPrompt:
-        """`process` in the engine's pool of preprocessing threads (the event loop goes on)."""
+        """`Runtime.process` (decodes and preprocesses media) in the engine's pool of
+        preprocessing threads, so the event loop goes on meanwhile."""
         call = functools.partial(
-            self.process,
+            self.runtime.process,
             messages,
             options,
             add_generation_prompt=add_generation_prompt,

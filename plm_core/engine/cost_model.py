@@ -26,13 +26,19 @@ class StepCosts:
 
 
 class StepCostModel:
-    """Online estimates of a step's cost from (tokens, tiles, seconds) observations."""
+    """Online estimates of a step's cost from (tokens, tiles, seconds) observations. Each step
+    updates running sums, so an estimate costs the same whatever the window."""
 
     def __init__(self, tokens_per_tile: int, *, window: int = 256, min_steps: int = 8):
         self.tokens_per_tile = tokens_per_tile
+        self.window = window
         self.min_steps = min_steps
-        self._lm: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
-        self._tiles: deque[tuple[int, int, float]] = deque(maxlen=window)  # (tokens, tiles, s)
+        self._lm: deque[tuple[int, float]] = deque()  # (tokens, seconds) of steps without tiles
+        self._tiles: deque[tuple[int, int, float]] = deque()  # (tokens, tiles, seconds)
+        # over _lm: sums of x (tokens), y (seconds), x*x and x*y
+        self._sx = self._sy = self._sxx = self._sxy = 0.0
+        # over _tiles: sums of tokens, tiles and seconds
+        self._tn = self._tt = self._ts = 0.0
 
     def observe(self, tokens: int, tiles: int, seconds: float) -> None:
         """Records one step: LM tokens computed, encoder tiles run, its duration."""
@@ -40,8 +46,25 @@ class StepCostModel:
             return
         if tiles:
             self._tiles.append((tokens, tiles, seconds))
+            self._add_tiles(tokens, tiles, seconds, 1)
+            if len(self._tiles) > self.window:
+                self._add_tiles(*self._tiles.popleft(), -1)
         else:
             self._lm.append((tokens, seconds))
+            self._add_lm(tokens, seconds, 1)
+            if len(self._lm) > self.window:
+                self._add_lm(*self._lm.popleft(), -1)
+
+    def _add_lm(self, x: float, y: float, sign: int) -> None:
+        self._sx += sign * x
+        self._sy += sign * y
+        self._sxx += sign * x * x
+        self._sxy += sign * x * y
+
+    def _add_tiles(self, tokens: float, tiles: float, seconds: float, sign: int) -> None:
+        self._tn += sign * tokens
+        self._tt += sign * tiles
+        self._ts += sign * seconds
 
     @property
     def ready(self) -> bool:
@@ -55,8 +78,8 @@ class StepCostModel:
         base, per_token = self._fit_line()
         per_tile = per_token * self.tokens_per_tile
         if self._tiles:
-            unexplained = sum(s - base - per_token * n for n, _, s in self._tiles)
-            per_tile = max(unexplained / sum(t for _, t, _ in self._tiles), 0.0)
+            unexplained = self._ts - base * len(self._tiles) - per_token * self._tn
+            per_tile = max(unexplained / self._tt, 0.0)
         return StepCosts(base, per_token, per_tile)
 
     def _fit_line(self) -> tuple[float, float]:
@@ -64,15 +87,15 @@ class StepCostModel:
         separate the two, all the time is put on the tokens (the cautious choice: it makes tokens
         look dear, so budgets stay small)."""
         n = len(self._lm)
-        mean_x = sum(x for x, _ in self._lm) / n
-        mean_y = sum(y for _, y in self._lm) / n
-        var_x = sum((x - mean_x) ** 2 for x, _ in self._lm)
-        if var_x < 1e-9 * max(mean_x, 1.0) ** 2 or var_x == 0:
-            return 0.0, mean_y / max(mean_x, 1.0)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in self._lm) / var_x
+        mean_x, mean_y = self._sx / n, self._sy / n
+        var_x = self._sxx - n * mean_x * mean_x
+        cautious = 0.0, mean_y / max(mean_x, 1.0)
+        if var_x <= 1e-9 * max(mean_x, 1.0) ** 2 * n:
+            return cautious
+        slope = (self._sxy - n * mean_x * mean_y) / var_x
         if slope <= 0:  # noise swamps the tokens' share: same cautious choice
-            return 0.0, mean_y / max(mean_x, 1.0)
+            return cautious
         base = mean_y - slope * mean_x
         if base < 0:  # a line through the origin, then
-            return 0.0, sum(x * y for x, y in self._lm) / sum(x * x for x, _ in self._lm)
+            return 0.0, self._sxy / self._sxx
         return base, slope
