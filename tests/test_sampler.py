@@ -212,6 +212,56 @@ def test_top_k_then_top_p():
     assert got == {0, 1}
 
 
+TRUNCATIONS = [
+    dict(top_p=0.9),  # settles among the first 256 candidates
+    dict(top_k=50, top_p=0.95),
+    dict(top_k=300),  # more than 256: settles among 4096
+    dict(top_k=3000, top_p=0.9),
+    dict(top_k=4500),  # more than 4096: a full sort
+    dict(top_p=0.999, temperature=5.0),  # flat: the kept set reaches past 4096, a full sort
+    dict(min_p=0.05, top_p=0.8),
+]
+
+
+@pytest.mark.parametrize("kw", TRUNCATIONS)
+def test_truncation_among_candidates_equals_a_full_sort(monkeypatch, kw):
+    """Looking for the kept tokens among the top-k candidates draws exactly what sorting the whole
+    vocabulary draws, seed for seed, for rows settled at every stage."""
+    import plm_core.engine.sampler as sampler_module
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(24, 6000, generator=g) * 4
+
+    def sampled() -> list[int]:
+        return run(logits, *[state(seed=seed, **kw) for seed in range(len(logits))])[0]
+
+    fast = sampled()
+    monkeypatch.setattr(sampler_module, "_CANDIDATES", ())  # straight to the full sort
+    assert fast == sampled()
+
+
+def test_peaked_rows_never_sort_the_vocabulary(monkeypatch):
+    """A top-p row whose nucleus lies among the candidates is settled by torch.topk alone; a flat
+    row whose nucleus does not is sorted, and keeps its whole nucleus."""
+    sorted_rows = []
+    real_sort = torch.sort
+
+    def counting_sort(x, *args, **kwargs):
+        sorted_rows.append(x.shape[0])
+        return real_sort(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", counting_sort)
+    peaked = torch.full((1, 128256), -10.0)
+    peaked[0, 1000:1020] = 5.0
+    for seed in range(30):
+        (token,), _ = run(peaked, state(seed=seed, top_p=0.95))
+        assert 1000 <= token < 1020
+    assert sorted_rows == []
+    flat = torch.zeros(1, 128256)
+    tokens = [run(flat, state(seed=seed, top_p=0.9))[0][0] for seed in range(30)]
+    assert sorted_rows == [1] * 30 and len(set(tokens)) == 30
+
+
 @pytest.mark.parametrize(
     "min_p, allowed", [(0.0, {0, 1, 2, 3}), (0.2, {0, 1, 2}), (0.5, {0, 1}), (0.7, {0})]
 )
