@@ -47,7 +47,12 @@ class SchedulerConfig:
     """Scheduling: what one engine step may hold, and in which order requests are admitted."""
 
     max_num_seqs: int = opt(64, "sequences running at once")
-    max_num_batched_tokens: int = opt(2048, "tokens per engine step (prefill chunks + decodes)")
+    max_num_batched_tokens: int = opt(
+        8192,
+        "tokens per engine step (prefill chunks + decodes); with nothing decoding, a prompt up to "
+        "this long prefills in one step (fastest to its first token); while streams decode, "
+        "--step-latency-target keeps steps shorter",
+    )
     max_encoder_tiles_per_step: int = opt(
         64,
         "image tiles / video frames through the vision encoder per engine step (larger items "

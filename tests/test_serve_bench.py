@@ -589,6 +589,8 @@ SCENARIO_SIZES = [
     "2",
     "--burst-questions",
     "2",
+    "--burst-repeats",
+    "2",
     "--repeat-photos",
     "2",
     "--repeat-warm",
@@ -645,6 +647,12 @@ def test_scenarios_run_end_to_end(servers, tmp_path, scenario):
     s = results["results"]["plm-serve"]["summary"]
     if scenario == "burst":
         assert s["requests"] == 4 and s["output_tokens_min"] == s["output_tokens_max"] == 3
+        # two measured bursts (new photos each) after an unmeasured one; the upper median's figures
+        rates = sorted(b["output_throughput"] for b in s["bursts"])
+        assert len(rates) == 2 and s["output_throughput"] == rates[1]
+        records = results["results"]["plm-serve"]["records"]
+        assert len(records) == 8 and len({r["media_id"] for r in records}) == 4
+        assert "## Per burst" in (tmp_path / "report.md").read_text()
     elif scenario == "repeat":
         assert [p["photo"] for p in s["per_photo"]] == ["repeat-0", "repeat-1"]
         assert all(len(p["warm_ttft_s"]) == 1 for p in s["per_photo"])
