@@ -502,12 +502,12 @@ def test_profile_step_runs_the_worst_case_step(path, device):
 class _FixedCosts:
     """A cost model that has 'measured' fixed figures (no clock in tests)."""
 
-    def __init__(self, base_s, per_token_s, per_tile_s):
+    def __init__(self, base_s, per_decode_s, per_token_s, per_tile_s):
         from plm_core.engine.cost_model import StepCosts
 
-        self.figures = StepCosts(base_s, per_token_s, per_tile_s)
+        self.figures = StepCosts(base_s, per_decode_s, per_token_s, per_tile_s)
 
-    def observe(self, tokens, tiles, seconds):
+    def observe(self, decodes, tokens, tiles, seconds):
         pass
 
     def costs(self):
@@ -521,7 +521,7 @@ def test_steps_with_decodes_keep_to_the_latency_target(path, media_dir, solo, ta
     from plm_core import LLM
 
     llm = LLM(path, device="cpu", dtype="float32", step_latency_target=target)
-    llm.engine.costs = _FixedCosts(0.002, 0.0005, 0.004)
+    llm.engine.costs = _FixedCosts(0.002, 0.001, 0.0005, 0.004)
     scheduler = llm.engine.scheduler
     schedule, steps = scheduler.schedule, []
 
@@ -552,11 +552,12 @@ def test_steps_with_decodes_keep_to_the_latency_target(path, media_dir, solo, ta
     limited = 0
     for budget, out, decodes in budgeted:
         if target == "auto":
-            assert budget.target_s == pytest.approx(2.5 * (0.002 + 0.0005 * decodes))
+            assert budget.target_s == pytest.approx(2.5 * (0.002 + 0.001 * decodes))
         else:
-            assert budget.target_s == pytest.approx(max(0.030, 0.002 + 0.0005 * decodes))
-        cost = budget.cost_s(out.total_num_scheduled_tokens, out.total_num_encoder_tiles)
-        floor = budget.base_s + budget.per_token_s * (decodes + 16) + budget.per_tile_s
+            assert budget.target_s == pytest.approx(max(0.030, 0.002 + 0.001 * decodes))
+        prefill = out.total_num_scheduled_tokens - decodes  # decodes at their own price
+        cost = budget.cost_s(prefill, out.total_num_encoder_tiles, num_decodes=decodes)
+        floor = budget.cost_s(16, 1, num_decodes=decodes)
         assert cost <= max(budget.target_s, floor) + 1e-9
         limited += (
             out.total_num_scheduled_tokens < llm.engine_config.scheduler.max_num_batched_tokens
@@ -569,7 +570,7 @@ def test_no_budget_when_off_or_unmeasured(path):
     from plm_core import LLM
 
     off = LLM(path, device="cpu", dtype="float32", step_latency_target="off")
-    off.engine.costs = _FixedCosts(0.002, 0.0005, 0.004)
+    off.engine.costs = _FixedCosts(0.002, 0.001, 0.0005, 0.004)
     assert off.engine._step_budget() is None
     fresh = LLM(path, device="cpu", dtype="float32")
     assert fresh.engine.costs.costs() is None and fresh.engine._step_budget() is None

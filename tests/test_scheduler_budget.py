@@ -47,9 +47,19 @@ def test_the_step_budget_is_a_frozen_dataclass_checked_at_creation():
     with pytest.raises(AttributeError):
         BUDGET.target_s = 1.0  # type: ignore[misc]
     assert BUDGET.tile_tokens == 4.0 and BUDGET.cost_s(10, 2) == 28.0
-    for bad in (dict(per_token_s=0.0), dict(per_tile_s=-1.0), dict(base_s=-1.0)):
+    bads = (dict(per_token_s=0.0), dict(per_tile_s=-1.0), dict(base_s=-1.0), dict(per_decode_s=-1))
+    for bad in bads:
         with pytest.raises(ValueError):
             StepBudget(**{**dict(target_s=1.0, base_s=0.1, per_token_s=0.1, per_tile_s=0), **bad})
+
+
+def test_decodes_are_paid_at_their_own_price():
+    """A decode (a sampled row through the LM head) may cost many prefill tokens: the allowance
+    left for prefill is what the decodes at their price leave, in prefill tokens."""
+    dear = StepBudget(target_s=42.0, base_s=10.0, per_token_s=1.0, per_tile_s=4.0, per_decode_s=3.0)
+    assert dear.allowance(2, chunked_prefill=True).tokens == 42 - 10 - 2 * 3.0
+    assert BUDGET.allowance(2, chunked_prefill=True).tokens == 42 - 10 - 2 * 1.0
+    assert dear.cost_s(5, 1, num_decodes=2) == 10 + 5 + 4 + 6
 
 
 def test_prefill_chunks_next_to_decodes_fit_the_budget():

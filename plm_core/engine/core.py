@@ -237,7 +237,11 @@ class EngineCore:
                 continue
             deltas.append(self._append(request, token, result.logprobs.get(request.request_id)))
         elapsed = time.perf_counter() - started
-        self.costs.observe(sched.total_num_scheduled_tokens, sched.total_num_encoder_tiles, elapsed)
+        # priced as a decode: every row that samples (a decode, or a prompt's last chunk, whose
+        # last token goes through the LM head too); the other tokens as prefill tokens
+        decodes = sum(sched.sample)
+        prefill = sched.total_num_scheduled_tokens - decodes
+        self.costs.observe(decodes, prefill, sched.total_num_encoder_tiles, elapsed)
         self.stats.steps += 1
         self._refresh_stats()
         return deltas
@@ -259,7 +263,9 @@ class EngineCore:
             target_s = AUTO_STEP_FACTOR * decode_s
         else:
             target_s = max(float(self._latency_target) / 1000, decode_s)
-        return StepBudget(target_s, costs.base_s, costs.per_token_s, costs.per_tile_s)
+        return StepBudget(
+            target_s, costs.base_s, costs.per_token_s, costs.per_tile_s, costs.per_decode_s
+        )
 
     def _append(self, request: Request, token: int, logprobs: Logprobs | None) -> RequestDelta:
         text, status = self.output.append(request, token)

@@ -1,10 +1,20 @@
-"""What a step costs, learned from the steps the engine runs: seconds = base + per_token x LM tokens
-+ per_tile x encoder tiles. Plain Python, fed by the engine core after each step.
+"""What a step costs, learned from the steps the engine runs: seconds = base + per_decode x decodes
++ per_token x prefill tokens + per_tile x encoder tiles. Plain Python, fed by the engine core after
+each step.
 
-The token part is a least-squares line over a window of recent steps without encoder work; the
-tile part is the mean time per tile those steps' line leaves unexplained in steps that encode.
-Until a tile has been seen, a tile is assumed to cost what `tokens_per_tile` LM tokens do (for
-PerceptionLM about right: a vision-tower tile and 256 decoder tokens take similar work).
+A decode and a prefill token are priced apart because they cost very different amounts: a decode
+brings a sampled row through the LM head (on the `bench` checkpoint's CPU runs about 5 ms, against
+about 0.13 ms for a prefill token), so one price fitted to both misjudges a long prefill chunk by
+an order of magnitude. The engine counts every sampled row as a decode (a prompt's last chunk
+samples too) and the other tokens as prefill tokens.
+
+(base, per_decode) is a least-squares line over recent steps that only decode; per_token is the
+mean time per prefill token that this line leaves unexplained in steps that prefill; per_tile the
+mean time per tile that both leave unexplained in steps that encode.
+Until prefill steps are seen a prefill token is priced as a decode, and until tiles are seen a tile
+as `tokens_per_tile` prefill tokens (for PerceptionLM about right: a vision-tower tile and 256
+decoder tokens take similar work); a share that comes out at zero or less (noise, or another
+estimate off) falls back to the same cautious prices instead of making work look free.
 """
 
 from __future__ import annotations
@@ -18,84 +28,111 @@ class StepCosts:
     """The model's current estimates, in seconds."""
 
     base_s: float
-    per_token_s: float
+    per_decode_s: float
+    per_token_s: float  # a prefill token
     per_tile_s: float
 
-    def step_s(self, tokens: int, tiles: int = 0) -> float:
-        return self.base_s + self.per_token_s * tokens + self.per_tile_s * tiles
+    def step_s(self, decodes: int, tokens: int = 0, tiles: int = 0) -> float:
+        """A step of `decodes` decodes, `tokens` prefill tokens and `tiles` encoder tiles."""
+        return (
+            self.base_s
+            + self.per_decode_s * decodes
+            + self.per_token_s * tokens
+            + self.per_tile_s * tiles
+        )
+
+
+class _Residuals:
+    """A window of (decodes, tokens, tiles, seconds) steps with running sums of each, and of
+    decodes x decodes and decodes x seconds (for the line)."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.steps: deque[tuple[int, int, int, float]] = deque()
+        self.sums = [0.0] * 6
+
+    def add(self, step: tuple[int, int, int, float]) -> None:
+        self._count(step, 1)
+        self.steps.append(step)
+        if len(self.steps) > self.window:
+            self._count(self.steps.popleft(), -1)
+
+    def _count(self, step: tuple[int, int, int, float], sign: int) -> None:
+        decodes, seconds = step[0], step[3]
+        for i, value in enumerate((*step, decodes * decodes, decodes * seconds)):
+            self.sums[i] += sign * value
 
 
 class StepCostModel:
-    """Online estimates of a step's cost from (tokens, tiles, seconds) observations. Each step
-    updates running sums, so an estimate costs the same whatever the window."""
+    """Online estimates of a step's cost from (decodes, prefill tokens, tiles, seconds)
+    observations. Each step updates running sums, so an estimate costs the same whatever the
+    window."""
 
     def __init__(self, tokens_per_tile: int, *, window: int = 256, min_steps: int = 8):
         self.tokens_per_tile = tokens_per_tile
-        self.window = window
         self.min_steps = min_steps
-        self._lm: deque[tuple[int, float]] = deque()  # (tokens, seconds) of steps without tiles
-        self._tiles: deque[tuple[int, int, float]] = deque()  # (tokens, tiles, seconds)
-        # over _lm: sums of x (tokens), y (seconds), x*x and x*y
-        self._sx = self._sy = self._sxx = self._sxy = 0.0
-        # over _tiles: sums of tokens, tiles and seconds
-        self._tn = self._tt = self._ts = 0.0
+        self._decode = _Residuals(window)  # steps that only decode
+        self._prefill = _Residuals(window)  # steps with prefill tokens and no tiles
+        self._tiles = _Residuals(window)  # steps with encoder tiles
 
-    def observe(self, tokens: int, tiles: int, seconds: float) -> None:
-        """Records one step: LM tokens computed, encoder tiles run, its duration."""
-        if seconds <= 0 or (tokens <= 0 and tiles <= 0):
+    def observe(self, decodes: int, tokens: int, tiles: int, seconds: float) -> None:
+        """Records one step: its decodes, prefill tokens and encoder tiles, and its duration."""
+        if seconds <= 0 or decodes + tokens + tiles <= 0:
             return
+        step = (decodes, tokens, tiles, seconds)
         if tiles:
-            self._tiles.append((tokens, tiles, seconds))
-            self._add_tiles(tokens, tiles, seconds, 1)
-            if len(self._tiles) > self.window:
-                self._add_tiles(*self._tiles.popleft(), -1)
+            self._tiles.add(step)
+        elif tokens:
+            self._prefill.add(step)
         else:
-            self._lm.append((tokens, seconds))
-            self._add_lm(tokens, seconds, 1)
-            if len(self._lm) > self.window:
-                self._add_lm(*self._lm.popleft(), -1)
-
-    def _add_lm(self, x: float, y: float, sign: int) -> None:
-        self._sx += sign * x
-        self._sy += sign * y
-        self._sxx += sign * x * x
-        self._sxy += sign * x * y
-
-    def _add_tiles(self, tokens: float, tiles: float, seconds: float, sign: int) -> None:
-        self._tn += sign * tokens
-        self._tt += sign * tiles
-        self._ts += sign * seconds
+            self._decode.add(step)
 
     @property
     def ready(self) -> bool:
-        """True once enough steps were seen to estimate anything."""
-        return len(self._lm) >= self.min_steps
+        """True once enough decode-only steps were seen to estimate anything."""
+        return len(self._decode.steps) >= self.min_steps
 
     def costs(self) -> StepCosts | None:
-        """The current estimates, or None before `min_steps` steps without encoder work."""
+        """The current estimates, or None before `min_steps` decode-only steps."""
         if not self.ready:
             return None
-        base, per_token = self._fit_line()
-        per_tile = per_token * self.tokens_per_tile
-        if self._tiles:
-            unexplained = self._ts - base * len(self._tiles) - per_token * self._tn
-            per_tile = max(unexplained / self._tt, 0.0)
-        return StepCosts(base, per_token, per_tile)
+        base, per_decode = self._fit_line()
+        per_token = self._share(self._prefill, 1, base, per_decode, 0.0, 0.0) or per_decode
+        prior_tile = per_token * self.tokens_per_tile
+        per_tile = self._share(self._tiles, 2, base, per_decode, per_token, 0.0) or prior_tile
+        return StepCosts(base, per_decode, per_token, per_tile)
+
+    @staticmethod
+    def _share(
+        r: _Residuals, index: int, base: float, per_decode: float, per_token: float, per_tile: float
+    ) -> float | None:
+        """Mean time per unit of sums[index] that the other prices leave unexplained in r's steps;
+        None without steps or when nothing is left (the caller's cautious price then)."""
+        decodes, tokens, tiles, seconds = r.sums[:4]
+        units = r.sums[index]
+        if not r.steps or units <= 0:
+            return None
+        known = base * len(r.steps) + per_decode * decodes
+        known += per_token * tokens if index != 1 else 0.0
+        known += per_tile * tiles if index != 2 else 0.0
+        left = seconds - known
+        return left / units if left > 0 else None
 
     def _fit_line(self) -> tuple[float, float]:
-        """(base, per_token) by least squares; with too little spread in the token counts to
-        separate the two, all the time is put on the tokens (the cautious choice: it makes tokens
-        look dear, so budgets stay small)."""
-        n = len(self._lm)
-        mean_x, mean_y = self._sx / n, self._sy / n
-        var_x = self._sxx - n * mean_x * mean_x
+        """(base, per_decode) by least squares; with too little spread in the decode counts to
+        separate the two, all the time is put on the decodes (the cautious choice: it makes
+        decodes look dear, so budgets stay small)."""
+        n = len(self._decode.steps)
+        sx, _, _, sy, sxx, sxy = self._decode.sums
+        mean_x, mean_y = sx / n, sy / n
+        var_x = sxx - n * mean_x * mean_x
         cautious = 0.0, mean_y / max(mean_x, 1.0)
         if var_x <= 1e-9 * max(mean_x, 1.0) ** 2 * n:
             return cautious
-        slope = (self._sxy - n * mean_x * mean_y) / var_x
-        if slope <= 0:  # noise swamps the tokens' share: same cautious choice
+        slope = (sxy - n * mean_x * mean_y) / var_x
+        if slope <= 0:  # noise swamps the decodes' share: same cautious choice
             return cautious
         base = mean_y - slope * mean_x
         if base < 0:  # a line through the origin, then
-            return 0.0, self._sxy / self._sxx
+            return 0.0, sxy / sxx
         return base, slope

@@ -17,25 +17,38 @@ class StepBudget:
 
     target_s: float  # the step's target duration
     base_s: float  # fixed cost of any step
-    per_token_s: float  # cost of one LM token (decode or prefill)
+    per_token_s: float  # cost of one prefill token
     per_tile_s: float  # cost of one vision-encoder tile/frame
+    per_decode_s: float | None = None  # cost of one decode (None: a prefill token's)
 
     def __post_init__(self) -> None:
-        if self.per_token_s <= 0 or min(self.target_s, self.base_s, self.per_tile_s) < 0:
+        times = (self.target_s, self.base_s, self.per_tile_s, self.decode_s)
+        if self.per_token_s <= 0 or min(times) < 0:
             raise ValueError(f"a step budget needs per_token_s > 0 and no negative time: {self}")
+
+    @property
+    def decode_s(self) -> float:
+        return self.per_token_s if self.per_decode_s is None else self.per_decode_s
 
     @property
     def tile_tokens(self) -> float:
         """What one encoder tile costs, in LM tokens."""
         return self.per_tile_s / self.per_token_s
 
-    def cost_s(self, num_tokens: int, num_tiles: int) -> float:
-        """Predicted duration of a step of num_tokens LM tokens and num_tiles encoder tiles."""
-        return self.base_s + self.per_token_s * num_tokens + self.per_tile_s * num_tiles
+    def cost_s(self, num_tokens: int, num_tiles: int, num_decodes: int = 0) -> float:
+        """Predicted duration of a step of num_decodes decodes, num_tokens prefill tokens and
+        num_tiles encoder tiles."""
+        return (
+            self.base_s
+            + self.decode_s * num_decodes
+            + self.per_token_s * num_tokens
+            + self.per_tile_s * num_tiles
+        )
 
     def allowance(self, num_decodes: int, *, chunked_prefill: bool) -> Allowance:
         """The prefill tokens and tiles a step with num_decodes decodes may add, and its floor."""
-        tokens = (self.target_s - self.base_s) / self.per_token_s - num_decodes
+        left_s = self.target_s - self.base_s - self.decode_s * num_decodes
+        tokens = left_s / self.per_token_s
         floor = max(float(FLOOR_TOKENS), self.tile_tokens) if chunked_prefill else math.inf
         return Allowance(tokens, self.tile_tokens, floor)
 
