@@ -147,3 +147,25 @@ def test_weight_errors_are_named(tiny_checkpoint, tmp_path):
     shape = r"norm\.weight has shape \(128,\), the config implies \(64,\)"
     with pytest.raises(ConfigError, match=shape):
         build_model(load_model_config(broken), device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_cpu_lm_head_is_laid_out_for_streaming_with_the_same_values(tiny_checkpoint):
+    """On a CPU the LM head's weight is a transposed view of a contiguous [H, V] copy (the fast
+    layout for the logits' matmul); its values are the checkpoint's, and logits are unchanged."""
+    import torch
+    from safetensors.torch import load_file
+
+    from plm_core.model.perception_lm import build_model, checkpoint_files
+
+    cfg = load_model_config(tiny_checkpoint)
+    model = build_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    weight = model.lm_head.weight
+    vocab, hidden = cfg.text.vocab_size, cfg.text.hidden_size
+    assert weight.shape == (vocab, hidden) and weight.stride() == (1, vocab)
+    saved = {}
+    for file in checkpoint_files(cfg.path):
+        saved.update(load_file(str(file)))
+    key = next(k for k in saved if k.endswith("lm_head.weight"))
+    assert torch.equal(weight, saved[key])
+    x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, saved[key]))

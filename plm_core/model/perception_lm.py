@@ -210,5 +210,17 @@ def build_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -
         getattr(model, name).to_empty(device=device)
     model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     load_weights(model, cfg.path)
+    if device.type == "cpu":
+        lm_head_columns_contiguous(model)
     # inference only: no autograd state, even in CUDA graph capture
     return model.eval().requires_grad_(False)
+
+
+def lm_head_columns_contiguous(model: PerceptionLM) -> None:
+    """Stores the LM head's weight [V, H] transposed in memory (as a view of a contiguous
+    [H, V]), so the logits' matmul streams it row by row: on a CPU the head, most of a small
+    model's decode step, takes 5 ms instead of 14-15 ms for one row of a 128k x 256 head and
+    25 instead of 33 ms for 16 rows (the same values; a one-row product may differ in the last
+    bit). A tied head gets its own copy, leaving the embedding table as it is for row lookups."""
+    weight = model.lm_head.weight
+    model.lm_head.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
