@@ -27,11 +27,12 @@ request finished, was aborted or preempted). With prefix caching off nothing wai
 
 A step budget (`schedule(StepBudget)`, step_budget.py) keeps steps that carry decodes short, as
 Sarathi-Serve's stall-free batching does: such a step adds only the prefill tokens and encoder
-tiles whose predicted time, with the decodes and the fixed cost, fits `target_s` (a tile costs
-`per_tile_s / per_token_s` tokens). Decodes are never cut for it; the token and tile limits of the
-config still apply; and so that prompts always progress, the step's first prefill work may use at
-least the floor (16 tokens, or one tile if that costs more; its whole prompt with chunked prefill
-off). A step without decodes ignores the budget. Chunk boundaries change no result.
+tiles whose predicted time, with the decodes (at their own price) and the fixed cost, fits
+`target_s` (a tile costs `per_tile_s / per_token_s` prefill tokens). Decodes are never cut for
+it; the token and tile limits of the config still apply; and so that prompts always progress, the
+step's first prefill work may use at least the floor (16 tokens, or one tile if that costs more;
+its whole prompt with chunked prefill off). A step without decodes ignores the budget. Chunk
+boundaries change no result.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class StepBudget:
 
     @property
     def tile_tokens(self) -> float:
-        """What one encoder tile costs, in LM tokens."""
+        """What one encoder tile costs, in prefill tokens."""
         return self.per_tile_s / self.per_token_s
 
     def cost_s(self, num_tokens: int, num_tiles: int, num_decodes: int = 0) -> float:
