@@ -79,6 +79,7 @@ from serve_results import (  # noqa: F401
     environment_lines,
     fmt_ms,
     load_average,
+    report_head,
     write_json,
 )
 from serve_scenario_bench import add_scenario_args, bench_scenario
@@ -559,19 +560,8 @@ def report_markdown(results: dict) -> str:
     """The Markdown report: command, environment, workload, tables, speedups, failures, plots."""
     targets = list(dict.fromkeys(r["target"] for r in results["runs"]))
     runs = sorted(results["runs"], key=lambda r: (targets.index(r["target"]), _level_order(r)))
-    env, wl = results["environment"], results["workload"]
-    lines = [
-        f"# Serving benchmark: {', '.join(targets)}",
-        "",
-        "Made with (from the repository root):",
-        "",
-        "```bash",
-        results["command"],
-        "```",
-        "",
-        *environment_lines(env),
-    ]
-    lines += [f"- Note: {n}" for n in results.get("notes") or []]
+    wl = results["workload"]
+    lines = report_head(f"Serving benchmark: {', '.join(targets)}", results)
     for name, server in (results.get("servers") or {}).items():
         # paths as seen from the repository root
         lines.append(f"- `{name}` was started as `{shown_command(server)}`")

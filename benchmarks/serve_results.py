@@ -54,6 +54,22 @@ def environment() -> dict:
     }
 
 
+def report_head(title: str, results: dict) -> list[str]:
+    """A report's first lines: its title, the command that made it, the date, machine and notes."""
+    return [
+        f"# {title}",
+        "",
+        "Made with (from the repository root):",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        *environment_lines(results["environment"]),
+        *[f"- Note: {n}" for n in results.get("notes") or []],
+    ]
+
+
 def environment_lines(env: dict) -> list[str]:
     """The report's date and machine lines."""
     return [

@@ -15,9 +15,9 @@ from serve_photos import TileBudget
 from serve_results import (
     command_line,
     environment,
-    environment_lines,
     fmt_ms,
     load_average,
+    report_head,
     write_json,
 )
 from serve_scenarios import (
@@ -347,16 +347,7 @@ def report_markdown(results: dict) -> str:
     ck = results["checkpoint"]
     preset = f" (the `{ck['preset']}` preset: random weights)" if ck.get("preset") else ""
     lines = [
-        f"# Serving scenario `{results['scenario']}`: {', '.join(names)}",
-        "",
-        "Made with (from the repository root):",
-        "",
-        "```bash",
-        results["command"],
-        "```",
-        "",
-        *environment_lines(results["environment"]),
-        *[f"- Note: {n}" for n in results.get("notes") or []],
+        *report_head(f"Serving scenario `{results['scenario']}`: {', '.join(names)}", results),
         f"- Checkpoint: `{ck['path']}`{preset}",
         "- Each server runs with its default flags: no batching, caching or scheduling flag is "
         "set on any of them; the flags set are only those each needs to run here (named below).",

@@ -17,11 +17,9 @@ from plm_core.config import DEFAULT_MODEL, EngineConfig
 from plm_core.engine.core import EngineCore, RequestDelta
 from plm_core.engine.sampler import Logprobs
 from plm_core.inputs import ProcessedPrompt
-from plm_core.model_config import ModelConfig
 from plm_core.processor import MediaOptions, PLMProcessor
-from plm_core.runtime import Runtime, load_runtime
+from plm_core.runtime import Runtime, RuntimeView, load_runtime
 from plm_core.sampling import SamplingParams
-from plm_core.tokenizer import PLMTokenizer
 
 
 @dataclass
@@ -60,7 +58,7 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-class LLM:
+class LLM(RuntimeView):
     """Loads a PerceptionLM checkpoint (local directory or hub id) and generates chat completions.
 
     Keyword options are the `EngineConfig` tree's fields by name (device, dtype, max_model_len,
@@ -90,20 +88,8 @@ class LLM:
         return self.runtime.core
 
     @property
-    def model_config(self) -> ModelConfig:
-        return self.runtime.model_config
-
-    @property
-    def tokenizer(self) -> PLMTokenizer:
-        return self.runtime.tokenizer
-
-    @property
     def processor(self) -> PLMProcessor:
         return self.runtime.processor
-
-    @property
-    def max_model_len(self) -> int:
-        return self.runtime.max_model_len
 
     @property
     def device(self) -> torch.device:

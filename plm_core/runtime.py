@@ -82,6 +82,24 @@ class Runtime:
         )
 
 
+class RuntimeView:
+    """What a front over a Runtime (`LLM`, `AsyncEngine`) shows of the loaded model."""
+
+    runtime: Runtime
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.runtime.model_config
+
+    @property
+    def tokenizer(self) -> PLMTokenizer:
+        return self.runtime.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runtime.max_model_len
+
+
 def load_runtime(config: EngineConfig) -> Runtime:
     """Resolves `config.model` (a local directory or a hub id), loads it and starts nothing else."""
     t0 = time.perf_counter()

@@ -27,11 +27,9 @@ from typing import Any
 from plm_core.engine.core import EngineStats, RequestDelta
 from plm_core.errors import InputError
 from plm_core.inputs import ProcessedPrompt
-from plm_core.model_config import ModelConfig
 from plm_core.processor import MediaOptions
-from plm_core.runtime import Runtime
+from plm_core.runtime import Runtime, RuntimeView
 from plm_core.sampling import SamplingParams, StructuredOutput
-from plm_core.tokenizer import PLMTokenizer
 
 log = logging.getLogger("plm_core.async")
 
@@ -61,7 +59,7 @@ _Command = _Add | _Abort | _Stop
 _Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[RequestDelta | BaseException]"]
 
 
-class AsyncEngine:
+class AsyncEngine(RuntimeView):
     """Runs a runtime's `EngineCore` in a background thread and streams outputs to asyncio tasks."""
 
     def __init__(self, runtime: Runtime, *, idle_wait_s: float = 0.05):
@@ -81,18 +79,6 @@ class AsyncEngine:
         self._thread.start()
 
     # -- what the server reads ------------------------------------------------------------------
-    @property
-    def max_model_len(self) -> int:
-        return self.runtime.max_model_len
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.runtime.model_config
-
-    @property
-    def tokenizer(self) -> PLMTokenizer:
-        return self.runtime.tokenizer
-
     @property
     def kv_capacity_tokens(self) -> int:
         return self._core.kv_capacity_tokens

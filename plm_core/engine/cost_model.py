@@ -106,15 +106,14 @@ class StepCostModel:
     def _share(
         r: _Residuals, index: int, base: float, per_decode: float, per_token: float, per_tile: float
     ) -> float | None:
-        """Mean time per unit of sums[index] that the other prices leave unexplained in r's steps;
-        None without steps or when nothing is left (the caller's cautious price then)."""
+        """Mean time per unit of sums[index] (1: prefill tokens, 2: tiles) that the given prices
+        leave unexplained in r's steps (the caller gives 0 for the price being estimated); None
+        without steps or when nothing is left (the caller's cautious price then)."""
         decodes, tokens, tiles, seconds = r.sums[:4]
         units = r.sums[index]
         if not r.steps or units <= 0:
             return None
-        known = base * len(r.steps) + per_decode * decodes
-        known += per_token * tokens if index != 1 else 0.0
-        known += per_tile * tiles if index != 2 else 0.0
+        known = base * len(r.steps) + per_decode * decodes + per_token * tokens + per_tile * tiles
         left = seconds - known
         return left / units if left > 0 else None
 
