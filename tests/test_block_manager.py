@@ -59,6 +59,9 @@ def test_hash_block_is_chained_and_deterministic():
     assert hash_block(a, [5, 6]) != hash_block(None, [5, 6])
     assert hash_block(None, [1], (("k", 0),)) != hash_block(None, [1])
     assert isinstance(a, bytes)
+    # the same on every machine and in every version (a stored hash must keep finding its block)
+    golden = "c8e3305581280ba995c374d40afed5596fd048cc247a72b45bbe7c0422997047"
+    assert hash_block(None, [1, 2, 3, 4], (("k", 0),)).hex() == golden
 
 
 def test_block_extra_keys():
@@ -68,6 +71,27 @@ def test_block_extra_keys():
     assert block_extra_keys(req, 4, 8) == ((req.media[0].cache_key, 2),)
     assert block_extra_keys(req, 8, 12) == ((req.media[0].cache_key, 6),)
     assert block_extra_keys(req, 12, 16) == ()
+
+
+def test_block_hashes_chain_hash_block_as_the_request_grows():
+    # two items over blocks 0-2, then outputs appended: hashes extend, never change
+    req = make_request(
+        "r", media_prompt(22), [image(offset=2, num_tokens=8), image("hashB", 14, 5)]
+    )
+    bm = BlockManager(8, BS)
+
+    def expected() -> list[bytes]:
+        chain: list[bytes] = []
+        tokens = req.all_token_ids
+        for i in range(req.num_tokens // BS):
+            start, end = i * BS, (i + 1) * BS
+            parent = chain[-1] if chain else None
+            chain.append(hash_block(parent, tokens[start:end], block_extra_keys(req, start, end)))
+        return chain
+
+    assert bm.compute_block_hashes(req) == expected() and len(req.block_hashes) == 5
+    req.output_token_ids += [2**31 - 1, -1, 0]  # the extremes of int32
+    assert bm.compute_block_hashes(req) == expected() and len(req.block_hashes) == 6
 
 
 # -- allocation ----------------------------------------------------------------------------------

@@ -166,6 +166,79 @@ def test_least_recently_used_entries_are_evicted(fresh):
     assert len(p.raw_cache) == 2
 
 
+def _count_reads(p: PLMProcessor) -> list[str]:
+    """The sources the processor's loader reads (a data: URL read = its base64 decoded)."""
+    reads: list[str] = []
+    read = p.loader._read
+
+    def counted(source):
+        reads.append(source)
+        return read(source)
+
+    p.loader._read = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_repeated_data_url_is_not_decoded_until_pixels_are_needed(fresh, uncached, video_bytes):
+    p = fresh()
+    video = {"type": "video_url", "video_url": {"url": _url(video_bytes, "video/mp4")}}
+    conv = _user(_image(_png((300, 200), seed=7)), video)
+    expected = uncached.process(conv)
+    reads = _count_reads(p)
+    p.process(conv)
+    assert len(reads) == 2
+    hit = p.process(conv, is_resident=lambda k: True)
+    assert len(reads) == 2  # known by the URLs' texts: no base64 decoded, nothing read
+    _same_layout(hit, expected)
+    for item, eager in zip(hit.media, expected.media):
+        assert torch.equal(item.pixels(), eager.pixel_values)  # the encoder needs them after all
+    assert len(reads) == 4  # read then, once per item
+
+
+def test_the_same_bytes_in_another_text_are_the_same_item(fresh):
+    p = fresh()
+    data = _png((200, 150), seed=8)
+    payload = base64.b64encode(data).decode()
+    wrapped = "\n".join(payload[i : i + 76] for i in range(0, len(payload), 76))  # MIME style
+    first = p.process(_user(_image(data)))
+    reads = _count_reads(p)
+    other = p.process(
+        _user({"type": "image_url", "image_url": {"url": "data:image/png;base64," + wrapped}}),
+        is_resident=lambda k: True,
+    )
+    assert len(reads) == 1  # a text not seen before is read, its bytes then hit
+    assert other.media[0].cache_key == first.media[0].cache_key
+    assert other.media[0].pixel_values is None
+    assert p.raw_cache.stats()["hits"] == 1
+
+
+def test_a_known_text_with_new_settings_decodes_it_then(fresh, tiny_checkpoint):
+    media = MediaConfig(max_num_tiles=4)
+    p = fresh(media)
+    ref = _processor(tiny_checkpoint, media, raw_cache_entries=0)
+    data = _png((400, 300), seed=9)
+    p.process(_user(_image(data)))
+    reads = _count_reads(p)
+    conv = _user(_image(data, detail="low"))
+    out = p.process(conv, is_resident=lambda k: True)
+    assert len(reads) == 1  # its settings were never decoded: read now
+    _same_layout(out, ref.process(conv))
+    assert out.media[0].pixel_values is not None
+
+
+def test_known_texts_are_bounded_like_the_entries(fresh):
+    p = fresh(raw_cache_entries=2)
+    convs = [_user(_image(_png(seed=s))) for s in (20, 21, 22)]
+    for conv in convs:
+        p.process(conv)
+    reads = _count_reads(p)
+    p.process(convs[2], is_resident=lambda k: True)
+    assert reads == []
+    # its text and its entry were the least recently used: both evicted
+    p.process(convs[0], is_resident=lambda k: True)
+    assert len(reads) == 1
+
+
 def test_cache_bound_must_be_positive():
     with pytest.raises(ValueError):
         RawMediaCache(0)
@@ -358,3 +431,12 @@ def test_pixels_are_shared_while_a_request_holds_them(fresh, monkeypatch):
     later = p.process(conv)  # nobody holds the pixels any more: made again, equal
     assert calls[0] == 2 and later.media[0].has_pixels
     assert p.raw_cache.stats()["pixels_shared"] == 1
+
+
+@pytest.mark.parametrize("payload", ["iVBOR-w0K", "iVBORw0KGgo=x", "aGk=aGk="])
+def test_a_data_url_that_is_not_base64_is_refused_every_time(fresh, payload):
+    p = fresh()
+    conv = _user({"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}})
+    for _ in range(2):  # a refused text is never remembered
+        with pytest.raises(MediaError, match="not valid base64"):
+            p.process(conv)

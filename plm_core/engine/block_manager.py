@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
-import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -25,9 +26,23 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: Extra
     Deterministic across processes and machines (blake2b over little-endian int32 tokens and the
     repr of `extra_keys`, which holds only strings and ints).
     """
+    return _hash_packed(parent, len(token_ids), _le_int32(token_ids), extra_keys)
+
+
+def _le_int32(token_ids: Sequence[int]) -> bytes:
+    """Token ids as little-endian int32 bytes."""
+    packed = array.array("i", token_ids)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _hash_packed(parent: bytes | None, n: int, packed: bytes, extra_keys: ExtraKeys) -> bytes:
+    """hash_block of `n` tokens already packed by _le_int32."""
     h = hashlib.blake2b(digest_size=32)
     h.update(parent if parent is not None else _NO_PARENT)
-    h.update(struct.pack(f"<I{len(token_ids)}i", len(token_ids), *token_ids))
+    h.update(n.to_bytes(4, "little"))
+    h.update(packed)
     h.update(repr(extra_keys).encode())
     return h.digest()
 
@@ -105,14 +120,16 @@ class BlockManager:
         hashes = request.block_hashes
         bs = self.block_size
         num_full = request.num_tokens // bs
-        if len(hashes) < num_full:
-            tokens = request.all_token_ids
-            for i in range(len(hashes), num_full):
+        first = len(hashes)
+        if first < num_full:
+            # the new blocks' tokens packed at once (a long prompt has hundreds of blocks)
+            packed = _le_int32(request.all_token_ids[first * bs : num_full * bs])
+            size = 4 * bs
+            for i in range(first, num_full):
                 start, end = i * bs, (i + 1) * bs
-                parent = hashes[-1] if hashes else None
-                hashes.append(
-                    hash_block(parent, tokens[start:end], block_extra_keys(request, start, end))
-                )
+                chunk = packed[(i - first) * size : (i - first + 1) * size]
+                extra = block_extra_keys(request, start, end) if request.media else ()
+                hashes.append(_hash_packed(hashes[-1] if hashes else None, bs, chunk, extra))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:

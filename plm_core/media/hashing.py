@@ -15,6 +15,11 @@ def bytes_content_hash(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def text_content_hash(text: str) -> str:
+    """sha256 hex of a text (e.g. a `data:` URL), its UTF-8 bytes with surrogates passed."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def pil_content_hash(img: Image.Image) -> str:
     """sha256 hex of an in-memory image: mode, size, palette, transparency and pixel bytes."""
     h = hashlib.sha256()

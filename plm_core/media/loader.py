@@ -7,7 +7,8 @@ are in the raw-media cache are not decoded: the item gets a pixel source instead
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,12 @@ from PIL import Image
 from plm_core.config import MediaConfig
 from plm_core.inputs import MediaItem, media_cache_key
 from plm_core.media.errors import MediaError
-from plm_core.media.hashing import bytes_content_hash, pil_content_hash, pixels_content_hash
+from plm_core.media.hashing import (
+    bytes_content_hash,
+    pil_content_hash,
+    pixels_content_hash,
+    text_content_hash,
+)
 from plm_core.media.image import check_image_side, decode_image
 from plm_core.media.preprocess import preprocess_image, preprocess_video_frames
 from plm_core.media.raw_cache import MediaFacts, RawMediaCache
@@ -54,12 +60,27 @@ def located(param: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class MediaBytes:
     """An item's source bytes, hashed, with the settings they are preprocessed by: what the raw
-    media cache keys on, and what skipped pixels are made from."""
+    media cache keys on, and what skipped pixels are made from.
+
+    The bytes are read when needed: a `data:` URL whose text was seen before is known by its
+    bytes' hash without decoding its base64, which then happens only if pixels must be made.
+    """
 
     kind: Literal["image", "video"]
-    data: bytes = field(repr=False)
-    content_hash: str  # sha256 of data: the item's content hash
+    content_hash: str  # sha256 of the bytes: the item's content hash
     settings: MediaSettings
+    read: Callable[[], bytes] = field(repr=False)
+
+    @classmethod
+    def of(
+        cls, kind: Literal["image", "video"], data: bytes, settings: MediaSettings
+    ) -> MediaBytes:
+        """Bytes in hand, hashed."""
+        return cls(kind, bytes_content_hash(data), settings, functools.partial(bytes, data))
+
+    @property
+    def data(self) -> bytes:
+        return self.read()
 
     @property
     def cache_key(self) -> str:
@@ -120,8 +141,7 @@ class MediaLoader:
             else:
                 sampling = frame_sampling(ref, options, self.media)
                 settings = VideoSettings(self.pcfg.video_size, sampling)
-            data = self._read(ref.source)
-            return self._load_bytes(MediaBytes(ref.kind, data, bytes_content_hash(data), settings))
+            return self._load_bytes(self._source_bytes(ref, settings))
 
     def preprocess(self, item: MediaItem, raw: torch.Tensor) -> torch.Tensor:
         """Raw pixels -> float32 [num_tiles, 3, T, T], from the item's settings."""
@@ -249,6 +269,20 @@ class MediaLoader:
         item = self._item("video", digest, settings, len(frames))
         item.meta = meta
         return item, frames
+
+    def _source_bytes(self, ref: MediaRef, settings: MediaSettings) -> MediaBytes:
+        """The source's bytes and hash. The hash of a `data:` URL's bytes is remembered by the
+        URL's text, so that the same text sent again is not decoded until pixels are needed."""
+        source = ref.source
+        if self.cache is None or not (isinstance(source, str) and source.startswith("data:")):
+            return MediaBytes.of(ref.kind, self._read(source), settings)
+        text_key = text_content_hash(source)
+        digest = self.cache.content_hash_of(text_key)
+        if digest is not None:
+            return MediaBytes(ref.kind, digest, settings, functools.partial(self._read, source))
+        src = MediaBytes.of(ref.kind, self._read(source), settings)
+        self.cache.remember_content_hash(text_key, src.content_hash)
+        return src
 
     def _read(self, source: Any) -> bytes:
         """The bytes of a source given as bytes (fetched by the server) or as a URL or path."""

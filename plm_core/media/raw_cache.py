@@ -1,5 +1,6 @@
-"""What the processor learned from media bytes it decoded before, so repeats skip decoding; and
-the pixels requests in flight hold, so that requests arriving together decode an item once."""
+"""What the processor learned from media bytes it decoded before, so repeats skip decoding; the
+hashes of `data:` URL texts' bytes, so repeats skip base64 too; and the pixels requests in flight
+hold, so that requests arriving together decode an item once."""
 
 from __future__ import annotations
 
@@ -10,11 +11,33 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 DEFAULT_RAW_CACHE_ENTRIES = 4096
+
+V = TypeVar("V")
+
+
+def _lru_get(entries: OrderedDict[str, V], key: str) -> V | None:
+    """entries[key], now the most recently used, or None."""
+    value = entries.get(key)
+    if value is not None:
+        entries.move_to_end(key)
+    return value
+
+
+def _lru_put(entries: OrderedDict[str, V], key: str, value: V, bound: int) -> int:
+    """Sets entries[key] as the most recently used; evicts the least recently used entries over
+    `bound` and returns how many."""
+    entries[key] = value
+    entries.move_to_end(key)
+    evicted = 0
+    while len(entries) > bound:
+        entries.popitem(last=False)
+        evicted += 1
+    return evicted
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,7 @@ class RawMediaCache:
     An entry is a few hundred bytes (a video's meta lists at most max_num_frames indices), so the
     default 4096 entries hold about a megabyte. Only media read from bytes (data: URLs, files,
     fetched URLs) is cached: in-memory images and frames have no bytes to hash before decoding.
+    Beside them, as many `data:` URL texts' hashes map to their bytes' hashes (two hashes each).
     """
 
     def __init__(self, max_entries: int = DEFAULT_RAW_CACHE_ENTRIES):
@@ -53,6 +77,8 @@ class RawMediaCache:
         # pixels of items some request holds now: alive as long as one does
         self._live: dict[str, weakref.ref[torch.Tensor]] = {}
         self._loading: dict[str, threading.Event] = {}  # keys a thread is decoding right now
+        # sha256 of a data: URL's text -> sha256 of its bytes, least recently used first
+        self._text_hashes: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,9 +90,7 @@ class RawMediaCache:
         """The facts for `key` (now most recently used), or None; counts a hit or a miss unless
         `count` is False."""
         with self._lock:
-            facts = self._entries.get(key)
-            if facts is not None:
-                self._entries.move_to_end(key)
+            facts = _lru_get(self._entries, key)
             if count:
                 self.hits += facts is not None
                 self.misses += facts is None
@@ -78,14 +102,20 @@ class RawMediaCache:
             self.hits += hit
             self.misses += not hit
 
+    def content_hash_of(self, text_key: str) -> str | None:
+        """The bytes' hash remembered for a text's hash (now most recently used), or None."""
+        with self._lock:
+            return _lru_get(self._text_hashes, text_key)
+
+    def remember_content_hash(self, text_key: str, content_hash: str) -> None:
+        """Remembers that the text hashed `text_key` holds the bytes hashed `content_hash`."""
+        with self._lock:
+            _lru_put(self._text_hashes, text_key, content_hash, self.max_entries)
+
     def put(self, key: str, facts: MediaFacts) -> None:
         """Remembers `facts` for `key`, evicting the least recently used entries over the bound."""
         with self._lock:
-            self._entries[key] = facts
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-                self.evictions += 1
+            self.evictions += _lru_put(self._entries, key, facts, self.max_entries)
 
     @contextmanager
     def loading(self, key: str) -> Iterator[bool]:
@@ -143,6 +173,7 @@ class RawMediaCache:
         with self._lock:
             self._entries.clear()
             self._live.clear()
+            self._text_hashes.clear()
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and logs."""

@@ -26,15 +26,23 @@ def parse_data_url(url: str, *, max_bytes: int | None = None) -> tuple[str, byte
     if "base64" in (p.strip().lower() for p in params[1:]):
         if max_bytes is not None and len(payload) * 3 // 4 > max_bytes:
             raise MediaError(f"data URL payload exceeds the {max_bytes}-byte limit")
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise MediaError("data URL payload is not valid base64") from None
+        data = _strict_base64(payload)
     else:
         data = unquote(payload).encode("latin-1", errors="replace")
     if max_bytes is not None and len(data) > max_bytes:
         raise MediaError(f"data URL payload exceeds the {max_bytes}-byte limit")
     return media_type, data
+
+
+def _strict_base64(payload: str) -> bytes:
+    """Standard base64, whitespace allowed (line-wrapped payloads), anything else refused."""
+    try:
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error:  # maybe whitespace: strip it (a copy) and try again
+            return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("data URL payload is not valid base64") from None
 
 
 def local_path_of(url: str) -> Path | None:

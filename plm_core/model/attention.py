@@ -105,23 +105,30 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
     """Attention of a prompt chunk to `prefix` cached tokens plus itself (causal).
 
-    q: [nh, n, D]; k, v: [nh, ctx, D]. On CPU the two parts run in the flash kernel (the cached
-    part unmasked, the chunk causal) and are merged with their log-sum-exps; an explicit
-    bottom-right causal mask would force SDPA's much slower math kernel (measured: 0.51 s vs 0.55 s
-    for a 2048-token chunk at 9,500 tokens of context, and the gap grows with the chunk).
+    q: [nh, n, D]; k, v: [nkv, ctx, D], each kv head shared by nh / nkv query heads. On CPU the
+    two parts run in the flash kernel (the cached part unmasked, the chunk causal) and are merged
+    with their log-sum-exps; an explicit bottom-right causal mask would force SDPA's much slower
+    math kernel (measured: 0.51 s vs 0.55 s for a 2048-token chunk at 9,500 tokens of context, and
+    the gap grows with the chunk). The cached part takes each kv head's query heads as more
+    queries, so its keys and values are never copied per query head; only the chunk's are.
     Elsewhere: SDPA with the boolean mask.
     """
-    n, ctx = q.shape[1], k.shape[1]
+    nh, n, dim = q.shape
+    nkv, ctx = k.shape[0], k.shape[1]
     if q.device.type == "cpu" and _CPU_FLASH is not None and prefix > 0:
-        # [1, nh, n, D], [1, nh, n]
-        o1, lse1 = _CPU_FLASH(q[None], k[None, :, :prefix], v[None, :, :prefix])[:2]
-        o2, lse2 = _CPU_FLASH(q[None], k[None, :, prefix:], v[None, :, prefix:], is_causal=True)[:2]
+        grouped = q.reshape(nkv, (nh // nkv) * n, dim)  # [nkv, group * n, D]
+        o1, lse1 = _CPU_FLASH(grouped[None], k[None, :, :prefix], v[None, :, :prefix])[:2]
+        o1, lse1 = o1.reshape(1, nh, n, dim), lse1.reshape(1, nh, n)
+        own_k, own_v = _expand_kv(k[:, prefix:], nh), _expand_kv(v[:, prefix:], nh)
+        o2, lse2 = _CPU_FLASH(q[None], own_k[None], own_v[None], is_causal=True)[:2]
         m = torch.maximum(lse1, lse2)
         w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
         merged: torch.Tensor = ((o1.float() * w1 + o2.float() * w2) / (w1 + w2))[0]
         return merged.to(q.dtype)
     mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+    return F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, enable_gqa=True
+    )[0]
 
 
 def paged_attention(
@@ -155,9 +162,7 @@ def paged_attention(
                 query[None], keys[None], values[None], enable_gqa=True
             )[0]
         else:  # a chunk after cached tokens: query j sees keys up to (ctx - n) + j
-            o = chunk_attention(
-                query, _expand_kv(keys, n_heads), _expand_kv(values, n_heads), ctx - n
-            )
+            o = chunk_attention(query, keys, values, ctx - n)
         out[s : s + n] = o.transpose(0, 1)
     if meta.decode_seqs:
         rows, padded = meta.decode_rows, meta.decode_slots
