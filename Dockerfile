@@ -1,10 +1,14 @@
-# syntax=docker/dockerfile:1
-# plm-serve: the OpenAI-compatible PerceptionLM server.
+# plm-serve: the OpenAI-compatible PerceptionLM server. Needs BuildKit (Docker 23+, or
+# DOCKER_BUILDKIT=1 with Docker 20.10); no `# syntax` line, so no frontend image is pulled.
 #
 #   docker build -t plm-serve:cuda .                          # NVIDIA GPUs (the default)
 #   docker build --build-arg VARIANT=cpu -t plm-serve:cpu .   # machines without a GPU
 #   docker run --gpus all -p 8000:8000 -v hf-cache:/cache -e HF_TOKEN plm-serve:cuda
 #   docker run -p 8000:8000 -v hf-cache:/cache plm-serve:cpu --demo tiny
+#
+# Offline or behind a proxy: scripts/docker_build.sh builds the CPU image on a Debian base made with
+# debootstrap (CPU_IMAGE), installs the wheels from local package indexes (CPU_TORCH_INDEX,
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL) and passes a CA bundle to pip as the `pip_ca` build secret.
 #
 # Arguments after the image name replace CMD (the model) and are appended to the ENTRYPOINT, which
 # keeps --host 0.0.0.0 --port 8000. tests/test_deploy_files.py runs this file's wheel build,
@@ -34,34 +38,51 @@ RUN apt-get update \
 FROM base AS builder
 ARG VARIANT
 ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Where every other package comes from, and further indexes (space-separated; a local mirror, for
+# one). pip reads both from the environment, and takes a version that several indexes list from the
+# first of them.
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_EXTRA_INDEX_URL=
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN python -m pip install --no-cache-dir --upgrade pip "setuptools>=77"
+ENV PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
+# The optional `pip_ca` secret is a CA bundle for pip (a proxy's own CA); it is not kept in the image.
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && python -m pip install --no-cache-dir --upgrade pip "setuptools>=77"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone, so that a rebuild after a code change reuses this
+# (by far the largest) layer. The CPU variant takes torch/torchvision from PyTorch's CPU index (no
+# CUDA libraries, a fraction of the size) and everything else from PIP_INDEX_URL. xgrammar asks for
+# triton (for its own GPU mask kernel, which plm-serve does not use); the CPU image drops it (~0.9 GB).
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip_ca \
+    if [ "$VARIANT" = cpu ]; then \
+      export PIP_EXTRA_INDEX_URL="$PIP_INDEX_URL $PIP_EXTRA_INDEX_URL" PIP_INDEX_URL="$CPU_TORCH_INDEX"; \
+    fi \
+ && if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+ && python -m pip install -r /tmp/requirements.txt \
+ && if [ "$VARIANT" = cpu ]; then python -m pip uninstall -y triton; fi
+COPY README.md ./
 COPY plm_core ./plm_core
 COPY server ./server
-# The project alone as a wheel (tests/test_deploy_files.py runs this very command on the repository).
+# The project alone as a wheel (tests/test_deploy_files.py runs this very command on the repository),
+# installed apart from the virtualenv (its `plm-serve` script runs the virtualenv's Python), so that
+# the image's copy of the virtualenv stays the same layer when only the code changes.
 RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
-# Then the wheel with its dependencies. The CPU variant takes torch/torchvision from PyTorch's CPU
-# index (no CUDA libraries, a fraction of the size) and everything else from PyPI. xgrammar asks for
-# triton (for its own GPU mask kernel, which plm-serve does not use); the CPU image drops it (~0.9 GB).
-RUN --mount=type=cache,target=/root/.cache/pip \
-    case "$VARIANT" in \
-      cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple" ;; \
-      *) index="" ;; \
-    esac \
- && python -m pip install $index /wheels/plm_serve-*.whl \
- && if [ "$VARIANT" = cpu ]; then python -m pip uninstall -y triton; fi
+RUN PYTHONDONTWRITEBYTECODE=1 python -m pip install --no-cache-dir --no-deps \
+      --target /opt/plm-serve /wheels/plm_serve-*.whl
 
 # The image: Python, the virtualenv and nothing to build with.
 FROM base AS runtime
 RUN useradd --create-home --uid 10001 --user-group plm
 COPY --from=builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+COPY --from=builder /opt/plm-serve /opt/plm-serve
+ENV PATH=/opt/plm-serve/bin:/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/plm-serve \
     HOME=/home/plm \
     HF_HOME=/cache/huggingface \
     PLM_SERVE_CACHE=/cache/plm-serve

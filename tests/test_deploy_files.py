@@ -207,8 +207,11 @@ def test_dockerfile_runtime_settings(dockerfile):
     env = " ".join(final.all("ENV"))
     assert "HF_HOME=/cache/" in env, "the hub cache lives on the volume"
     assert "PLM_SERVE_CACHE=/cache/" in env, "so do the --demo checkpoints"
+    # the dependencies' virtualenv and the project beside it, both on PATH, the project importable
     assert "--from=builder /opt/venv /opt/venv" in final.all("COPY")
-    assert "PATH=/opt/venv/bin:" in env
+    assert "--from=builder /opt/plm-serve /opt/plm-serve" in final.all("COPY")
+    assert "PATH=/opt/plm-serve/bin:/opt/venv/bin:" in env
+    assert "PYTHONPATH=/opt/plm-serve " in env + " "
     argv = entrypoint_and_cmd(dockerfile)
     assert argv[0] == "plm-serve"
     args = server_args(argv)
@@ -222,19 +225,45 @@ def test_dockerfile_cpu_variant_uses_the_cpu_torch_index(dockerfile):
     builder = dockerfile.stage("builder")
     defaults = dict(a.partition("=")[::2] for a in builder.all("ARG"))
     assert defaults["CPU_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
-    install = next(run for run in builder.all("RUN") if "pip install" in run and "/wheels/" in run)
+    assert defaults["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    install = dependency_install(dockerfile)
     assert (
-        'cpu) index="--index-url $CPU_TORCH_INDEX --extra-index-url https://pypi.org/simple"'
-        in install
+        'export PIP_EXTRA_INDEX_URL="$PIP_INDEX_URL $PIP_EXTRA_INDEX_URL" '
+        'PIP_INDEX_URL="$CPU_TORCH_INDEX"' in install
     )
+
+
+def dependency_install(dockerfile) -> str:
+    """The builder's RUN that installs the dependencies (from pyproject.toml, before the code)."""
+    builder = dockerfile.stage("builder")
+    return next(run for run in builder.all("RUN") if "pip install -r" in run)
+
+
+def test_dependencies_install_before_the_code_is_copied(dockerfile):
+    """A code change must not invalidate the dependency layer: only pyproject.toml comes first."""
+    steps = dockerfile.stage("builder").instructions
+    copies = [i for i, (ins, _) in enumerate(steps) if ins == "COPY"]
+    install = next(i for i, (ins, a) in enumerate(steps) if ins == "RUN" and "pip install -r" in a)
+    assert steps[copies[0]][1].split() == ["pyproject.toml", "./"]
+    assert copies[0] < install < copies[1]
+    tomllib = pytest.importorskip("tomllib")  # the image's Python has it (3.11+)
+    # the list installed is the project's dependencies as pyproject.toml gives them
+    code = install_requirements_code(steps[install][1])
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert done.stdout.splitlines() == deps
+
+
+def install_requirements_code(run: str) -> str:
+    """The Python one-liner in the dependency RUN that prints the requirements."""
+    argv = shlex.split(run)
+    return argv[argv.index("-c") + 1]
 
 
 def test_cpu_image_drops_triton_which_structured_outputs_never_import(dockerfile):
-    install = next(
-        run
-        for run in dockerfile.stage("builder").all("RUN")
-        if "pip install" in run and "/wheels/" in run
-    )
+    install = dependency_install(dockerfile)
     assert 'if [ "$VARIANT" = cpu ]; then python -m pip uninstall -y triton; fi' in install
     # triton is hidden as if it were not installed (torch and xgrammar import it only when present)
     code = (
@@ -466,35 +495,46 @@ def test_compose_traefik_settings(compose):
     assert static["providers"]["file"]["filename"] == "/etc/traefik/dynamic.yml"
 
 
+def compose_clis() -> list[list[str]]:
+    """The Compose CLIs here: v2 (`docker compose`) and v1 (Debian's `docker-compose`)."""
+    found = []
+    if shutil.which("docker") is not None:
+        v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if v2.returncode == 0:
+            found.append(["docker", "compose"])
+    if shutil.which("docker-compose") is not None:
+        found.append(["docker-compose"])
+    return found
+
+
 def test_compose_config_parses_with_docker():
-    if shutil.which("docker") is None:
-        pytest.skip("no docker CLI")
-    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    if version.returncode != 0:
-        reason = (version.stderr.strip().splitlines() or ["no output"])[0]
-        pytest.skip(
-            f"`docker compose` is not available here (the CLI has no compose plugin): {reason}"
+    """Every profile's services, with each Compose here: the file is kept to what v1 and v2 both
+    take (the project name is in .env, not a v2-only top-level `name:`)."""
+    clis = compose_clis()
+    if not clis:
+        pytest.skip("no Compose here (neither `docker compose` nor `docker-compose`)")
+    for cli in clis:
+        profiles = ["--profile", "gpu", "--profile", "cpu", "--profile", "monitoring"]
+        done = subprocess.run(
+            [*cli, "-f", str(COMPOSE), *profiles, "config"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
         )
-    done = subprocess.run(
-        [
-            "docker",
-            "compose",
-            "-f",
-            str(COMPOSE),
-            "--profile",
-            "gpu",
-            "--profile",
-            "cpu",
-            "--profile",
-            "monitoring",
-            "config",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+        assert done.returncode == 0, (cli, done.stderr)
+        config = yaml.safe_load(done.stdout)
+        expected = {"traefik", "plm-gpu0", "plm-gpu1", "plm-cpu", "prometheus", "grafana"}
+        assert set(config["services"]) == expected, cli
+
+
+def test_compose_project_name_is_set_for_v1_and_v2():
+    env = dict(
+        line.split("=", 1)
+        for line in (REPO / ".env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
     )
-    assert done.returncode == 0, done.stderr
+    assert env["COMPOSE_PROJECT_NAME"] == "plm-serve"
+    assert "name" not in yaml.safe_load(COMPOSE.read_text())
 
 
 # --- Prometheus and Grafana -----------------------------------------------------------------------
