@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import httpx
 import pytest
@@ -132,3 +133,19 @@ def test_preprocessing_leaves_the_engine_threads_alone(engine):
     before = fresh_thread_threads()
     assert _post(engine, BODY).status_code == 200
     assert fresh_thread_threads() == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
+def test_uvicorn_takes_uvloop_and_httptools():
+    """The server's HTTP edge runs on uvloop and httptools (dependencies in pyproject.toml), which
+    uvicorn picks by itself: without them it falls back to asyncio's loop and h11, slower."""
+    import uvicorn
+
+    config = uvicorn.Config(build_app(ServerState(ServerConfig())))
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    loop = config.get_loop_factory()()
+    try:
+        assert type(loop).__module__.startswith("uvloop"), type(loop)
+    finally:
+        loop.close()
