@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import math
 import sys
@@ -107,6 +108,7 @@ def _load(state: ServerState, server: DrainingServer, load_failed: list[BaseExce
         server.should_exit = True
         return
     engine.on_dead = lambda: setattr(server, "should_exit", True)  # an orchestrator restarts us
+    freeze_startup_heap()
     state.engine = engine  # from here on /ready is 200
     log.info(
         "serving %s as '%s' on %s (%s); KV cache %d tokens; max_model_len %d; http://%s:%d",
@@ -119,6 +121,16 @@ def _load(state: ServerState, server: DrainingServer, load_failed: list[BaseExce
         config.host,
         config.port,
     )
+
+
+def freeze_startup_heap() -> None:
+    """Moves every object alive now (the model's modules, the tokenizer's vocabulary, the KV
+    cache's bookkeeping: hundreds of thousands) out of the garbage collector's reach, as vLLM's
+    engine does after it starts. They live as long as the process, and the collector's full passes
+    over them stopped every thread for 100-250 ms at random moments (measured on the tiny
+    checkpoint: one 196 ms pass over 436,000 objects, a 248 ms gap in four streams)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _engine_config(config: ServerConfig) -> EngineConfig:

@@ -331,8 +331,18 @@ class Stack:
         )
 
 
+def served_model() -> str:
+    """The model name the stack's replicas serve (the file's command sets none)."""
+    (model,) = httpx.get(f"{BALANCER}/v1/models", timeout=10).json()["data"]
+    return model["id"]
+
+
 def post_many(n: int) -> list[int]:
-    body = {"model": "plm", "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 3}
+    body = {
+        "model": served_model(),
+        "messages": [{"role": "user", "content": "Hi."}],
+        "max_tokens": 3,
+    }
     return [
         httpx.post(f"{BALANCER}/v1/chat/completions", json=body, timeout=60).status_code
         for _ in range(n)
@@ -351,9 +361,7 @@ def stack(cpu_image, traefik_image, tmp_path_factory) -> Iterator[Stack]:
     # to the ports it publishes on this machine.
     override = tmp_path_factory.mktemp("compose") / "compose.test.yml"
     override.write_text(
-        f"services:\n  traefik:\n    image: {traefik_image}\n"
-        f"  plm-cpu:\n    image: {cpu_image}\n    command: "
-        '["--demo", "tiny", "--served-model-name", "plm", "--drain-timeout", "30"]\n'
+        f"services:\n  traefik:\n    image: {traefik_image}\n  plm-cpu:\n    image: {cpu_image}\n"
     )
     project = f"plmtest{uuid.uuid4().hex[:6]}"
     compose = ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override)]
@@ -383,7 +391,7 @@ def test_sse_arrives_unbuffered_through_the_stack(stack):
     arrivals: list[float] = []
     t0 = time.perf_counter()
     body = {
-        "model": "plm",
+        "model": served_model(),
         "messages": [{"role": "user", "content": "Hello."}],
         "max_tokens": 300,
         "ignore_eos": True,
