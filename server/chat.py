@@ -128,7 +128,8 @@ async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRe
     except InputError as e:
         raise APIError(400, str(e), param=constraint_field) from None
     try:
-        messages = await state.fetcher.fetch_request_media(req.messages)
+        messages = state.media_refs.resolve(req.messages)  # parts that send a uuid alone
+        messages = await state.fetcher.fetch_request_media(messages)
         prompt = await engine.preprocess(
             messages,
             media,
@@ -137,6 +138,7 @@ async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRe
         )
     except InputError as e:
         raise input_error(e) from None
+    state.media_refs.remember(messages)  # only media that preprocessed
     n_prompt = len(prompt.prompt_token_ids)
     explicit = req.max_completion_tokens or req.max_tokens
     if explicit is None:

@@ -61,6 +61,11 @@ class ServerConfig:
         metavar="ORIGINS",
     )
     max_media_per_request: int = opt(8, "images + videos per request (checked before any decode)")
+    media_ref_cache_mb: float = opt(
+        512.0,
+        "memory for media named by a content part's `uuid`, which later requests may send without "
+        "the media (least recently used dropped first; 0 turns media by reference off)",
+    )
     allowed_media_domains: tuple[str, ...] = opt(
         (),
         "comma-separated hosts (and their subdomains) http(s) media may come from (default: any)",

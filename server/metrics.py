@@ -45,6 +45,7 @@ class _EngineCollector:
             "Chat requests admitted by the HTTP layer",
             value=self.state.live.pending,
         )
+        yield self._media_ref_lookups()
         if self.state.engine is None:  # still loading: no engine figures yet
             return
         s = self.state.engine.stats()
@@ -92,6 +93,18 @@ class _EngineCollector:
             "Prompt tokens taken from another request in flight (waited for, not recomputed)",
             value=shared.get("shared_tokens", 0),
         )
+
+    def _media_ref_lookups(self) -> CounterMetricFamily:
+        refs = self.state.media_refs
+        lookups = CounterMetricFamily(
+            "plm:media_ref_lookups",
+            "Media parts sent as a uuid alone: hit (the server held the media) or miss "
+            "(400 media_not_cached)",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], refs.hits)
+        lookups.add_metric(["miss"], refs.misses)
+        return lookups
 
 
 class Metrics:

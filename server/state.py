@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from plm_core.engine.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.media_fetch import MediaFetcher
+from server.media_refs import MediaRefs
 from server.metrics import Metrics
 
 
@@ -36,6 +37,7 @@ class ServerState:
             allow_private=config.allow_private_media_hosts,
             allowed_domains=list(config.allowed_media_domains),
         )
+        self.media_refs = MediaRefs(int(config.media_ref_cache_mb * 2**20))
         # output constraints compile here, apart from media preprocessing, so slow ones delay
         # only each other
         self.grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="plm-grammar")

@@ -31,10 +31,8 @@ def engine(tiny_checkpoint):
     engine.shutdown()
 
 
-def _post(engine: AsyncEngine, body: dict, **server) -> httpx.Response:
-    config = ServerConfig(served_model_name=MODEL, engine=engine.runtime.config, **server)
-    state = ServerState(config)
-    state.engine = engine
+def asgi_chat(state: ServerState, body: dict) -> httpx.Response:
+    """One chat completion through the app in this process (no socket); errors as responses."""
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=build_app(state), raise_app_exceptions=False)
@@ -42,6 +40,13 @@ def _post(engine: AsyncEngine, body: dict, **server) -> httpx.Response:
             return await client.post("/v1/chat/completions", json=body, timeout=60)
 
     return asyncio.run(go())
+
+
+def _post(engine: AsyncEngine, body: dict, **server) -> httpx.Response:
+    config = ServerConfig(served_model_name=MODEL, engine=engine.runtime.config, **server)
+    state = ServerState(config)
+    state.engine = engine
+    return asgi_chat(state, body)
 
 
 def test_a_chat_completes(engine):
