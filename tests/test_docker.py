@@ -114,6 +114,19 @@ def wait_healthy(container: str, timeout_s: float = 300) -> float:
     raise AssertionError(f"not healthy after {timeout_s} s: {docker('logs', container).stderr}")
 
 
+def wait_ready(base: str, container: str, timeout_s: float = 300) -> float:
+    """Seconds until the server's /ready answers 200 (its model loaded)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"not ready after {timeout_s} s: {docker('logs', container).stderr}")
+
+
 def stream_chat(base: str, content, max_tokens: int, on_chunk=None, model="plm") -> dict:
     """One streamed chat with the official client: the text, finish reason and chunk count."""
     from openai import OpenAI
@@ -156,7 +169,10 @@ def container(cpu_image) -> Iterator[str]:
     )  # fmt: skip
     try:
         took = wait_healthy(name)
-        print(f"healthy {took:.1f} s after `docker run`")
+        # the image's check is liveness (/health answers while the model loads); requests need
+        # readiness, as a load balancer's check would
+        ready = wait_ready(f"http://127.0.0.1:{PORT}", name)
+        print(f"healthy {took:.1f} s and ready {took + ready:.1f} s after `docker run`")
         yield name
     finally:
         docker("rm", "-f", name, check=False)
