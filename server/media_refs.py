@@ -47,18 +47,22 @@ class MediaRefs:
         return self._size
 
     def resolve(self, messages: list[Any]) -> list[Any]:
-        """A copy of the messages with each uuid-only part given the media its uuid holds; an
-        APIError names the first part whose uuid is bad or not held."""
-        out = []
+        """A new list of the messages with each uuid-only part given the media its uuid holds
+        (only a message with such a part is copied); an APIError names the first part whose uuid
+        is bad or not held."""
+        out = list(messages)
         for i, msg in enumerate(messages):
-            if isinstance(msg, dict) and isinstance(msg.get("content"), list):
-                parts = list(msg["content"])
-                for j, part in enumerate(parts):
-                    named = _named(part, f"messages[{i}].content[{j}]")
-                    if named is not None and named[2] is None:
-                        parts[j] = self._filled(part, *named[:2], f"messages[{i}].content[{j}]")
-                msg = dict(msg, content=parts)
-            out.append(msg)
+            if not (isinstance(msg, dict) and isinstance(msg.get("content"), list)):
+                continue
+            parts = msg["content"]
+            for j, part in enumerate(msg["content"]):
+                where = f"messages[{i}].content[{j}]"
+                named = _named(part, where)
+                if named is not None and named[2] is None:
+                    if parts is msg["content"]:  # the first filled part: copy this message
+                        parts = list(parts)
+                        out[i] = dict(msg, content=parts)
+                    parts[j] = self._filled(part, named[0], named[1], where)
         return out
 
     def remember(self, messages: list[Any]) -> None:
