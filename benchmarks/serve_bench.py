@@ -8,6 +8,9 @@ It reports latency and throughput per server, for a sweep of load levels or a na
     # a named scenario (burst, repeat, interference) against the real `transformers serve`
     .venv/bin/python benchmarks/serve_bench.py --scenario burst --launch plm-serve \\
         --launch transformers-serve --model CHECKPOINT_DIR --out serve-burst
+    # conversations across 3 replicas behind each balancer (starts replicas and balancers itself)
+    .venv/bin/python benchmarks/serve_bench.py --scenario multiturn --model CHECKPOINT_DIR \\
+        --setups single,round-robin,haproxy,haproxy-uuid --out multiturn
     # servers already running
     .venv/bin/python benchmarks/serve_bench.py --target plm-serve=http://127.0.0.1:8000 \\
         --request-rate 2,inf
@@ -73,6 +76,8 @@ from serve_launchers import (  # noqa: F401
     stop,
     stop_server,
 )
+from serve_multiturn_bench import add_multiturn_args, bench_multiturn
+from serve_multiturn_bench import report_markdown as multiturn_report
 from serve_results import (  # noqa: F401
     command_line,
     environment,
@@ -848,6 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add_scenario_args(ap)
+    add_multiturn_args(ap)
     load.add_argument(
         "--request-timeout",
         type=float,
@@ -884,12 +890,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         out = Path(args.replot)
         results = json.loads((out / "results.json").read_text())
-        if "scenario" in results:
+        if results.get("scenario") == "multiturn":
+            (out / "report.md").write_text(multiturn_report(results))
+        elif "scenario" in results:
             (out / "report.md").write_text(scenario_report(results))
         else:
             write_report(results, out)
         print(f"wrote {out / 'report.md'}", file=sys.stderr)
         return 0
+    argv_used = sys.argv[1:] if argv is None else argv
+    if args.scenario == "multiturn":  # starts its own replicas and balancers
+        return bench_multiturn(args, argv_used)
     targets = []
     for spec in args.target:
         name, sep, url = spec.partition("=")
@@ -903,7 +914,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--launch needs --model CHECKPOINT_DIR")
     if len({t.name for t in targets}) != len(targets):
         ap.error("target names must be distinct")
-    argv_used = sys.argv[1:] if argv is None else argv
     if args.scenario != "sweep":
         return bench_scenario(args, targets, argv_used)
     try:

@@ -44,7 +44,9 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     chunk_at_s: list[float] = field(default_factory=list)  # content chunk arrivals, from run start
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     output_tokens: int | None = None
+    served_by: str | None = None  # the balancer's X-Served-By header, where it sends one
     content_chunks: int = 0
     finish_reason: str | None = None
     text: str = ""
@@ -97,6 +99,8 @@ class StreamParser:
         if event.get("usage"):
             rec.prompt_tokens = event["usage"].get("prompt_tokens")
             rec.output_tokens = event["usage"].get("completion_tokens")
+            details = event["usage"].get("prompt_tokens_details") or {}
+            rec.cached_tokens = details.get("cached_tokens")
         for choice in event.get("choices") or []:
             content = (choice.get("delta") or {}).get("content")
             if content:
@@ -142,6 +146,7 @@ async def send(
     run_start: float,
     expect_done: bool = True,
     on_content: OnContent | None = None,
+    headers: dict[str, str] | None = None,
 ) -> RequestRecord:
     """Sends one streamed chat and times it; never raises (failures land in the record)."""
     rec = RequestRecord(req.index, req.kind, req.media_id, req.reused)
@@ -149,9 +154,13 @@ async def send(
     rec.start_s = sent_at - run_start
     try:
         async with client.stream(
-            "POST", url, content=body, headers={"content-type": "application/json"}
+            "POST",
+            url,
+            content=body,
+            headers={"content-type": "application/json", **(headers or {})},
         ) as resp:
             rec.status = resp.status_code
+            rec.served_by = resp.headers.get("x-served-by")
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 rec.error = f"HTTP {resp.status_code}: {text[:300]}"

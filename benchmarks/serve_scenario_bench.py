@@ -40,10 +40,11 @@ def add_scenario_args(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--scenario",
-        choices=["sweep", *SCENARIOS],
+        choices=["sweep", *SCENARIOS, "multiturn"],
         default="sweep",
         help="sweep: the concurrency/rate sweep above; burst, repeat, interference: the named "
-        "scenarios (see serve_scenarios.py) (default: %(default)s)",
+        "scenarios (see serve_scenarios.py); multiturn: conversations across replicas behind "
+        "balancers (serve_multiturn.py) (default: %(default)s)",
     )
     for flag, default, text in (
         ("--burst-photos", d.burst_photos, "burst: photos"),

