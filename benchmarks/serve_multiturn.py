@@ -49,6 +49,10 @@ FOLLOW_UPS = [
 ]
 OPENERS = ["Describe this photo.", "What happens in this video?"]
 KEYS = ("none", "header", "body")
+# Connection errors before any response (nothing reached a replica, or the connection broke before
+# the status line) are re-sent up to this many times, as the OpenAI SDK does (max_retries=2; it
+# also re-sends 429s and 5xx, which this client does not). Each row says how many it took.
+CONNECTION_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -156,9 +160,14 @@ async def run_multiturn(
             raw = json.dumps(body).encode()
             req = BenchRequest(len(rows), conv.kind, messages, conv.name, turn > 0)
             sent_at = time.perf_counter()
-            rec: RequestRecord = await send(
-                client, url, req, raw, start, dialect.sends_done, headers=headers
-            )
+            retries, retried_for = 0, None
+            while True:
+                rec: RequestRecord = await send(
+                    client, url, req, raw, start, dialect.sends_done, headers=headers
+                )
+                if rec.ok or rec.status is not None or retries == CONNECTION_RETRIES:
+                    break
+                retries, retried_for = retries + 1, rec.error
             conv.messages.append({"role": "assistant", "content": rec.text or "(no answer)"})
             rows.append(
                 {
@@ -167,6 +176,8 @@ async def run_multiturn(
                     "kind": conv.kind,
                     "body_bytes": len(raw),
                     "sent_at": sent_at,  # perf_counter: compared with events outside the run
+                    "connection_retries": retries,
+                    "retried_for": retried_for,  # the first attempt's error
                     **rounded(asdict(rec)),
                 }
             )
@@ -201,6 +212,7 @@ def summarize(rows: list[dict], per_replica: list[float], wall_s: float) -> dict
         "requests": len(rows),
         "failed": len(rows) - len(ok),
         "failures": [r["error"] for r in rows if not r["ok"]][:10],
+        "connection_retries": sum(r.get("connection_retries", 0) for r in rows),
         "wall_s": wall_s,
         "hit_rate": hit_rate(ok),
         "hit_rate_follow_ups": hit_rate(follow),

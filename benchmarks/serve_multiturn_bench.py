@@ -159,6 +159,7 @@ def kill_summary(rows: list[dict], killed: list) -> dict:
         "killed": victim,
         "requests_after_kill": len(after),
         "failed_after_kill": sum(not r["ok"] for r in after),
+        "retried_after_kill": sum(r.get("connection_retries", 0) > 0 for r in after),
         "failed_in_all": sum(not r["ok"] for r in rows),
         "live_conversations": live_convs,
         "live_conversations_moved": moved_live,
@@ -236,8 +237,8 @@ def report_markdown(results: dict) -> str:
     cfg = results["config"]
     lines += [
         "",
-        f"{cfg['conversations']} conversations x {cfg['turns']} turns (every "
-        f"{cfg['video_every']}rd a video), {cfg['concurrency']} requests in flight, "
+        f"{cfg['conversations']} conversations x {cfg['turns']} turns (1 in {cfg['video_every']} "
+        f"about a video, the others a photo), {cfg['concurrency']} requests in flight, "
         f"{cfg['max_tokens']} output tokens per turn; checkpoint `{results['checkpoint']}`.",
         "Hit rate: cached / prompt tokens over all requests (usage.prompt_tokens_details). "
         "Follow-up: turns 2 and later.",
@@ -269,7 +270,9 @@ def report_markdown(results: dict) -> str:
             f"- killed `{k['killed']}` (SIGKILL) after {results.get('kill_after', '')} finished "
             f"requests; {k['requests_after_kill']} requests started after its last answer, "
             f"{k['failed_after_kill']} of them failed ({k['failed_in_all']} failed in all: "
-            "requests in flight on the killed replica)",
+            "requests in flight on the killed replica); "
+            f"{k.get('retried_after_kill', 0)} needed a client retry after a connection error "
+            "(the OpenAI SDK's rule, see serve_multiturn.CONNECTION_RETRIES)",
             f"- conversations that started on a live replica: {k['live_conversations']}; of them "
             f"changed replica: {k['live_conversations_moved']}",
         ]

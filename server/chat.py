@@ -179,9 +179,12 @@ async def _deltas(
     """The engine's deltas for the chat, timed; engine failures as APIErrors."""
     timers = [_Timer(state.metrics, chat.arrival) for _ in range(chat.params.n)]
     stream = engine.generate(chat.request_id, chat.prompt, chat.params, priority=chat.priority)
+    n_prompt = len(chat.prompt.prompt_token_ids)
     try:
         async for delta in stream:
             timers[delta.index].token(delta.finished)
+            if delta.finished and delta.index == 0 and n_prompt:
+                state.metrics.cached_ratio.observe(delta.num_cached_tokens / n_prompt)
             yield delta
     except EngineDeadError as e:
         raise APIError(500, f"the engine failed: {e}", type="server_error") from None

@@ -27,6 +27,8 @@ LATENCY_BUCKETS = (
     80.0,
 )
 
+CACHED_RATIO_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
 
 class _EngineCollector:
     """Reads the engine's stats object when Prometheus scrapes."""
@@ -129,6 +131,13 @@ class Metrics:
             "plm:e2e_request_latency_seconds",
             "Request latency, arrival to last token",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cached_ratio = Histogram(
+            "plm:request_cached_prompt_ratio",
+            "Per finished request: the share of its prompt tokens served from the prefix cache "
+            "(0: a miss; near 1: the conversation's replica held its media and history)",
+            buckets=CACHED_RATIO_BUCKETS,
             registry=self.registry,
         )
         self.rejected = Counter(

@@ -170,3 +170,37 @@ def test_media_that_fails_to_preprocess_is_not_held(state):
     assert post(state, user(image_part(bad, "broken"))).status_code == 400
     missing = post(state, user(image_part(None, "broken")))
     assert missing.json()["error"]["code"] == "media_not_cached"
+
+
+def _ratio_buckets(state: ServerState) -> dict[str, float]:
+    """plm:request_cached_prompt_ratio's cumulative bucket counts by `le`."""
+    out = {}
+    for line in state.metrics.render().decode().splitlines():
+        if line.startswith("plm:request_cached_prompt_ratio_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_each_request_records_the_share_of_its_prompt_that_was_cached(state):
+    """A first sight of a photo is a miss (at most the chat template's opening tokens, shared with
+    earlier requests, are cached); the next turn on the same replica is mostly cached; the
+    histogram counts one observation per request, in the right buckets."""
+    before = _ratio_buckets(state)
+    url = png_url(20, size=(300, 200))
+    first = post(state, user(image_part(url)))
+    after_first = _ratio_buckets(state)
+    usage = first.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] / usage["prompt_tokens"] < 0.25
+    assert after_first["0.25"] == before.get("0.25", 0) + 1
+    answer = first.json()["choices"][0]["message"]["content"]
+    turn2 = [*user(image_part(url)), {"role": "assistant", "content": answer}]
+    turn2.append({"role": "user", "content": "And the colours?"})
+    second = post(state, turn2)
+    usage = second.json()["usage"]
+    ratio = usage["prompt_tokens_details"]["cached_tokens"] / usage["prompt_tokens"]
+    after_second = _ratio_buckets(state)
+    assert ratio > 0.75
+    assert after_second["+Inf"] == after_first["+Inf"] + 1
+    assert after_second["0.75"] == after_first["0.75"]  # above 0.75: not in that bucket
+    assert after_second["1.0"] == after_first["1.0"] + 1
