@@ -30,6 +30,7 @@ from serve_launchers import REPO, free_port, server_command, start_server, stop_
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 BALANCERS = ("direct", "haproxy", "haproxy-rr", "vllm-router", "sglang-router")
 SERVED = "plm:e2e_request_latency_seconds_count"  # one per finished completion choice
+SERVED_NAME = "plm-bench"  # the model name every replica serves
 
 
 @dataclass
@@ -53,17 +54,23 @@ class Replica:
         return total
 
 
+def start_replica(
+    name: str, model: str, port: int, log_dir: Path, extra: list[str], timeout_s: float = 300
+) -> Replica:
+    """One plm-serve replica on `port` (a restart: the port it had), once /ready answers."""
+    base = f"http://127.0.0.1:{port}"
+    cmd = server_command("plm-serve", model, port, SERVED_NAME, extra)
+    proc = start_server(cmd, base, ["/ready"], log_dir / f"replica-{name}.log", timeout_s)
+    return Replica(name, base, proc)
+
+
 def start_replicas(
-    model: str, n: int, log_dir: Path, extra: list[str], name: str = "plm-bench", timeout_s=300
+    model: str, n: int, log_dir: Path, extra: list[str], timeout_s: float = 300
 ) -> list[Replica]:
     """n plm-serve replicas on free ports, started together; all ready or none left running."""
 
     def one(i: int) -> Replica:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        cmd = server_command("plm-serve", model, port, name, extra)
-        proc = start_server(cmd, base, ["/ready"], log_dir / f"replica-r{i}.log", timeout_s)
-        return Replica(f"r{i}", base, proc)
+        return start_replica(f"r{i}", model, free_port(), log_dir, extra, timeout_s)
 
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(one, i) for i in range(n)]

@@ -268,7 +268,7 @@ def report_markdown(results: dict) -> str:
             "## One of three replicas killed mid-run (HAProxy, X-Session-Id keys)",
             "",
             f"- killed `{k['killed']}` (SIGKILL) after {results.get('kill_after', '')} finished "
-            f"requests; {k['requests_after_kill']} requests started after its last answer, "
+            f"requests; {k['requests_after_kill']} requests were sent after the kill, "
             f"{k['failed_after_kill']} of them failed ({k['failed_in_all']} failed in all: "
             "requests in flight on the killed replica); "
             f"{k.get('retried_after_kill', 0)} needed a client retry after a connection error "
@@ -301,7 +301,7 @@ def checks(setups: dict) -> list[str]:
         each = uuid["video_bytes_each"]["mean"]
         conv = uuid["video_conversation_bytes"]["mean"]
         out.append(
-            f"- with uuid references a 4-turn video conversation uploads {conv / 1e6:.2f} MB for a "
-            f"{each / 1e6:.2f} MB first turn (the video once: {conv / each:.2f}x the first turn)"
+            f"- with uuid references a 4-turn video conversation uploads {conv / 1e3:.1f} KB for a "
+            f"{each / 1e3:.1f} KB first turn (the video once: {conv / each:.2f}x the first turn)"
         )
     return out

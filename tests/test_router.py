@@ -32,6 +32,7 @@ from serve_cluster import (  # noqa: E402
     haproxy_config,
     router_binary,
     start_balancer,
+    start_replica,
     start_replicas,
     stop_replicas,
 )
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.slow
 MODEL = "plm-bench"  # the name serve_cluster's replicas serve
 CHAT = "/v1/chat/completions"
 KEYS = [f"session-{i}" for i in range(24)]
+REPLICA_FLAGS = ["--drain-timeout", "120"]
 
 
 def png_url(seed: int, size=(160, 120)) -> str:
@@ -75,12 +77,13 @@ def cluster(tmp_path_factory):
     if problem:
         pytest.skip(f"{problem}; scripts/test.sh installs it where it runs as root")
     work = tmp_path_factory.mktemp("router")
-    replicas = start_replicas(str(checkpoint_path("tiny")), 3, work, ["--drain-timeout", "120"])
+    replicas = start_replicas(str(checkpoint_path("tiny")), 3, work, REPLICA_FLAGS)
     try:
         bal = start_balancer("haproxy", replicas, work)
     except BaseException:
         stop_replicas(replicas)
         raise
+    bal.work = work  # type: ignore[attr-defined]  # where a restarted replica logs
     yield bal
     bal.stop()
     stop_replicas(replicas)
@@ -221,9 +224,10 @@ class Stream(threading.Thread):
         ]
 
 
-def test_a_killed_replica_moves_only_its_keys(cluster):
+def test_a_killed_replica_moves_only_its_keys_and_gets_them_back(cluster):
     """SIGKILL on the replica running a stream: new requests all succeed, before and after the
-    health check notices; keys of the live replicas keep their replica, the dead one's move."""
+    health check notices; keys of the live replicas keep their replica, the dead one's move; when
+    it returns (same address) it gets exactly its own keys back and nothing else moves."""
     before = key_map(cluster.url)
     stream = Stream(cluster.url, KEYS[0])
     stream.start()
@@ -242,23 +246,36 @@ def test_a_killed_replica_moves_only_its_keys(cluster):
         }
     stream.join(30)
     assert not stream.lines or stream.lines[-1] != "data: [DONE]"
+    port = int(victim.base.rsplit(":", 1)[1])
+    back = start_replica(
+        victim.name, str(checkpoint_path("tiny")), port, cluster.work, REPLICA_FLAGS
+    )
+    cluster.replicas[cluster.replicas.index(victim)] = back
+    cluster.wait_status({victim.name: "UP"}, timeout_s=20)
+    assert key_map(cluster.url) == before
 
 
 def test_a_draining_replica_gets_no_new_requests_and_finishes_its_stream(cluster):
     live = [r for r in cluster.replicas if r.alive]
     if len(live) < 2:
         pytest.skip("needs two live replicas")
-    key = next(k for k in KEYS if key_map(cluster.url, [k])[k] == live[0].name)
+    draining = live[0]
+    before = key_map(cluster.url)
+    key = next(k for k in KEYS if before[k] == draining.name)
     stream = Stream(cluster.url, key)
     stream.start()
-    assert stream.started.wait(60) and stream.served_by == live[0].name, stream.error
-    live[0].proc.send_signal(signal.SIGTERM)
-    cluster.wait_status({live[0].name: "DOWN"}, timeout_s=10)
+    assert stream.started.wait(60) and stream.served_by == draining.name, stream.error
+    draining.proc.send_signal(signal.SIGTERM)
+    cluster.wait_status({draining.name: "DOWN"}, timeout_s=10)
     lines_then = len(stream.lines)
-    # its own key and every other now go to the replica left
-    assert set(key_map(cluster.url).values()) == {live[1].name}
-    assert live[0].alive and len(stream.lines) > lines_then, "the stream ended too soon to test"
+    # its own keys go elsewhere, every other key stays where it was
+    after = key_map(cluster.url)
+    assert draining.name not in after.values()
+    assert {k: v for k, v in after.items() if before[k] != draining.name} == {
+        k: v for k, v in before.items() if v != draining.name
+    }
+    assert draining.alive and len(stream.lines) > lines_then, "the stream ended too soon to test"
     stream.join(120)
     assert stream.error is None, stream.error
     assert stream.lines[-1] == "data: [DONE]" and stream.finish_reasons() == ["length"]
-    assert live[0].proc.wait(30) in (0, -signal.SIGTERM)
+    assert draining.proc.wait(30) in (0, -signal.SIGTERM)
