@@ -2,7 +2,7 @@
 # Prepared GPU benchmark, one command on a CUDA host; every figure and log line lands in $OUT.
 #
 #   bash benchmarks/gpu_wheels.sh                 # here, with the registry: wheels into .whl/ (if the host is offline)
-#   OUT=/tmp/out bash benchmarks/gpu_bench.sh     # there
+#   OUT=/tmp/out bash benchmarks/gpu_bench.sh     # there (default OUT: benchmarks/out/gpu, git-ignored)
 #
 # Python: with .whl/ present the host's own python3 (its PyTorch) runs, the wheels installed beside
 # it in /tmp/plm-site; else .venv/bin/python; else scripts/setup.sh makes .venv (needs the registry).
@@ -15,19 +15,21 @@
 #   serve   benchmarks/serve_bench.py over HTTP on the 1b preset: plm-serve vs the HF baseline server (200 s)
 # With setup and checkpoint builds that can exceed one 10-minute device call, so on a lent H200 run
 # PARTS="engine check" first (timeout_s ~560, carry .whl) and PARTS=serve right after, while the
-# machine is still warm. DEVICE=cpu DTYPE=float32 PRESET=bench runs the same plumbing on a CPU (a dry run).
+# machine is still warm. DEVICE=cpu DTYPE=float32 PRESET=bench runs the same plumbing on a CPU (a dry
+# run: 8 serving prompts instead of 32, and every part's time limit 4x, since a CPU is that slow).
 # $OUT gets two files, rewritten after each part: gpu_bench.log (everything printed) and results.tgz
 # (each part's output and JSON, env.txt, summary.txt, the serving report and plots), since a device
 # call brings back only a few files; $WORK holds them unpacked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
+OUT=$(mkdir -p "${OUT:-benchmarks/out/gpu}" && cd "${OUT:-benchmarks/out/gpu}" && pwd)
 WORK=${WORK:-/tmp/plm-gpu-bench}
 rm -rf "$WORK" && mkdir -p "$WORK"
 PARTS=${PARTS:-engine check serve}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 PRESET=${PRESET:-1b}
+if [ "$DEVICE" = cpu ]; then SLOW=4 PROMPTS=${PROMPTS:-8}; else SLOW=1 PROMPTS=${PROMPTS:-32}; fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 echo "== $(date -u +%FT%TZ) gpu_bench: parts [$PARTS] on $DEVICE $DTYPE, preset $PRESET"
@@ -50,8 +52,9 @@ print("python", platform.python_version(), sys.executable)
 for mod in (torch, torchvision, transformers, timm, fastapi, uvicorn, pydantic, av, httpx):
     print(f"{mod.__name__} {mod.__version__}")
 try:  # structured outputs only: its absence must not stop the benchmark
-    import xgrammar
-    print(f"xgrammar {xgrammar.__version__}")
+    import xgrammar  # noqa: F401  (it has no __version__: the installed distribution's is used)
+    from importlib.metadata import version
+    print(f"xgrammar {version('xgrammar')}")
 except Exception as e:
     print(f"xgrammar does not import: {e!r}")
 if os.environ["DEVICE"] == "cuda":
@@ -85,19 +88,19 @@ for part in $PARTS; do
   case $part in
     check)
       small=$(checkpoint bench)
-      run_part check "${CHECK_LIMIT:-120}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
+      run_part check "${CHECK_LIMIT:-$((120 * SLOW))}" $PY benchmarks/bench_engine.py --checkpoint "$small" --device "$DEVICE" \
         --dtype float32 --concurrency 4 --max-tokens 48 --itl-streams 4 --cuda-graphs both --out "$WORK/check.json"
-      run_part cuda-tests "${CUDA_TESTS_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
+      run_part cuda-tests "${CUDA_TESTS_LIMIT:-$((60 * SLOW))}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_sampler.py \
         tests/test_engine.py tests/test_structured_output.py -k "cuda or profile or budget" ;;
     engine)
       big=$(checkpoint "$PRESET")
-      run_part engine "${ENGINE_LIMIT:-300}" $PY benchmarks/bench_engine.py --checkpoint "$big" --device "$DEVICE" \
+      run_part engine "${ENGINE_LIMIT:-$((300 * SLOW))}" $PY benchmarks/bench_engine.py --checkpoint "$big" --device "$DEVICE" \
         --dtype "$DTYPE" --concurrency 16 --max-tokens 128 --chunk 2048 --encoder-tiles 16 --throughput-chunk 8192 \
         --cuda-graphs both --out "$WORK/engine.json" ;;
     serve)
       big=$(checkpoint "$PRESET")
-      run_part serve "${SERVE_LIMIT:-200}" $PY benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline \
-        --model "$big" --device "$DEVICE" --num-prompts 32 --image-detail auto --num-frames 16 --max-tokens 64 \
+      run_part serve "${SERVE_LIMIT:-$((200 * SLOW))}" $PY benchmarks/serve_bench.py --launch plm-serve --launch hf-baseline \
+        --model "$big" --device "$DEVICE" --num-prompts "$PROMPTS" --image-detail auto --num-frames 16 --max-tokens 64 \
         --concurrency 1,16 --baseline-concurrency 1 --no-progress --out "$WORK/serve" \
         --note "$(head -c 300 "$WORK/env.txt" | tr '\n' ' ')" ;;
     *) echo "unknown part: $part (check, engine, serve)" >&2; exit 2 ;;

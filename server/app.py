@@ -1,5 +1,6 @@
-"""The FastAPI app: routes (/v1/chat/completions, /v1/models, /health, /ready, /metrics), admission
-(429 when full, 503 while not ready), the API-key and CORS middleware, and OpenAI's error envelope.
+"""The FastAPI app: routes (/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health,
+/ready, /metrics), admission (429 when full, 503 while not ready), the request-id, API-key and
+CORS middleware, and OpenAI's error envelope.
 
 Bodies are read and validated in server/body.py; a chat completion runs in server/chat.py.
 """
@@ -18,10 +19,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.body import read_request, too_busy
+from plm_core.engine.async_engine import AsyncEngine
+from server.body import read_body, read_request, too_busy
 from server.chat import chat_completion
 from server.protocol import APIError
+from server.request_ids import RequestIdMiddleware
 from server.state import ServerState
+from server.tokenize import detokenize, tokenize
 
 log = logging.getLogger("plm_serve")
 STARTED = int(time.time())  # the model cards' `created`
@@ -48,9 +52,12 @@ def build_app(state: ServerState) -> FastAPI:
             allow_headers=["*"],
             max_age=600,
         )
+    # added last, so it runs first: every response (401s, CORS preflights, errors) gets its id
+    app.add_middleware(RequestIdMiddleware)
     _add_probe_routes(app, state)
     _add_model_routes(app, state)
     _add_chat_route(app, state)
+    _add_tokenize_routes(app, state)
     return app
 
 
@@ -140,15 +147,7 @@ def _add_chat_route(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        engine = state.engine
-        if engine is None or not state.ready:
-            rejected.labels("not_ready").inc()
-            raise APIError(
-                503,
-                f"the server is not ready ({state.not_ready_reason})",
-                type="server_error",
-                headers={"Retry-After": "5"},
-            )
+        engine = ready_engine(state)
         admit()  # refuse before reading a body when already full
         try:
             req = await read_request(request, state)
@@ -169,6 +168,40 @@ def _add_chat_route(app: FastAPI, state: ServerState) -> None:
         else:
             live.pending -= 1
         return response
+
+
+def ready_engine(state: ServerState) -> AsyncEngine:
+    """The engine, or a 503 with Retry-After while loading, draining or failed."""
+    engine = state.engine
+    if engine is None or not state.ready:
+        state.metrics.rejected.labels("not_ready").inc()
+        raise APIError(
+            503,
+            f"the server is not ready ({state.not_ready_reason})",
+            type="server_error",
+            headers={"Retry-After": "5"},
+        )
+    return engine
+
+
+def _add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
+    """/tokenize and /detokenize (server/tokenize.py); they count as requests in flight."""
+    live = state.live
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        engine = ready_engine(state)
+        body = await read_body(request, state)
+        live.pending += 1
+        try:
+            return JSONResponse(await tokenize(state, engine, body))
+        finally:
+            live.pending -= 1
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        engine = ready_engine(state)
+        return JSONResponse(detokenize(state, engine, await read_body(request, state)))
 
 
 async def _release_after(stream: AsyncIterable[Any], state: ServerState) -> AsyncIterator[Any]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from server.protocol import APIError, ChatCompletionRequest
@@ -25,14 +25,19 @@ def too_busy(message: str) -> APIError:
 
 async def read_request(request: Request, state: ServerState) -> ChatCompletionRequest:
     """The validated request; APIError 400/408/413/429 otherwise."""
-    timeout_s = state.config.request_body_timeout
-    try:
-        body = await asyncio.wait_for(_read_body(request, state), timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    body = await read_body(request, state)
     if len(body) > INLINE_PARSE_BYTES:
         return await asyncio.to_thread(validate_body, body)
     return validate_body(body)
+
+
+async def read_body(request: Request, state: ServerState) -> bytes:
+    """The raw body, within the size, time and byte budgets; APIError 408/413/429 otherwise."""
+    timeout_s = state.config.request_body_timeout
+    try:
+        return await asyncio.wait_for(_read_body(request, state), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from None
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:
@@ -62,8 +67,8 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
     return b"".join(chunks)
 
 
-def validate_body(body: bytes) -> ChatCompletionRequest:
-    """Strict JSON (no NaN or Infinity, no lone surrogates, bounded nesting) as the request."""
+def parse_json(body: bytes) -> dict[str, Any]:
+    """Strict JSON (no NaN or Infinity, no lone surrogates, bounded nesting), an object."""
     try:
         data = json.loads(body, parse_constant=_not_json_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -75,8 +80,21 @@ def validate_body(body: bytes) -> ChatCompletionRequest:
         raise APIError(
             400, f"{bad} contains a lone surrogate escape, which is not Unicode text", param=bad
         )
+    return data
+
+
+def validate_body(body: bytes) -> ChatCompletionRequest:
+    """The body (strict JSON, see parse_json) as the request."""
+    return validated(ChatCompletionRequest, parse_json(body))
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], data: dict[str, Any]) -> M:
+    """data as the pydantic model; APIError 400 naming the first field at fault otherwise."""
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         param = param_path(err.get("loc", ()))

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from plm_core.engine.async_engine import AsyncEngine, EngineDeadError
 from plm_core.engine.core import RequestDelta
 from plm_core.errors import ContextLengthError, InputError
 from plm_core.inputs import ProcessedPrompt
+from plm_core.messages import MediaOptions
 from plm_core.sampling import SamplingParams
 from server.metrics import Metrics
 from server.protocol import (
@@ -30,6 +32,7 @@ from server.protocol import (
     now,
     to_engine_inputs,
 )
+from server.request_ids import record_usage
 from server.state import ServerState
 
 log = logging.getLogger("plm_serve")
@@ -38,20 +41,34 @@ MEDIA_PART_TYPES = ("image_url", "video_url", "image", "video")
 
 @dataclass
 class Chat:
-    """A request ready for the engine."""
+    """A request ready for the engine. request_id is the completion's id (`chatcmpl-` and the HTTP
+    request's id); engine_id the engine's, unique even when clients reuse their X-Request-Id."""
 
     request_id: str
     prompt: ProcessedPrompt
     params: SamplingParams
     priority: int
     arrival: float
+    engine_id: str = ""
+    http_state: Any = None  # the HTTP request's state: the access log's token counts go there
+
+    def __post_init__(self) -> None:
+        self.engine_id = self.engine_id or self.request_id
+
+    def record_usage(self, completion_tokens: int) -> None:
+        if self.http_state is not None:
+            record_usage(self.http_state, len(self.prompt.prompt_token_ids), completion_tokens)
 
 
 async def chat_completion(
     state: ServerState, engine: AsyncEngine, request: Request, req: ChatCompletionRequest
 ) -> Response:
     """Validates, preprocesses and runs one parsed chat completion (JSON or SSE)."""
-    chat = await prepare(state, engine, req)
+    rid = getattr(request.state, "request_id", None)
+    chat = await prepare(state, engine, req, rid)
+    if rid is not None and getattr(request.state, "request_id_given", False):
+        chat.engine_id = f"{chat.request_id}-{secrets.token_hex(4)}"  # a client may reuse its id
+    chat.http_state = request.state
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
@@ -76,7 +93,20 @@ def input_error(e: InputError) -> APIError:
     return APIError(400, str(e), param=e.param, code=code)
 
 
-def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
+def check_model(state: ServerState, model: str | None) -> None:
+    """APIError 404 unless `model` is the served name (None: the served one)."""
+    name = state.config.model_name
+    if model is not None and model != name:
+        raise APIError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{name}'",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_request(state: ServerState, req: ChatCompletionRequest) -> None:
     limit = state.config.max_media_per_request
     media_items = sum(
         1
@@ -92,15 +122,7 @@ def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
             f"{limit} per request",
             param="messages",
         )
-    name = state.config.model_name
-    if req.model != name:
-        raise APIError(
-            404,
-            f"the model '{req.model}' does not exist; this server serves '{name}'",
-            type="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(state, req.model)
     policy = state.config.engine.scheduler.scheduling_policy
     if req.priority and policy != "priority":
         raise APIError(
@@ -111,10 +133,16 @@ def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
         )
 
 
-async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRequest) -> Chat:
-    """The engine inputs of a request; APIError 400/404 for what the client must fix."""
+async def prepare(
+    state: ServerState,
+    engine: AsyncEngine,
+    req: ChatCompletionRequest,
+    request_id: str | None = None,
+) -> Chat:
+    """The engine inputs of a request (its completion id from request_id, the HTTP request's id,
+    when given); APIError 400/404 for what the client must fix."""
     arrival = time.perf_counter()
-    _check_request(state, req)
+    check_request(state, req)
     ctx = engine.max_model_len
     vocab = engine.model_config.text.vocab_size
     params, media, constraint_field = to_engine_inputs(
@@ -127,18 +155,7 @@ async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRe
             await loop.run_in_executor(state.grammar_pool, engine.compile_constraint, spec)
     except InputError as e:
         raise APIError(400, str(e), param=constraint_field) from None
-    try:
-        messages = state.media_refs.resolve(req.messages)  # parts that send a uuid alone
-        messages = await state.fetcher.fetch_request_media(messages)
-        prompt = await engine.preprocess(
-            messages,
-            media,
-            add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message,
-        )
-    except InputError as e:
-        raise input_error(e) from None
-    state.media_refs.remember(messages)  # only media that preprocessed
+    prompt = await process_messages(state, engine, req, media)
     n_prompt = len(prompt.prompt_token_ids)
     explicit = req.max_completion_tokens or req.max_tokens
     if explicit is None:
@@ -152,7 +169,28 @@ async def prepare(state: ServerState, engine: AsyncEngine, req: ChatCompletionRe
             param=name,
             code="context_length_exceeded",
         )
-    return Chat(completion_id(), prompt, params, req.priority, arrival)
+    return Chat(completion_id(request_id), prompt, params, req.priority, arrival)
+
+
+async def process_messages(
+    state: ServerState, engine: AsyncEngine, req: ChatCompletionRequest, media: MediaOptions
+) -> ProcessedPrompt:
+    """The request's messages as the prompt the engine runs: uuid references filled in, http(s)
+    media fetched, the template rendered, media decoded and preprocessed (in the engine's threads);
+    APIError 400 naming the field at fault."""
+    try:
+        messages = state.media_refs.resolve(req.messages)  # parts that send a uuid alone
+        messages = await state.fetcher.fetch_request_media(messages)
+        prompt = await engine.preprocess(
+            messages,
+            media,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
+    except InputError as e:
+        raise input_error(e) from None
+    state.media_refs.remember(messages)  # only media that preprocessed
+    return prompt
 
 
 class _Timer:
@@ -178,7 +216,7 @@ async def _deltas(
 ) -> AsyncIterator[RequestDelta]:
     """The engine's deltas for the chat, timed; engine failures as APIErrors."""
     timers = [_Timer(state.metrics, chat.arrival) for _ in range(chat.params.n)]
-    stream = engine.generate(chat.request_id, chat.prompt, chat.params, priority=chat.priority)
+    stream = engine.generate(chat.engine_id, chat.prompt, chat.params, priority=chat.priority)
     n_prompt = len(chat.prompt.prompt_token_ids)
     try:
         async for delta in stream:
@@ -225,6 +263,8 @@ async def complete(state: ServerState, engine: AsyncEngine, chat: Chat) -> dict[
             finish[d.index] = d.finish_reason
         if d.index == 0:
             cached = d.num_cached_tokens
+    completion_tokens = sum(len(x) for x in ids)
+    chat.record_usage(completion_tokens)
     choices = []
     for i in range(n):
         choice: dict[str, Any] = {
@@ -243,7 +283,7 @@ async def complete(state: ServerState, engine: AsyncEngine, chat: Chat) -> dict[
         "created": now(),
         "model": state.config.model_name,
         "choices": choices,
-        "usage": _usage(chat, sum(len(x) for x in ids), cached),
+        "usage": _usage(chat, completion_tokens, cached),
     }
 
 
@@ -291,4 +331,5 @@ async def stream_chunks(
     else:
         if include_usage:
             yield chunk([], _usage(chat, completion, cached))
+    chat.record_usage(completion)
     yield "data: [DONE]\n\n"

@@ -21,6 +21,7 @@ import uvicorn
 from plm_core.config import EngineConfig
 from server.app import build_app
 from server.config import ServerConfig, parse_config
+from server.request_ids import configure_logging
 from server.state import ServerState
 
 log = logging.getLogger("plm_serve")
@@ -28,16 +29,15 @@ log = logging.getLogger("plm_serve")
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level, config.log_format)
     state = ServerState(config)
     uv_config = uvicorn.Config(
         build_app(state),
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON, with request ids)
+        access_log=False,  # server/request_ids.py writes the access lines
         timeout_graceful_shutdown=math.ceil(config.drain_timeout),
         timeout_keep_alive=config.timeout_keep_alive,
     )

@@ -87,6 +87,13 @@ class ServerConfig:
     log_level: str = opt(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
+    log_format: str = opt(
+        "text",
+        "text: one line per record with the request id; json: one JSON object per line (time, "
+        "level, logger, message, request_id, and method, path, status, tokens, latency_ms on "
+        "access lines) for log shippers",
+        choices=("text", "json"),
+    )
     # fault injection and a slow load, for the lifecycle tests
     debug_fail_after_steps: int | None = opt(None, "tests only", hidden=True)
     debug_load_delay: float = opt(0.0, "tests only", hidden=True)

@@ -88,7 +88,8 @@ class MediaFetcher:
         addresses = [str(info[4][0]) for info in infos]
         if not addresses or not all(is_public_address(a) for a in addresses):
             raise MediaError(
-                f"media host {host} resolves to a private or reserved address; refused"
+                f"media host {host} resolves to a private or reserved address; refused (a server "
+                "whose clients are all trusted can allow it with --allow-private-media-hosts)"
             )
         return addresses[0]
 

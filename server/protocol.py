@@ -166,8 +166,12 @@ def to_engine_inputs(
     except InputError as e:  # SamplingParams names its field; the request's, where they agree
         param = e.param if e.param in ChatCompletionRequest.model_fields else None
         raise APIError(400, str(e), param=param) from None
-    media = MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
-    return params, media, constraint_field
+    return params, media_options(req), constraint_field
+
+
+def media_options(req: ChatCompletionRequest) -> MediaOptions:
+    """The request-wide media budget (a part's own settings override it)."""
+    return MediaOptions(max_num_tiles=req.max_num_tiles, num_frames=req.num_frames, fps=req.fps)
 
 
 def _check_fields(req: ChatCompletionRequest) -> None:
@@ -199,8 +203,9 @@ def _logit_bias(req: ChatCompletionRequest, vocab_size: int) -> dict[int, float]
     return bias or None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(request_id: str | None = None) -> str:
+    """`chatcmpl-` and the HTTP request's id (X-Request-Id), or a new one."""
+    return f"chatcmpl-{request_id or uuid.uuid4().hex}"
 
 
 def now() -> int:

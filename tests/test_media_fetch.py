@@ -100,8 +100,9 @@ def test_redirect_to_internal_targets_is_refused(hosts, servers, target):
     public, internal = servers
     dns["internal.example"] = [INTERNAL]
     to = target.format(internal=INTERNAL, port=internal.port)
-    with pytest.raises(MediaError, match="private or reserved"):
+    with pytest.raises(MediaError, match="private or reserved") as e:
         fetch(f"{public.base}/redirect?to={to}")
+    assert "--allow-private-media-hosts" in str(e.value)  # the refusal names the way out
     assert public.hits == 1 and internal.hits == 0
 
 

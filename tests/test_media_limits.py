@@ -258,3 +258,13 @@ def test_unreadable_local_paths_are_media_errors(tmp_path, name):
 
     with pytest.raises(MediaError):
         read_media_url(f"file://{tmp_path}/{name}", allowed_root=tmp_path)
+
+
+def test_refusals_name_the_option_that_lifts_them(tmp_path):
+    """A newcomer's file:// URL on a server without local media says which flag allows it."""
+    from plm_core.media.errors import MediaError
+    from plm_core.media.sources import read_media_url
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(MediaError, match="--allowed-local-media-path"):
+        read_media_url(f"file://{tmp_path}/a.png", allow_local=False)

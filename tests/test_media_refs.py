@@ -9,12 +9,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from support import served_state
 from test_server_app import asgi_chat
 
-from plm_core.config import EngineConfig
-from plm_core.engine.async_engine import AsyncEngine
-from plm_core.runtime import load_runtime
-from server.config import ServerConfig
 from server.media_refs import MediaRefs
 from server.protocol import APIError
 from server.state import ServerState
@@ -125,12 +122,8 @@ def test_parts_without_a_uuid_are_left_alone():
 
 @pytest.fixture(scope="module")
 def state(tiny_checkpoint):
-    config = EngineConfig.from_flat(model=str(tiny_checkpoint), device="cpu", max_num_seqs=4)
-    engine = AsyncEngine(load_runtime(config))
-    state = ServerState(ServerConfig(served_model_name=MODEL, engine=engine.runtime.config))
-    state.engine = engine
-    yield state
-    engine.shutdown()
+    with served_state(tiny_checkpoint, MODEL) as state:
+        yield state
 
 
 def post(state: ServerState, messages: list[dict]) -> httpx.Response:

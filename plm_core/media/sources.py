@@ -105,5 +105,8 @@ def read_media_url(
     if path is None:
         raise MediaError(f"unsupported media URL scheme {scheme!r}")
     if not allow_local:
-        raise MediaError("local file media is not enabled on this server")
+        raise MediaError(
+            "local file media is not enabled on this server (the server's operator can allow a "
+            "directory with --allowed-local-media-path DIR; offline: allowed_local_media_path=DIR)"
+        )
     return read_local_file(path, allowed_root=allowed_root, max_bytes=max_bytes)
