@@ -11,6 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,8 @@ from server.tokenize import detokenize, tokenize
 
 log = logging.getLogger("plm_serve")
 STARTED = int(time.time())  # the model cards' `created`
-OPEN_PATHS = ("/health", "/ready", "/metrics")
+OPEN_PATHS = ("/", "/health", "/ready", "/metrics")  # the page itself: its API calls send the key
+PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -58,7 +60,17 @@ def build_app(state: ServerState) -> FastAPI:
     _add_model_routes(app, state)
     _add_chat_route(app, state)
     _add_tokenize_routes(app, state)
+    if state.config.playground:
+        _add_playground_route(app)
     return app
+
+
+def _add_playground_route(app: FastAPI) -> None:
+    page = PLAYGROUND.read_bytes()  # read once: the package's own file, no network fetch
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

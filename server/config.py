@@ -87,6 +87,11 @@ class ServerConfig:
     log_level: str = opt(
         "info", "log level", choices=("debug", "info", "warning", "error", "critical")
     )
+    playground: bool = opt(
+        True,
+        "serve the browser playground at / (a chat page with images and videos, token costs "
+        "from /tokenize; --no-playground turns it off)",
+    )
     log_format: str = opt(
         "text",
         "text: one line per record with the request id; json: one JSON object per line (time, "
