@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plm_core.engine.async_engine import AsyncEngine
 from server.body import read_body, read_request, too_busy
 from server.chat import chat_completion
+from server.openapi import install as install_openapi
 from server.protocol import APIError
 from server.request_ids import RequestIdMiddleware
 from server.state import ServerState
@@ -43,6 +44,7 @@ def _error_response(e: APIError) -> JSONResponse:
 
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="plm-serve", docs_url=None, redoc_url=None)
+    install_openapi(app, state.config.model_name)
     _add_error_handlers(app)
     app.add_middleware(_APIKeyMiddleware, state=state)
     origins = state.config.allowed_origins
