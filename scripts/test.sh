@@ -5,11 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The router tests run Debian's haproxy (the balancer docker-compose.yml uses): installed here when
-# this runs as root with apt; elsewhere those tests skip and say how to install it.
-if ! command -v haproxy >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; } \
-    >/dev/null 2>&1 || echo "could not install haproxy: the router tests will skip" >&2
+# The router tests run Debian's haproxy (the balancer docker-compose.yml uses) and the playground's
+# browser tests Debian's headless Chromium and its driver: installed here (one apt-get run) when
+# this runs as root with apt; elsewhere those tests skip and say how to install them.
+missing=()
+command -v haproxy >/dev/null || missing+=(haproxy)
+{ command -v chromium && command -v chromedriver; } >/dev/null || missing+=(chromium chromium-driver)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+    >/dev/null 2>&1 || echo "could not install ${missing[*]}: their tests will skip" >&2
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
