@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plm_core.engine.async_engine import AsyncEngine
-from server.body import read_body, read_request, too_busy
+from server.body import parse_request, read_body, too_busy
 from server.chat import chat_completion
 from server.openapi import install as install_openapi
 from server.protocol import APIError
@@ -164,11 +164,15 @@ def _add_chat_route(app: FastAPI, state: ServerState) -> None:
         engine = ready_engine(state)
         admit()  # refuse before reading a body when already full
         try:
-            req = await read_request(request, state)
-        except APIError:
-            rejected.labels("invalid").inc()
+            body = await read_body(request, state)
+            # admission once the body is in (a stalled upload holds no slot) and before it is
+            # parsed: a burst's refusals cost no JSON parsing, which holds the GIL
+            admit()
+            req = await parse_request(body)
+        except APIError as e:
+            if e.status != 429:
+                rejected.labels("invalid").inc()
             raise
-        admit()  # admission once the body is in: a stalled upload holds no slot
         live.pending += 1
         try:
             response = await chat_completion(state, engine, request, req)

@@ -23,9 +23,8 @@ def too_busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", headers={"Retry-After": "1"})
 
 
-async def read_request(request: Request, state: ServerState) -> ChatCompletionRequest:
-    """The validated request; APIError 400/408/413/429 otherwise."""
-    body = await read_body(request, state)
+async def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The body as the validated request (off the event loop when large); APIError 400."""
     if len(body) > INLINE_PARSE_BYTES:
         return await asyncio.to_thread(validate_body, body)
     return validate_body(body)
