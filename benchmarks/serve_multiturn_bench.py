@@ -133,7 +133,7 @@ def _kill_when(replicas, before, after_n: int, killed: list) -> None:
     while True:
         counts = served_counts(replicas)
         if sum(counts) - sum(before) >= after_n:
-            victim = max(replicas, key=lambda r: r.metric("plm:e2e_request_latency_seconds_count"))
+            victim = replicas[counts.index(max(counts))]
             victim.proc.kill()
             killed.extend([victim.name, time.perf_counter()])
             return

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plm_core.engine.async_engine import AsyncEngine
 from server.body import parse_request, read_body, too_busy
-from server.chat import chat_completion
+from server.chat import chat_completion, check_model
 from server.openapi import install as install_openapi
 from server.protocol import APIError
 from server.request_ids import RequestIdMiddleware
@@ -137,37 +137,30 @@ def _add_model_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id != name:
-            raise APIError(
-                404,
-                f"the model '{model_id}' does not exist; this server serves '{name}'",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(state, model_id)
         return model_card()
+
+
+def admit(state: ServerState) -> None:
+    """A 429 with Retry-After when --max-pending-requests requests are already in flight."""
+    capacity = state.config.max_pending_requests
+    if state.live.pending >= capacity:
+        state.metrics.rejected.labels("capacity").inc()
+        raise too_busy(f"the server is at capacity ({capacity} requests in flight); retry later")
 
 
 def _add_chat_route(app: FastAPI, state: ServerState) -> None:
     live, rejected = state.live, state.metrics.rejected
-    capacity = state.config.max_pending_requests
-
-    def admit() -> None:
-        if live.pending >= capacity:
-            rejected.labels("capacity").inc()
-            raise too_busy(
-                f"the server is at capacity ({capacity} requests in flight); retry later"
-            )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         engine = ready_engine(state)
-        admit()  # refuse before reading a body when already full
+        admit(state)  # refuse before reading a body when already full
         try:
             body = await read_body(request, state)
             # admission once the body is in (a stalled upload holds no slot) and before it is
             # parsed: a burst's refusals cost no JSON parsing, which holds the GIL
-            admit()
+            admit(state)
             req = await parse_request(body)
         except APIError as e:
             if e.status != 429:
@@ -203,13 +196,16 @@ def ready_engine(state: ServerState) -> AsyncEngine:
 
 
 def _add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
-    """/tokenize and /detokenize (server/tokenize.py); they count as requests in flight."""
+    """/tokenize and /detokenize (server/tokenize.py); /tokenize preprocesses media, so it is
+    admitted and counted in flight like a chat."""
     live = state.live
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:
         engine = ready_engine(state)
+        admit(state)
         body = await read_body(request, state)
+        admit(state)
         live.pending += 1
         try:
             return JSONResponse(await tokenize(state, engine, body))

@@ -256,44 +256,43 @@ SSE_EVENT = {
     },
 }
 _URL = {"type": "string", "description": "http(s), data: (base64) or file:// (when allowed)"}
+
+
+def _media_part(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """An image_url or video_url part: its spec (url and settings; null or url-less with a
+    uuid that names media sent before), and the uuid."""
+    spec = {"type": ["object", "null"], "properties": {"url": _URL, **settings}}
+    return {
+        "type": "object",
+        "required": ["type", kind],
+        "properties": {
+            "type": {"const": kind},
+            kind: spec,
+            "uuid": {"type": "string", "description": "names the media for later requests"},
+        },
+    }
+
+
 _PARTS = [
     {
         "type": "object",
         "required": ["type", "text"],
         "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
     },
-    {
-        "type": "object",
-        "required": ["type", "image_url"],
-        "properties": {
-            "type": {"const": "image_url"},
-            "image_url": {
-                "type": ["object", "null"],
-                "properties": {
-                    "url": _URL,
-                    "detail": {"enum": ["auto", "low", "high"]},
-                    "max_num_tiles": {"type": "integer", "minimum": 1},
-                },
-            },
-            "uuid": {"type": "string", "description": "names the media for later requests"},
+    _media_part(
+        "image_url",
+        {
+            "detail": {"enum": ["auto", "low", "high"]},
+            "max_num_tiles": {"type": "integer", "minimum": 1},
         },
-    },
-    {
-        "type": "object",
-        "required": ["type", "video_url"],
-        "properties": {
-            "type": {"const": "video_url"},
-            "video_url": {
-                "type": ["object", "null"],
-                "properties": {
-                    "url": _URL,
-                    "num_frames": {"type": "integer", "minimum": 1},
-                    "fps": {"type": "number", "exclusiveMinimum": 0},
-                },
-            },
-            "uuid": {"type": "string"},
+    ),
+    _media_part(
+        "video_url",
+        {
+            "num_frames": {"type": "integer", "minimum": 1},
+            "fps": {"type": "number", "exclusiveMinimum": 0},
         },
-    },
+    ),
 ]
 MESSAGE = {  # OpenAI's chat message, as far as this server reads it
     "type": "object",

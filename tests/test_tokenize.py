@@ -122,3 +122,13 @@ def test_not_ready_is_a_503(state):
     idle = ServerState(state.config)
     r = post(idle, "/tokenize", {"prompt": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
+
+
+def test_at_capacity_it_is_refused_like_a_chat(state):
+    state.live.pending += state.config.max_pending_requests  # as if that many were in flight
+    try:
+        r = post(state, "/tokenize", {"prompt": "x"})
+    finally:
+        state.live.pending -= state.config.max_pending_requests
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert post(state, "/tokenize", {"prompt": "x"}).status_code == 200
