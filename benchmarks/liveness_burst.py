@@ -7,7 +7,8 @@ percentiles and the chats' status codes (429s must carry Retry-After).
 
 Each burst `N:P` starts a fresh server on the tiny demo checkpoint with --max-pending-requests P
 (unless --url names a running one), waits until it is ready, then sends N chats (8 output tokens
-each) over N connections at once. Default flags otherwise (log level info, the default, so the
+each) over N connections at once, --repeat times (2 s apart); the /health figures count the probes
+sent while a burst was in flight. Default flags otherwise (log level info, the default, so the
 access log runs as it does for users).
 """
 
@@ -67,25 +68,35 @@ async def burst(base: str, n: int, body: bytes) -> tuple[Counter, int, float]:
         return Counter(s for s, _ in results), sum(b for _, b in results), time.perf_counter() - t0
 
 
-def probe_run(base: str, n: int, body: bytes) -> dict:
-    """The burst with the probe running beside it; the probe's latencies over the whole window."""
+def probe_run(base: str, n: int, body: bytes, repeat: int) -> dict:
+    """`repeat` bursts, one after another, with the probe running beside them. The figures count
+    only the probes sent while a burst was in flight (from its first request until its last
+    answer): the idle seconds around a burst would dilute the percentiles."""
     parent, child = mp.Pipe()
     prober = mp.Process(target=_probe_until_told, args=(base, child))
     prober.start()
-    time.sleep(2.0)  # idle probes first
-    statuses, no_retry_after, took = asyncio.run(burst(base, n, body))
-    time.sleep(2.0)
+    time.sleep(2.0)  # the probe is connected and steady before the first burst
+    statuses, no_retry_after, windows = Counter(), 0, []
+    for _ in range(repeat):
+        t0 = time.time()
+        counts, missing, _took = asyncio.run(burst(base, n, body))
+        windows.append((t0, time.time()))
+        statuses.update(counts)
+        no_retry_after += missing
+        time.sleep(2.0)  # the server drains its admitted requests
     parent.send("stop")
-    latencies = parent.recv()
+    probes = parent.recv()
     prober.join()
-    arr = np.array([x for x in latencies if np.isfinite(x)])
+    during = [lat for sent, lat in probes if any(a <= sent <= b for a, b in windows)]
+    arr = np.array([x for x in during if np.isfinite(x)])
     return {
-        "requests": n,
+        "requests": n * repeat,
+        "bursts": repeat,
         "statuses": dict(statuses),
         "429_without_retry_after": no_retry_after,
-        "burst_s": round(took, 1),
-        "health_probes": len(latencies),
-        "health_failed": sum(not np.isfinite(x) for x in latencies),
+        "burst_s": [round(b - a, 1) for a, b in windows],
+        "health_probes_during_bursts": len(during),
+        "health_failed": sum(not np.isfinite(x) for x in during),
         "health_ms": {
             k: round(float(v) * 1000, 1)
             for k, v in zip(("p50", "p90", "p99", "max"), np.percentile(arr, [50, 90, 99, 100]))
@@ -94,19 +105,20 @@ def probe_run(base: str, n: int, body: bytes) -> dict:
 
 
 def _probe_until_told(base: str, conn) -> None:
-    """In its own process: GET /health every 50 ms until told to stop; sends back the latencies."""
-    latencies = []
+    """In its own process: GET /health every 50 ms until told to stop; sends back (sent at, wall
+    clock; latency, inf for a failure) per probe."""
+    probes = []
     with httpx.Client(timeout=30) as client:
         while not conn.poll():
-            t0 = time.perf_counter()
+            sent, t0 = time.time(), time.perf_counter()
             try:
-                client.get(f"{base}/health")
-                latencies.append(time.perf_counter() - t0)
+                client.get(f"{base}/health").raise_for_status()
+                probes.append((sent, time.perf_counter() - t0))
             except httpx.HTTPError:
-                latencies.append(float("inf"))
+                probes.append((sent, float("inf")))
             time.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
     conn.recv()
-    conn.send(latencies)
+    conn.send(probes)
 
 
 def main() -> int:
@@ -116,6 +128,9 @@ def main() -> int:
         default="300:64,1000:256",
         help="comma-separated N:P, N chats at once against --max-pending-requests P "
         "(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="bursts per N:P, one after another (default: 3)"
     )
     ap.add_argument("--url", help="a running server instead (its own flags apply)")
     ap.add_argument("--model", help="checkpoint (default: the tiny demo checkpoint)")
@@ -154,7 +169,7 @@ def main() -> int:
             cmd = server_command("plm-serve", model, port, "plm-bench", extra)
             proc = start_server(cmd, base, ["/ready"], Path("/tmp") / f"burst-{port}.log", 300)
         try:
-            result = {"max_pending_requests": pending, **probe_run(base, n, body)}
+            result = {"max_pending_requests": pending, **probe_run(base, n, body, args.repeat)}
         finally:
             if proc is not None:
                 stop_server(proc)

@@ -158,16 +158,17 @@ def _add_chat_route(app: FastAPI, state: ServerState) -> None:
         admit(state)  # refuse before reading a body when already full
         try:
             body = await read_body(request, state)
-            # admission once the body is in (a stalled upload holds no slot) and before it is
-            # parsed: a burst's refusals cost no JSON parsing, which holds the GIL
-            admit(state)
-            req = await parse_request(body)
         except APIError as e:
             if e.status != 429:
                 rejected.labels("invalid").inc()
             raise
+        # admission once the body is in (a stalled upload holds no slot) and before it is parsed:
+        # a burst's refusals cost no JSON parsing, which holds the GIL. The slot is taken at once,
+        # before any await, so requests parsed meanwhile cannot pass the same check.
+        admit(state)
         live.pending += 1
         try:
+            req = await parse_request(body)
             response = await chat_completion(state, engine, request, req)
         except BaseException as e:
             live.pending -= 1

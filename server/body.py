@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from server.protocol import APIError, ChatCompletionRequest
 from server.state import ServerState
+from server.upload_turns import receive_body
 
 # larger bodies (media as data: URLs) are parsed in a worker thread: megabytes of JSON would stall
 # every stream on the event loop
@@ -40,25 +41,29 @@ async def read_body(request: Request, state: ServerState) -> bytes:
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:
-    """The whole body, within the size limit and the server-wide budget of bytes being received."""
+    """The whole body, read in turns with the other uploads (server/upload_turns.py), within the
+    size limit and the server-wide budget of bytes being received."""
     limit, live = state.config.max_body_bytes, state.live
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
+
+    def take(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        live.receiving_bytes += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds the {limit}-byte limit")
+        # many large uploads at once, stalled or not
+        if live.receiving_bytes > state.config.receiving_budget:
+            state.metrics.rejected.labels("capacity").inc()
+            raise too_busy("the server is receiving too many request bodies at once; retry later")
+        chunks.append(chunk)
+
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            live.receiving_bytes += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body exceeds the {limit}-byte limit")
-            # many large uploads at once, stalled or not
-            if live.receiving_bytes > state.config.receiving_budget:
-                state.metrics.rejected.labels("capacity").inc()
-                raise too_busy(
-                    "the server is receiving too many request bodies at once; retry later"
-                )
-            chunks.append(chunk)
+        await receive_body(state.uploads, request.receive, take)
     except ClientDisconnect:
         raise APIError(400, "the client disconnected while sending the request body") from None
     finally:

@@ -50,8 +50,8 @@ class ServerConfig:
     )
     request_body_timeout: float = opt(
         30.0,
-        "seconds a client has to send its whole request body, else 408; no admission slot is "
-        "held while a body arrives",
+        "seconds from a request's headers until its whole body is in, else 408; no admission "
+        "slot is held while a body arrives",
     )
     allowed_origins: tuple[str, ...] = opt(
         (),

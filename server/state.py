@@ -1,5 +1,6 @@
 """What the routes share: the frozen config, the engine once loaded, the live admission counters,
-the metrics, the media fetcher and the pool that compiles output constraints."""
+the turns at receiving bodies, the metrics, the media fetcher and the pool that compiles output
+constraints."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from server.config import ServerConfig
 from server.media_fetch import MediaFetcher
 from server.media_refs import MediaRefs
 from server.metrics import Metrics
+from server.upload_turns import UploadTurns
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ServerState:
         self.config = config = config or ServerConfig()
         self.engine: AsyncEngine | None = None
         self.live = Admission()
+        self.uploads = UploadTurns()  # request bodies are read a few at a time
         self.metrics = Metrics(self)
         self.fetcher = MediaFetcher(
             max_bytes=int(config.max_media_mb * 2**20),

@@ -178,3 +178,33 @@ def test_loading_freezes_the_startup_heap(tiny_checkpoint):
         gc.unfreeze()
         if state.engine is not None:
             state.engine.shutdown()
+
+
+def test_a_burst_parsed_at_once_gets_no_more_slots_than_the_limit(engine, monkeypatch):
+    """--max-pending-requests 2 and six chats whose bodies are all in before any is parsed: the
+    slot is taken before the (slow) parse, so two are admitted and four get 429, not six 200s."""
+    import server.app
+
+    real_parse = server.app.parse_request
+
+    async def slow_parse(body):
+        await asyncio.sleep(0.3)
+        return await real_parse(body)
+
+    monkeypatch.setattr(server.app, "parse_request", slow_parse)
+    config = ServerConfig(
+        served_model_name=MODEL, engine=engine.runtime.config, max_pending_requests=2
+    )
+    state = ServerState(config)
+    state.engine = engine
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=build_app(state), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            rs = await asyncio.gather(
+                *(client.post("/v1/chat/completions", json=BODY, timeout=60) for _ in range(6))
+            )
+        return sorted(r.status_code for r in rs)
+
+    assert asyncio.run(go()) == [200, 200, 429, 429, 429, 429]
+    assert state.live.pending == 0

@@ -210,17 +210,24 @@ def _stalled_upload(base: str, answers: list, sent: int = 8) -> None:
 
 
 def test_stalled_uploads_hold_no_slot_and_time_out(base):
-    """With 2 admission slots, two stalled uploads neither lock out a valid request nor stay
-    forever."""
+    """With 2 admission slots and more stalled uploads than turns at receiving bodies, a valid
+    request is neither refused nor kept waiting behind them (it is answered while they are all
+    still stalled), and they do not stay forever."""
+    from server.upload_turns import SLOTS
+
+    stalled = SLOTS + 2
     answers: list[bytes] = []
-    threads = [threading.Thread(target=_stalled_upload, args=(base, answers)) for _ in range(2)]
+    threads = [
+        threading.Thread(target=_stalled_upload, args=(base, answers)) for _ in range(stalled)
+    ]
     for t in threads:
         t.start()
     time.sleep(0.5)
     assert post(base, body()).status_code == 200  # not 429
+    assert answers == []  # answered before the stalled uploads' 2 s body timeout
     for t in threads:
         t.join(30)
-    assert answers == [b"HTTP/1.1 408 Request Timeout"] * 2
+    assert answers == [b"HTTP/1.1 408 Request Timeout"] * stalled
 
 
 def _png(size) -> str:
