@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -66,7 +66,7 @@ class UploadTurns:
 
 async def receive_body(
     turns: UploadTurns,
-    receive: Callable[[], Awaitable[dict[str, Any]]],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
     on_chunk: Callable[[bytes], None],
 ) -> None:
     """Reads one request's body in turns, handing each chunk to on_chunk (which may raise to stop);
