@@ -34,10 +34,14 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _scalar(hint: Any) -> type:
-    """int for `int`, `int | None`, Optional[int]; same for float, str, bool."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
+    """int for `int`, `int | None`, Optional[int]; same for float, str, bool; str for
+    `tuple[str, ...]` (a repeated option's values, or the items of a parsed list)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _scalar(args[0])
+    if origin is tuple:
+        return _scalar(typing.get_args(hint)[0])
     return hint
 
 

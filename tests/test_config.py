@@ -147,3 +147,29 @@ def test_both_command_lines_share_the_engine_options(module):
     ).stdout
     for flag in ("--max-num-seqs", "--block-size", "--max-num-frames", "--scheduling-policy"):
         assert flag in out, (module, flag)
+
+
+def test_repeated_options_keep_each_value_whole():
+    """`python -m plm_core --image a.jpg --image b.png`: two paths, not the characters of one."""
+    from plm_core.__main__ import ChatOptions
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, ChatOptions)
+    chat = parse_config(parser, ChatOptions, ["--image", "photo.jpg", "--image", "b.png"])
+    assert chat.image == ("photo.jpg", "b.png") and chat.video == ()
+    servers = parse_server_config(["--allowed-origins", "https://a.example, https://b.example"])
+    assert servers.allowed_origins == ("https://a.example", "https://b.example")
+
+
+def test_the_one_off_chat_reads_an_image_file(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from plm_core.__main__ import main
+
+    path = tmp_path / "a photo.png"
+    Image.new("RGB", (64, 48), (200, 40, 10)).save(path)
+    argv = ["--model", str(tiny_checkpoint), "--image", str(path), "--max-tokens", "2"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "2 generated" in out + err
