@@ -2,6 +2,10 @@
 
 Run: python benchmarks/bench_processor.py [--media DIR] [--runs N]
 
+--media: a folder of photos and videos (every image and video file in it is measured); by default
+../shared/media beside the repository where it exists, else a few generated photos and a generated
+clip (seeded, written once under benchmarks/out/media).
+
 (a) per image: our decode-free path (PIL image -> pixels) vs
     `PerceptionLMImageProcessor()(images=[pil], return_tensors="pt")` plus the tile counting HF's
     processor does for the prompt; pixels asserted equal.
@@ -36,6 +40,28 @@ from plm_core.media.tiling import num_image_tiles  # noqa: E402
 
 DEFAULT_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+GENERATED_MEDIA = Path(__file__).resolve().parent / "out" / "media"
+
+
+def generated_media() -> Path:
+    """Three photo-like JPEGs (phone, square, panorama) and a 300-frame clip, made once."""
+    from serve_bench import synthetic_video
+    from serve_photos import jpeg_bytes, photo_pixels
+
+    folder = GENERATED_MEDIA
+    if not (folder / "clip.mp4").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for name, (w, h) in {
+            "phone": (4032, 3024),
+            "square": (1024, 1024),
+            "pano": (3000, 900),
+        }.items():
+            (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photo_pixels(rng, w, h)))
+        (folder / "clip.tmp").write_bytes(synthetic_video(rng, 300))
+        (folder / "clip.tmp").rename(folder / "clip.mp4")
+    return folder
 
 
 def median_time(fn, runs: int) -> float:
@@ -107,11 +133,7 @@ def bench_videos(media: Path, runs: int) -> None:
         f"{'video':20s} {'frames':>6s} {'all+index ms':>13s} {'HF reader ms':>13s} {'ours ms':>8s} "
         f"{'vs all':>7s} {'vs HF':>7s}  decoded/seeks"
     )
-    for name in ("bikes.mp4", "bigbuckbunny.mp4"):
-        path = media / name
-        if not path.is_file():
-            print(f"{name}: not found, skipped")
-            continue
+    for path in sorted(p for p in media.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
         bench_video(path, runs)
 
 
@@ -155,13 +177,16 @@ def bench_video(path: Path, runs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--media", type=Path, default=DEFAULT_MEDIA)
+    parser.add_argument("--media", type=Path, help="default: ../shared/media, else generated")
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--skip-videos", action="store_true")
     args = parser.parse_args()
+    if args.media is None:
+        args.media = DEFAULT_MEDIA if DEFAULT_MEDIA.is_dir() else generated_media()
     if not args.media.is_dir():
         sys.exit(f"media folder not found: {args.media}")
+    print(f"media: {args.media}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if not args.skip_images:
         bench_images(args.media, args.runs)

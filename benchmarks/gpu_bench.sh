@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_wheels.sh                 # here, with the registry: wheels into .whl/ (if the host is offline)
 #   OUT=/tmp/out bash benchmarks/gpu_bench.sh     # there (default OUT: benchmarks/out/gpu, git-ignored)
 #
-# Python: with .whl/ present the host's own python3 (its PyTorch) runs, the wheels installed beside
-# it in /tmp/plm-site; else .venv/bin/python; else scripts/setup.sh makes .venv (needs the registry).
+# Python: on a CUDA host with .whl/ present the host's own python3 (its PyTorch) runs, the wheels
+# installed beside it in /tmp/plm-site; else (and always with DEVICE=cpu) .venv/bin/python; else
+# scripts/setup.sh makes .venv (needs the registry).
 # Parts ($PARTS, default "engine check serve", most important first), each under its own time limit
 # so one stuck part cannot eat the others':
 #   engine  the `1b` preset (PLM-1B dimensions, random weights) in bf16: benchmarks/bench_engine.py,
@@ -34,7 +35,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 echo "== $(date -u +%FT%TZ) gpu_bench: parts [$PARTS] on $DEVICE $DTYPE, preset $PRESET"
 
-if [ -d .whl ]; then
+if [ -d .whl ] && [ "$DEVICE" = cuda ]; then  # the wheels are for the GPU host's Python
   PY=${PY:-python3}
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/plm-site .whl/*.whl
   export PYTHONPATH=/tmp/plm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}

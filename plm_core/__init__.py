@@ -15,6 +15,7 @@ _EXPORTS = {
     "MediaOptions": "plm_core.processor",
     "PromptError": "plm_core.processor",
     "MediaError": "plm_core.media.errors",
+    "EngineConfig": "plm_core.config",
 }
 
 __all__ = list(_EXPORTS)
