@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from server.body import parse_request, read_body, too_busy
 from server.chat import chat_completion, check_model
 from server.openapi import install as install_openapi
 from server.protocol import APIError
-from server.request_ids import RequestIdMiddleware
+from server.request_ids import ASGIApp, RequestIdMiddleware, Scope
 from server.state import ServerState
 from server.tokenize import detokenize, tokenize
 
@@ -33,9 +33,6 @@ log = logging.getLogger("plm_serve")
 STARTED = int(time.time())  # the model cards' `created`
 OPEN_PATHS = ("/", "/health", "/ready", "/metrics")  # the page itself: its API calls send the key
 PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
-
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -149,24 +146,31 @@ def admit(state: ServerState) -> None:
         raise too_busy(f"the server is at capacity ({capacity} requests in flight); retry later")
 
 
+async def admitted_body(request: Request, state: ServerState) -> bytes:
+    """The raw body of a request admitted in flight: it holds one of --max-pending-requests slots
+    (`live.pending`; the caller gives it back), or an APIError (429 when full, 408/413/...)."""
+    admit(state)  # refuse before reading a body when already full
+    try:
+        body = await read_body(request, state)
+    except APIError as e:
+        if e.status != 429:
+            state.metrics.rejected.labels("invalid").inc()
+        raise
+    # admission once the body is in (a stalled upload holds no slot) and before it is parsed: a
+    # burst's refusals cost no JSON parsing, which holds the GIL. The slot is taken at once, before
+    # any await, so requests parsed meanwhile cannot pass the same check.
+    admit(state)
+    state.live.pending += 1
+    return body
+
+
 def _add_chat_route(app: FastAPI, state: ServerState) -> None:
     live, rejected = state.live, state.metrics.rejected
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         engine = ready_engine(state)
-        admit(state)  # refuse before reading a body when already full
-        try:
-            body = await read_body(request, state)
-        except APIError as e:
-            if e.status != 429:
-                rejected.labels("invalid").inc()
-            raise
-        # admission once the body is in (a stalled upload holds no slot) and before it is parsed:
-        # a burst's refusals cost no JSON parsing, which holds the GIL. The slot is taken at once,
-        # before any await, so requests parsed meanwhile cannot pass the same check.
-        admit(state)
-        live.pending += 1
+        body = await admitted_body(request, state)
         try:
             req = await parse_request(body)
             response = await chat_completion(state, engine, request, req)
@@ -204,10 +208,7 @@ def _add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:
         engine = ready_engine(state)
-        admit(state)
-        body = await read_body(request, state)
-        admit(state)
-        live.pending += 1
+        body = await admitted_body(request, state)
         try:
             return JSONResponse(await tokenize(state, engine, body))
         finally:

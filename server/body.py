@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from fastapi import Request
@@ -24,11 +25,19 @@ def too_busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", headers={"Retry-After": "1"})
 
 
+T = TypeVar("T")
+
+
+async def off_loop_if_large(parse: Callable[[bytes], T], body: bytes) -> T:
+    """parse(body), in a worker thread when the body is large (media as data: URLs)."""
+    if len(body) > INLINE_PARSE_BYTES:
+        return await asyncio.to_thread(parse, body)
+    return parse(body)
+
+
 async def parse_request(body: bytes) -> ChatCompletionRequest:
     """The body as the validated request (off the event loop when large); APIError 400."""
-    if len(body) > INLINE_PARSE_BYTES:
-        return await asyncio.to_thread(validate_body, body)
-    return validate_body(body)
+    return await off_loop_if_large(validate_body, body)
 
 
 async def read_body(request: Request, state: ServerState) -> bytes:

@@ -12,7 +12,6 @@ turns `tokens` back into text (`prompt`).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from plm_core.engine.async_engine import AsyncEngine
 from plm_core.inputs import ProcessedPrompt
 from plm_core.tokenizer import InvalidTextError
-from server.body import INLINE_PARSE_BYTES, parse_json, validated
+from server.body import off_loop_if_large, parse_json, validated
 from server.chat import check_model, check_request, process_messages
 from server.protocol import APIError, ChatCompletionRequest, media_options
 from server.state import ServerState
@@ -63,8 +62,7 @@ def media_breakdown(prompt: ProcessedPrompt) -> list[dict[str, Any]]:
 
 async def tokenize(state: ServerState, engine: AsyncEngine, body: bytes) -> dict[str, Any]:
     """The /tokenize answer for a raw request body; APIError 400/404 as for a chat."""
-    big = len(body) > INLINE_PARSE_BYTES  # megabytes of media: parsed off the event loop
-    data = await asyncio.to_thread(parse_json, body) if big else parse_json(body)
+    data = await off_loop_if_large(parse_json, body)
     ctx = engine.max_model_len
     if "messages" in data:
         req = validated(ChatCompletionRequest, {"model": state.config.model_name, **data})

@@ -77,14 +77,11 @@ async def receive_body(
     try:
         while True:
             if not holding:
+                # no receive() before the turn: a waiting body's connection stays paused
                 await turns.take()
                 holding, held_since = True, loop.time()
-            elif turns.contended and loop.time() - held_since > SLICE_S:
-                turns.give()  # a long upload lets the waiting bodies in, then queues again
-                holding = False
-                continue
             pending = asyncio.ensure_future(receive())
-            while not pending.done():
+            while not pending.done() or not holding:
                 if not holding:
                     await turns.take()  # the bytes may arrive meanwhile; they wait in memory
                     holding, held_since = True, loop.time()
@@ -99,6 +96,9 @@ async def receive_body(
             on_chunk(message.get("body", b""))
             if not message.get("more_body", False):
                 return
+            if turns.contended and loop.time() - held_since > SLICE_S:
+                turns.give()  # a long upload lets the waiting bodies in, then queues again
+                holding = False
     finally:
         if pending is not None:
             pending.cancel()
