@@ -182,9 +182,11 @@ def test_streams_pass_through_unbuffered(cluster):
 
 
 class Stream(threading.Thread):
-    """A streamed chat through the router, read in the background."""
+    """A streamed chat through the router, read in the background. 4,000 tokens, so that it is still
+    running after a kill or a drain has been noticed and the keys mapped again (the tiny checkpoint
+    makes a token in ~2.5 ms: 300 were sometimes done before the drain test's check)."""
 
-    def __init__(self, url: str, key: str, max_tokens: int = 300):
+    def __init__(self, url: str, key: str, max_tokens: int = 4000):
         super().__init__(daemon=True)
         self.url, self.key, self.max_tokens = url, key, max_tokens
         self.lines: list[str] = []
