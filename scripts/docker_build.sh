@@ -16,7 +16,8 @@
 # - Trust: the CA bundle pip uses here (pip's `cert` setting, else the system bundle) goes to the
 #   build as the `pip_ca` secret, so a proxy's own CA is trusted without entering the image.
 #
-# The build uses the host network. It prints the build time and the image size.
+# The build uses the host network. It prints the build time and the image size, and removes the
+# image the tag named before (the build cache stays: `docker builder prune` empties it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-plm-serve:cpu}
@@ -85,8 +86,13 @@ ca=${PIP_CA:-$("$PY" -m pip config get global.cert 2>/dev/null || true)}
 [ -n "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
 [ -f "$ca" ] && args+=(--secret "id=pip_ca,src=$ca")
 
+old=$("$DOCKER" image inspect -f '{{.Id}}' "$TAG" 2>/dev/null || true)
 start=$(date +%s)
 DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain "${args[@]}" -t "$TAG" .
 end=$(date +%s)
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$TAG")
+# the image this tag named before is left untagged by the build: remove it (each holds GBs); one
+# still tagged otherwise or used by a container stays
+new=$("$DOCKER" image inspect -f '{{.Id}}' "$TAG")
+if [ -n "$old" ] && [ "$old" != "$new" ]; then "$DOCKER" image rm "$old" >/dev/null 2>&1 || true; fi
 echo "built $TAG in $((end - start)) s; image size $((size / 1000000)) MB"
