@@ -94,5 +94,8 @@ size=$("$DOCKER" image inspect -f '{{.Size}}' "$TAG")
 # the image this tag named before is left untagged by the build: remove it (each holds GBs); one
 # still tagged otherwise or used by a container stays
 new=$("$DOCKER" image inspect -f '{{.Id}}' "$TAG")
-if [ -n "$old" ] && [ "$old" != "$new" ]; then "$DOCKER" image rm "$old" >/dev/null 2>&1 || true; fi
+if [ -n "$old" ] && [ "$old" != "$new" ] \
+  && [ "$("$DOCKER" image inspect -f '{{len .RepoTags}}' "$old" 2>/dev/null)" = 0 ]; then
+  "$DOCKER" image rm "$old" >/dev/null 2>&1 || true
+fi
 echo "built $TAG in $((end - start)) s; image size $((size / 1000000)) MB"
