@@ -51,7 +51,7 @@ class UploadTurns:
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self.give()  # handed over just as this waiter was cancelled: pass it on
-            else:
+            elif turn in self._waiting:  # give() may have dropped it since it was cancelled
                 self._waiting.remove(turn)
             raise
 

@@ -61,6 +61,28 @@ def test_a_cancelled_waiter_leaks_no_turn():
     assert turns._free == 1 and not turns.contended
 
 
+def test_a_waiter_cancelled_just_before_a_give_leaks_nothing():
+    """Cancelling a waiting task cancels its queued turn at once, but the task runs its cleanup
+    only later: a give() in between (another body timing out) drops that turn from the queue
+    first. The cancelled waiter must still end cancelled (no error) and the turn stay free."""
+
+    async def go():
+        turns = UploadTurns(1)
+        await turns.take()
+        waiter = asyncio.ensure_future(turns.take())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        turns.give()  # the holder leaves before the waiter has run its cleanup
+        (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
+        assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+        await asyncio.wait_for(turns.take(), 1)
+        turns.give()
+        return turns
+
+    turns = run(go())
+    assert turns._free == 1 and not turns.contended
+
+
 def _receive(chunks, gaps_s=0.0, stall_after=None):
     """A fake ASGI receive(): the chunks, the last with more_body false; sleeps gaps_s before each;
     after `stall_after` chunks it never answers again."""
